@@ -1,0 +1,91 @@
+"""Typed errors. Each carries a stable machine-readable ``code`` and the HTTP status the
+daemon answers with, so the HTTP layer maps errors without knowing where they came from."""
+
+from __future__ import annotations
+
+
+class SegdError(Exception):
+    """Base of every error segd raises on purpose."""
+
+    code = "error"
+    http_status = 500
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+# --- client input -------------------------------------------------------------------------
+class BadImage(SegdError):
+    """The bytes claim to be an image but cannot be decoded (corrupt, truncated)."""
+
+    code = "bad_image"
+    http_status = 400
+
+
+class EmptyImage(BadImage):
+    """No bytes, or an image with a zero dimension."""
+
+    code = "empty_image"
+
+
+class UnsupportedImage(SegdError):
+    """The bytes are not an image format segd reads."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class ImageTooLarge(SegdError):
+    """Declared or decoded pixel count over the configured limit (decompression bombs)."""
+
+    code = "image_too_large"
+    http_status = 413
+
+
+class BadParameter(SegdError):
+    code = "bad_parameter"
+    http_status = 422
+
+
+class UnknownModel(SegdError):
+    code = "unknown_model"
+    http_status = 404
+
+
+# --- models and runtimes ------------------------------------------------------------------
+class ModelError(SegdError):
+    """A model file or manifest entry is missing, corrupt or does not match the manifest."""
+
+    code = "model_error"
+    http_status = 503
+
+
+class ChecksumMismatch(ModelError):
+    code = "checksum_mismatch"
+
+
+class ModelNotFound(ModelError):
+    code = "model_not_found"
+
+
+class RuntimeUnavailable(SegdError):
+    """A runtime or accelerator cannot be used (library missing, no device, delegate failed)."""
+
+    code = "runtime_unavailable"
+    http_status = 503
+
+
+class Overloaded(SegdError):
+    code = "overloaded"
+    http_status = 503
+
+
+class WorkerCrashed(SegdError):
+    code = "worker_crashed"
+    http_status = 503
+
+
+class RequestTimeout(SegdError):
+    code = "timeout"
+    http_status = 503
