@@ -1,0 +1,86 @@
+"""CPU runners: ai-edge-litert (default dependency) or tflite_runtime (Coral's Debian packages)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Any
+
+from segd.errors import ModelError, RuntimeUnavailable
+from segd.runtime.base import InterpreterRunner
+
+#: runtime name -> (module holding Interpreter/load_delegate, distribution name for the version)
+RUNTIMES: dict[str, tuple[str, str]] = {
+    "litert": ("ai_edge_litert.interpreter", "ai-edge-litert"),
+    "tflite_runtime": ("tflite_runtime.interpreter", "tflite-runtime"),
+}
+
+
+def runtime_module(name: str | None = None) -> tuple[str, ModuleType]:
+    """The interpreter module of ``name`` or, by default, ``SEGD_RUNTIME`` or the first installed."""
+    name = name or os.environ.get("SEGD_RUNTIME") or None
+    candidates = [name] if name else list(RUNTIMES)
+    errors = []
+    for cand in candidates:
+        if cand not in RUNTIMES:
+            raise RuntimeUnavailable(f"unknown runtime {cand!r}; choose one of {', '.join(RUNTIMES)}")
+        try:
+            return cand, importlib.import_module(RUNTIMES[cand][0])
+        except ImportError as exc:
+            errors.append(f"{cand}: {exc}")
+    raise RuntimeUnavailable(
+        "no TFLite runtime importable (" + "; ".join(errors) + "); install ai-edge-litert "
+        "(pip) or python3-tflite-runtime (Coral apt repository)"
+    )
+
+
+def available_runtimes() -> dict[str, str | None]:
+    """Installed runtimes and their versions (None when not installed)."""
+    from importlib import metadata
+
+    found: dict[str, str | None] = {}
+    for name, (module, dist) in RUNTIMES.items():
+        try:
+            importlib.import_module(module)
+            found[name] = metadata.version(dist)
+        except ImportError:
+            found[name] = None
+        except metadata.PackageNotFoundError:
+            found[name] = "unknown"
+    return found
+
+
+def runtime_label(name: str) -> str:
+    from importlib import metadata
+
+    dist = RUNTIMES[name][1]
+    try:
+        return f"{dist} {metadata.version(dist)}"
+    except metadata.PackageNotFoundError:
+        return dist
+
+
+def make_interpreter(
+    module: ModuleType, model_content: bytes, *, num_threads: int | None, delegates: list[Any] | None = None
+) -> Any:
+    """Build and allocate an interpreter; model problems become ModelError."""
+    try:
+        interp = module.Interpreter(
+            model_content=model_content,
+            num_threads=num_threads,
+            experimental_delegates=delegates or None,
+        )
+        interp.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        raise ModelError(f"runtime refused the model: {exc}") from exc
+    return interp
+
+
+def open_cpu(
+    model_content: bytes, *, runtime: str | None = None, num_threads: int | None = None
+) -> InterpreterRunner:
+    name, module = runtime_module(runtime)
+    threads = num_threads or os.cpu_count() or 1
+    interp = make_interpreter(module, model_content, num_threads=threads)
+    return InterpreterRunner(interp, backend="cpu", runtime=runtime_label(name))
