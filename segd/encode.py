@@ -79,7 +79,7 @@ def encode_mask_png(
     raw[:, 0] = 0  # filter type None
     raw[:, 1:] = mask
     comp = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    idat = comp.compress(memoryview(raw).cast("B")) + comp.flush()
+    idat = comp.compress(raw.data) + comp.flush()
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)
     return b"".join(
         (
