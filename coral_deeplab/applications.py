@@ -1,0 +1,351 @@
+"""DeepLab v3 / v3+ with a MobileNetV2 backbone, built so every op maps to the Edge TPU.
+
+The network is Google's mobile DeepLab (the ``deeplabv3_mnv2_*pascal*`` Coral models) layer for
+layer, so Google's PASCAL VOC weights import by name:
+
+* MobileNetV2 up to ``expanded_conv_16`` (no final 1280-channel conv), TF "SAME" padding on the
+  stride-2 convolutions (not keras' ``ZeroPadding2D`` + "valid"), ReLU6, depth multiplier 1.0
+  or 0.5 (DeepLab rounds channels to multiples of 8 only at 1.0; at 0.5 it just halves them);
+* output stride 16: ``expanded_conv_13`` keeps stride 1 and blocks 14-16 use dilation-2
+  depthwise convolutions (one fused DEPTHWISE_CONV_2D each, see :mod:`coral_deeplab.layers`);
+* the reduced mobile ASPP: ``aspp0`` (1x1 conv) and image pooling (average over the whole
+  map -> 1x1 conv -> broadcast back with TILE), concatenated as [image_pooling, aspp0], then
+  ``concat_projection`` (1x1) and ``logits/semantic`` (1x1 with bias). ASPP convs use ReLU.
+
+Outputs are logits at stride 16 (v3) or 4 (v3+), without the final upsample: the caller (the
+segd engine, or training losses) upsamples to the input size. Layer names are Google's scope
+names with ``/`` replaced by ``_`` (``expanded_conv_14_depthwise``, ``logits_semantic``...),
+which is what :mod:`coral_deeplab.weights` maps on.
+
+Input sizes: TF "SAME" padding gives integer feature maps at any size (``ceil(n / 16)``), but
+the pixel grid only lines up for two families, and only those are accepted:
+
+* ``n = 16k + 1`` (513, 321, 257...) — Google's convention: feature ``i`` sits exactly on pixel
+  ``16 i``, so upsampling with ``align_corners=True`` is exact (v3 logits ``k + 1``, v3+ logits
+  ``4k + 1``). Use this for the pretrained weights.
+* ``n = 16k`` (512, 224...) — every stride-2 stage halves exactly (v3 logits ``k``, v3+ logits
+  ``4k``); upsample with ``align_corners=False``. Fine for training from scratch or fine-tuning.
+
+Each side must be at least 32 pixels (a feature map of at least 2x2).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+import tf_keras as keras
+
+from coral_deeplab.layers import DilatedDepthwiseConv2D, ResizeBilinear, TileTo
+
+__all__ = [
+    "SUPPORTED_ALPHAS",
+    "CoralDeepLabV3",
+    "CoralDeepLabV3Plus",
+    "feature_size",
+    "validate_input_shape",
+]
+
+SUPPORTED_ALPHAS = (1.0, 0.5)
+MIN_SIDE = 32
+OUTPUT_STRIDE = 16
+BN_MOMENTUM = 0.997  # TF-slim MobileNetV2 / DeepLab training scope
+BN_EPSILON = 1e-3
+# TF-slim's l2_regularizer(4e-5) is 4e-5 * sum(w^2) / 2; keras' L2 has no 1/2.
+WEIGHT_DECAY = 2e-5
+ASPP_DEPTH = 256
+DECODER_DEPTH = 256
+SKIP_DEPTH = 48
+
+# (expansion, output channels, stride, repeats) of MobileNetV2 after the first conv.
+_MNV2_STAGES: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 2, 3),
+    (6, 64, 2, 4),
+    (6, 96, 1, 3),
+    (6, 160, 2, 3),
+    (6, 320, 1, 1),
+)
+
+
+def _depth(channels: int, alpha: float) -> int:
+    """DeepLab's channel rule: multiples of 8 at alpha 1.0, plain scaling below.
+
+    (DeepLab passes ``divisible_by=8, min_depth=8`` only for depth multiplier 1.0.)
+    """
+    if alpha == 1.0:
+        return max(8, int(channels + 4) // 8 * 8)
+    return max(1, int(channels * alpha))
+
+
+def feature_size(side: int, stride: int) -> int:
+    """Side of the feature map after ``log2(stride)`` stride-2 "SAME" stages: ``ceil``."""
+    size = side
+    while stride > 1:
+        size = -(-size // 2)
+        stride //= 2
+    return size
+
+
+def validate_input_shape(input_shape: Sequence[Any]) -> tuple[int, int, int]:
+    """Check a channels-last ``(H, W, 3)`` shape; return it as ints or raise ValueError."""
+    if keras.backend.image_data_format() != "channels_last":
+        raise ValueError(
+            "coral_deeplab builds channels-last models only; "
+            "keras.backend.image_data_format() is 'channels_first'"
+        )
+    shape = tuple(input_shape)
+    if len(shape) != 3 or any(s is None for s in shape):
+        raise ValueError(f"input_shape must be a fully defined (H, W, 3), got {input_shape!r}")
+    try:
+        height, width, channels = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_shape must be integers, got {input_shape!r}") from None
+    if channels != 3:
+        if height == 3 and channels > 3:
+            raise ValueError(
+                f"input_shape {shape} looks channels-first; give (H, W, 3) (channels last)"
+            )
+        raise ValueError(f"input_shape must have 3 (RGB) channels last, got {shape}")
+    for name, side in (("height", height), ("width", width)):
+        if side < MIN_SIDE:
+            raise ValueError(f"input {name} {side} is below the minimum of {MIN_SIDE}")
+        if side % OUTPUT_STRIDE not in (0, 1):
+            raise ValueError(
+                f"input {name} {side} is not 16k or 16k+1: with output stride 16 the feature "
+                f"grid only lines up with the pixel grid for those (e.g. 512 or 513, "
+                f"{side - side % 16} or {side - side % 16 + 1})"
+            )
+    if height % OUTPUT_STRIDE != width % OUTPUT_STRIDE:
+        raise ValueError(
+            f"input {height}x{width} mixes a 16k and a 16k+1 side; both sides must be of the "
+            "same kind so one upsampling convention (align_corners) fits both axes"
+        )
+    return height, width, channels
+
+
+def _check_args(alpha: float, n_classes: int) -> None:
+    if alpha not in SUPPORTED_ALPHAS:
+        raise ValueError(f"alpha must be one of {SUPPORTED_ALPHAS}, got {alpha!r}")
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
+        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+
+
+def _reg() -> keras.regularizers.Regularizer:
+    return keras.regularizers.L2(WEIGHT_DECAY)
+
+
+def _conv_bn(
+    x: tf.Tensor,
+    filters: int,
+    name: str,
+    *,
+    kernel: int = 1,
+    strides: int = 1,
+    activation: str | None = "relu6",
+) -> tf.Tensor:
+    x = keras.layers.Conv2D(
+        filters,
+        kernel,
+        strides=strides,
+        padding="same",
+        use_bias=False,
+        kernel_regularizer=_reg(),
+        name=name,
+    )(x)
+    x = keras.layers.BatchNormalization(
+        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_BN"
+    )(x)
+    if activation == "relu6":
+        x = keras.layers.ReLU(6.0, name=f"{name}_relu6")(x)
+    elif activation == "relu":
+        x = keras.layers.ReLU(name=f"{name}_relu")(x)
+    return x
+
+
+def _depthwise_bn(
+    x: tf.Tensor,
+    name: str,
+    *,
+    strides: int = 1,
+    dilation: int = 1,
+    activation: str = "relu6",
+) -> tf.Tensor:
+    if dilation > 1:
+        x = DilatedDepthwiseConv2D(
+            3,
+            padding="same",
+            dilation_rate=dilation,
+            use_bias=False,
+            depthwise_regularizer=_reg(),
+            name=name,
+        )(x)
+    else:
+        x = keras.layers.DepthwiseConv2D(
+            3,
+            strides=strides,
+            padding="same",
+            use_bias=False,
+            depthwise_regularizer=_reg(),
+            name=name,
+        )(x)
+    x = keras.layers.BatchNormalization(
+        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_BN"
+    )(x)
+    if activation == "relu6":
+        return keras.layers.ReLU(6.0, name=f"{name}_relu6")(x)
+    return keras.layers.ReLU(name=f"{name}_relu")(x)
+
+
+def _mobilenet_v2_os16(inputs: tf.Tensor, alpha: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """MobileNetV2 at output stride 16; returns (stride-16 features, stride-4 skip features).
+
+    The skip is DeepLab's ``layer_4/depthwise_output``: the depthwise output of
+    ``expanded_conv_2``, the last stride-4 map.
+    """
+    x = _conv_bn(inputs, _depth(32, alpha), "Conv", kernel=3, strides=2)
+    current_stride, rate = 2, 1
+    block = 0
+    skip = None
+    for expansion, channels, stride, repeats in _MNV2_STAGES:
+        out_channels = _depth(channels, alpha)
+        for i in range(repeats):
+            layer_stride = stride if i == 0 else 1
+            layer_rate = rate
+            if layer_stride > 1 and current_stride >= OUTPUT_STRIDE:
+                # Atrous: keep the resolution, dilate every later depthwise conv instead.
+                rate *= layer_stride
+                layer_stride = 1
+            else:
+                current_stride *= layer_stride
+            prefix = "expanded_conv" if block == 0 else f"expanded_conv_{block}"
+            in_channels = int(x.shape[-1])
+            h = x
+            if expansion != 1:
+                h = _conv_bn(h, in_channels * expansion, f"{prefix}_expand")
+            h = _depthwise_bn(h, f"{prefix}_depthwise", strides=layer_stride, dilation=layer_rate)
+            if block == 2:
+                skip = h
+            h = _conv_bn(h, out_channels, f"{prefix}_project", activation=None)
+            if layer_stride == 1 and in_channels == out_channels:
+                h = keras.layers.Add(name=f"{prefix}_add")([x, h])
+            x = h
+            block += 1
+    assert skip is not None
+    return x, skip
+
+
+def _aspp(features: tf.Tensor) -> tf.Tensor:
+    """Mobile ASPP: aspp0 + image pooling, concat, projection (DeepLab's names and order)."""
+    height, width = int(features.shape[1]), int(features.shape[2])
+    branch0 = _conv_bn(features, ASPP_DEPTH, "aspp0", activation="relu")
+    pooled = keras.layers.AveragePooling2D(
+        pool_size=(height, width), strides=1, padding="valid", name="image_pooling_avgpool"
+    )(features)
+    pooled = _conv_bn(pooled, ASPP_DEPTH, "image_pooling", activation="relu")
+    pooled = TileTo((height, width), name="image_pooling_tile")(pooled)
+    x = keras.layers.Concatenate(name="aspp_concat")([pooled, branch0])
+    return _conv_bn(x, ASPP_DEPTH, "concat_projection", activation="relu")
+
+
+def _logits(x: tf.Tensor, n_classes: int) -> tf.Tensor:
+    return keras.layers.Conv2D(
+        n_classes,
+        1,
+        padding="same",
+        use_bias=True,
+        kernel_regularizer=_reg(),
+        name="logits_semantic",
+    )(x)
+
+
+def _load(
+    model: keras.Model,
+    weights: str | os.PathLike[str] | None,
+    alpha: float,
+    n_classes: int,
+    *,
+    encoder_only: bool,
+) -> None:
+    if weights is None:
+        return
+    if isinstance(weights, str) and weights == "pascal_voc":
+        from coral_deeplab.weights import load_pascal_voc
+
+        load_pascal_voc(model, alpha=alpha, skip_logits=(n_classes != 21 or encoder_only))
+        return
+    path = os.fspath(weights)
+    if not os.path.exists(path):
+        raise ValueError(
+            f"weights must be None, 'pascal_voc' or the path of a weights file; {path!r} "
+            "does not exist"
+        )
+    model.load_weights(path)
+
+
+def CoralDeepLabV3(
+    input_shape: Sequence[int] = (513, 513, 3),
+    alpha: float = 1.0,
+    n_classes: int = 21,
+    weights: str | os.PathLike[str] | None = None,
+) -> keras.Model:
+    """DeepLab v3, MobileNetV2 backbone, output stride 16, Edge-TPU-mappable.
+
+    Args:
+        input_shape: ``(H, W, 3)``; each side 16k+1 (like Google's 513) or 16k, >= 32.
+        alpha: MobileNetV2 depth multiplier, 1.0 or 0.5 (the two Google published).
+        n_classes: number of classes (PASCAL VOC: 21, background included).
+        weights: None (random init), ``'pascal_voc'`` (Google's Coral PASCAL VOC model,
+            imported from its .tflite; with ``n_classes != 21`` everything but the logits
+            layer is loaded — the fine-tuning start point), or a path for ``load_weights``.
+
+    The model takes float input ``(pixel - 128) / 128`` and returns logits
+    ``(ceil(H/16), ceil(W/16), n_classes)`` — no final upsample.
+    """
+    height, width, _ = validate_input_shape(input_shape)
+    _check_args(alpha, n_classes)
+    inputs = keras.Input(shape=(height, width, 3), name="image")
+    features, _ = _mobilenet_v2_os16(inputs, alpha)
+    outputs = _logits(_aspp(features), n_classes)
+    model = keras.Model(inputs, outputs, name="CoralDeepLabV3")
+    _load(model, weights, alpha, n_classes, encoder_only=False)
+    return model
+
+
+def CoralDeepLabV3Plus(
+    input_shape: Sequence[int] = (513, 513, 3),
+    alpha: float = 1.0,
+    n_classes: int = 21,
+    weights: str | os.PathLike[str] | None = None,
+) -> keras.Model:
+    """DeepLab v3+: the v3 encoder plus DeepLab's decoder, logits at output stride 4.
+
+    Decoder (DeepLab's): ``feature_projection0`` (1x1, 48 ch) on the stride-4 depthwise output
+    of ``expanded_conv_2``; the encoder output is bilinearly resized to the stride-4 grid
+    (align_corners for 16k+1 inputs, where it is exact), concatenated, then two separable
+    3x3 convs (depthwise + BN + ReLU, pointwise + BN + ReLU, 256 ch) and a 1x1 logits conv.
+
+    ``weights='pascal_voc'`` loads the encoder only (backbone + ASPP): Google published no
+    v3+ mobile PASCAL model, so the decoder and logits start from random initialisation.
+    Arguments are as for :func:`CoralDeepLabV3`. Output: ``(ceil(H/4), ceil(W/4), n_classes)``.
+    """
+    height, width, _ = validate_input_shape(input_shape)
+    _check_args(alpha, n_classes)
+    inputs = keras.Input(shape=(height, width, 3), name="image")
+    features, skip = _mobilenet_v2_os16(inputs, alpha)
+    encoded = _aspp(features)
+    skip_size = (int(skip.shape[1]), int(skip.shape[2]))
+    aligned = height % OUTPUT_STRIDE == 1
+    skip = _conv_bn(skip, SKIP_DEPTH, "feature_projection0", activation="relu")
+    up = ResizeBilinear(skip_size, align_corners=aligned, name="decoder_upsample")(encoded)
+    x = keras.layers.Concatenate(name="decoder_concat")([up, skip])
+    for i in range(2):
+        x = _depthwise_bn(x, f"decoder_conv{i}_depthwise", activation="relu")
+        x = _conv_bn(x, DECODER_DEPTH, f"decoder_conv{i}_pointwise", activation="relu")
+    outputs = _logits(x, n_classes)
+    model = keras.Model(inputs, outputs, name="CoralDeepLabV3Plus")
+    _load(model, weights, alpha, n_classes, encoder_only=True)
+    return model

@@ -1,0 +1,199 @@
+"""Full-integer TFLite export of coral_deeplab models, in the form the Edge TPU wants.
+
+The exported file takes raw RGB bytes like Google's Coral models: uint8 input quantized with
+scale exactly 1/128 and zero point 128, i.e. the float the keras model sees is
+``(pixel - 128) / 128``. Internals are int8 (the only full-integer mode of the TF2 converter);
+the output is the int8 logits tensor itself, so no trailing QUANTIZE op is added.
+
+How the input scale is pinned: the converter derives the input quantization from the
+calibration range of the input tensor. Real images rarely span exactly [-1, 127/128], so each
+calibration image gets one pixel set to 0 and one to 255 (a negligible change for every other
+tensor's range); int8 quantization of [-1, 127/128] is then exactly scale 1/128, zero point 0,
+and the uint8 input becomes scale 1/128, zero point 128. :func:`to_tflite` verifies this and
+raises if the converter ever does otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "INPUT_SCALE",
+    "INPUT_ZERO_POINT",
+    "ExportError",
+    "calibration_batches",
+    "input_quantization",
+    "load_calibration_images",
+    "op_histogram",
+    "op_list",
+    "to_tflite",
+]
+
+INPUT_SCALE = 1.0 / 128.0
+INPUT_ZERO_POINT = 128
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class ExportError(RuntimeError):
+    """The converter produced something the Edge TPU path cannot use."""
+
+
+def load_calibration_images(
+    source: str | os.PathLike[str] | Iterable[np.ndarray],
+) -> Iterator[np.ndarray]:
+    """Yield HxWx3 uint8 RGB arrays from a directory of image files or an iterable of arrays."""
+    if isinstance(source, (str, os.PathLike)):
+        import cv2
+
+        directory = Path(source)
+        if not directory.is_dir():
+            raise ValueError(f"calibration source {directory} is not a directory")
+        files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
+        for path in files:
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise ValueError(f"cannot decode calibration image {path}")
+            yield np.ascontiguousarray(bgr[:, :, ::-1])
+        return
+    for i, image in enumerate(source):
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(
+                f"calibration image {i}: expected HxWx3 uint8 RGB, got {arr.dtype} {arr.shape}"
+            )
+        yield arr
+
+
+def calibration_batches(
+    images: Iterable[np.ndarray], size: tuple[int, int], limit: int
+) -> list[np.ndarray]:
+    """Resize (stretch, bilinear) to ``size`` = (h, w), pin the range, normalize to float.
+
+    Returns up to ``limit`` arrays of shape (1, h, w, 3), float32 ``(pixel - 128) / 128``,
+    each with one pixel at 0 and one at 255 so the input range is exactly [-1, 127/128].
+    """
+    import cv2
+
+    batches: list[np.ndarray] = []
+    for image in images:
+        if len(batches) >= limit:
+            break
+        if image.shape[:2] != size:
+            image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        image = image.copy()
+        image[0, 0, 0] = 0
+        image[0, 0, 1] = 255
+        x = (image.astype(np.float32) - INPUT_ZERO_POINT) * np.float32(INPUT_SCALE)
+        batches.append(x[None])
+    if not batches:
+        raise ValueError("no calibration images")
+    return batches
+
+
+def to_tflite(
+    model: Any,
+    calibration_images: str | os.PathLike[str] | Iterable[np.ndarray],
+    *,
+    num_calibration: int = 32,
+    output_path: str | os.PathLike[str] | None = None,
+) -> bytes:
+    """Convert a coral_deeplab keras model to a full-integer ``.tflite`` for the Edge TPU.
+
+    Args:
+        model: a tf_keras model taking float ``(pixel - 128) / 128`` input (H, W, 3).
+        calibration_images: a directory of images or an iterable of HxWx3 uint8 RGB arrays;
+            real images — the activation ranges (and so the int8 accuracy) come from them.
+            Each is stretched to the model input size.
+        num_calibration: at most this many images are used (conversion time grows with it).
+        output_path: also write the bytes there.
+
+    Returns the flatbuffer: uint8 input (scale 1/128, zero point 128), int8 logits output.
+    Raises ExportError if the input quantization is not exactly that or if the converter
+    emitted SPACE_TO_BATCH_ND / BATCH_TO_SPACE_ND (a dilated conv the TPU cannot run).
+    """
+    import tensorflow as tf
+
+    if num_calibration < 1:
+        raise ValueError("num_calibration must be >= 1")
+    _, height, width, channels = model.input_shape
+    if channels != 3:
+        raise ValueError(f"model input must be (H, W, 3), got {model.input_shape}")
+    batches = calibration_batches(
+        load_calibration_images(calibration_images), (int(height), int(width)), num_calibration
+    )
+
+    def representative() -> Iterator[list[np.ndarray]]:
+        for batch in batches:
+            yield [batch]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.int8
+    data = bytes(converter.convert())
+
+    scale, zero_point, dtype = input_quantization(data)
+    if dtype != "uint8" or scale != INPUT_SCALE or zero_point != INPUT_ZERO_POINT:
+        raise ExportError(
+            f"input quantization is {dtype} scale {scale} zero point {zero_point}; "
+            f"expected uint8 scale {INPUT_SCALE} zero point {INPUT_ZERO_POINT}"
+        )
+    bad = {"SPACE_TO_BATCH_ND", "BATCH_TO_SPACE_ND"} & set(op_histogram(data))
+    if bad:
+        raise ExportError(f"export contains {sorted(bad)}: a dilated conv was not fused")
+    if output_path is not None:
+        Path(output_path).write_bytes(data)
+    return data
+
+
+def _model(tflite_bytes: bytes) -> Any:
+    from ai_edge_litert import schema_py_generated as schema
+
+    return schema.ModelT.InitFromPackedBuf(bytearray(tflite_bytes), 0)
+
+
+def op_list(tflite_bytes: bytes) -> list[str]:
+    """Builtin op names of the main subgraph in execution order (custom ops as ``CUSTOM:code``)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    model = _model(tflite_bytes)
+    out = []
+    for op in model.subgraphs[0].operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+        if builtin == schema.BuiltinOperator.CUSTOM:
+            out.append(f"CUSTOM:{code.customCode.decode()}")
+        else:
+            out.append(names.get(builtin, str(builtin)))
+    return out
+
+
+def op_histogram(tflite_bytes: bytes) -> dict[str, int]:
+    """``{op name: count}`` of the main subgraph, most frequent first."""
+    return dict(Counter(op_list(tflite_bytes)).most_common())
+
+
+def input_quantization(tflite_bytes: bytes) -> tuple[float, int, str]:
+    """(scale, zero point, dtype name) of the first input tensor."""
+    model = _model(tflite_bytes)
+    graph = model.subgraphs[0]
+    tensor = graph.tensors[graph.inputs[0]]
+    dtypes = {0: "float32", 2: "int32", 3: "uint8", 9: "int8"}
+    q = tensor.quantization
+    scale = float(q.scale[0]) if q is not None and q.scale is not None and len(q.scale) else 0.0
+    zero = (
+        int(q.zeroPoint[0]) if q is not None and q.zeroPoint is not None and len(q.zeroPoint) else 0
+    )
+    return scale, zero, dtypes.get(tensor.type, str(tensor.type))

@@ -1,0 +1,120 @@
+"""Keras layers whose TFLite conversion is a single Edge-TPU-mappable op.
+
+Three places in DeepLab convert badly when written with stock keras layers, so each gets a
+tiny layer that pins the TensorFlow op the converter sees:
+
+* dilated depthwise convolution — ``keras.layers.DepthwiseConv2D(dilation_rate=2)`` (and
+  ``tf.nn.depthwise_conv2d``) lowers to SPACE_TO_BATCH_ND + DEPTHWISE_CONV_2D +
+  BATCH_TO_SPACE_ND, which the Edge TPU does not run; the raw ``DepthwiseConv2dNative`` op with
+  ``dilations`` converts to one DEPTHWISE_CONV_2D carrying the dilation factor, exactly the form
+  of Google's own DeepLab files;
+* the image-pooling broadcast 1x1 -> HxW — Google's files use RESIZE_BILINEAR from a 1x1 map,
+  where the Edge TPU segment of the compiled model ends; broadcasting a single pixel is the same
+  numbers, and TILE (what Google's EdgeTPU-DeepLab-slim uses) is mapped by the compiler;
+* bilinear resize with explicit ``align_corners`` — ``keras.layers.UpSampling2D`` and
+  ``tf.image.resize`` only do half-pixel centres, while DeepLab's geometry for sizes 16k+1 is
+  align-corners.
+
+Everything here is importable only with TensorFlow and tf_keras.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+import tf_keras as keras
+
+
+@keras.utils.register_keras_serializable(package="coral_deeplab")
+class DilatedDepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """Stride-1 depthwise convolution that stays one DEPTHWISE_CONV_2D op when dilated.
+
+    Same weights and config as ``keras.layers.DepthwiseConv2D`` (so it trains, saves and
+    loads identically); only ``call`` differs: it issues ``DepthwiseConv2dNative`` with the
+    dilation in the op attributes instead of letting TensorFlow wrap the convolution in
+    space-to-batch / batch-to-space.
+    """
+
+    def __init__(self, kernel_size: Any = 3, **kwargs: Any) -> None:
+        super().__init__(kernel_size, **kwargs)
+        if tuple(self.strides) != (1, 1):
+            raise ValueError("DilatedDepthwiseConv2D supports only strides=1")
+        if self.depth_multiplier != 1:
+            raise ValueError("DilatedDepthwiseConv2D supports only depth_multiplier=1")
+        if self.data_format != "channels_last":
+            raise ValueError("DilatedDepthwiseConv2D supports only channels_last")
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        rate_h, rate_w = self.dilation_rate
+        outputs = tf.raw_ops.DepthwiseConv2dNative(
+            input=inputs,
+            filter=tf.cast(self.depthwise_kernel, inputs.dtype),
+            strides=[1, 1, 1, 1],
+            padding=self.padding.upper(),
+            dilations=[1, rate_h, rate_w, 1],
+        )
+        if self.use_bias:
+            outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, outputs.dtype))
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+
+@keras.utils.register_keras_serializable(package="coral_deeplab")
+class TileTo(keras.layers.Layer):
+    """Broadcast a 1x1 feature map to ``size`` = (h, w) with TILE.
+
+    Equal, value for value, to DeepLab's align-corners bilinear resize of a single pixel, but
+    converts to TILE, which the Edge TPU compiler maps (RESIZE_BILINEAR from 1x1 it does not).
+    """
+
+    def __init__(self, size: tuple[int, int], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.size = (int(size[0]), int(size[1]))
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        return tf.tile(inputs, [1, self.size[0], self.size[1], 1])
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        shape = tf.TensorShape(input_shape).as_list()
+        if shape[1] != 1 or shape[2] != 1:
+            raise ValueError(f"TileTo expects a 1x1 map, got {shape}")
+        return (shape[0], self.size[0], self.size[1], shape[3])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "size": self.size}
+
+
+@keras.utils.register_keras_serializable(package="coral_deeplab")
+class ResizeBilinear(keras.layers.Layer):
+    """Bilinear resize to a fixed ``size`` with TF1 ``align_corners`` semantics.
+
+    Converts to one RESIZE_BILINEAR op with ``align_corners`` set and ``half_pixel_centers``
+    false — the variant DeepLab was trained with and the one Google's files contain.
+    """
+
+    def __init__(self, size: tuple[int, int], align_corners: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.size = (int(size[0]), int(size[1]))
+        self.align_corners = bool(align_corners)
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        out = tf.compat.v1.image.resize_bilinear(
+            inputs, self.size, align_corners=self.align_corners, half_pixel_centers=False
+        )
+        return tf.cast(out, inputs.dtype)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        shape = tf.TensorShape(input_shape).as_list()
+        return (shape[0], self.size[0], self.size[1], shape[3])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "size": self.size, "align_corners": self.align_corners}
+
+
+CUSTOM_OBJECTS: dict[str, type] = {
+    "DilatedDepthwiseConv2D": DilatedDepthwiseConv2D,
+    "TileTo": TileTo,
+    "ResizeBilinear": ResizeBilinear,
+}

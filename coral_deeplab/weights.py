@@ -1,0 +1,269 @@
+"""Import Google's PASCAL VOC DeepLab weights from the Coral ``.tflite`` files.
+
+Google published the mobile DeepLab v3 PASCAL VOC models (MobileNetV2 depth multiplier 1.0 and
+0.5) for Coral only as quantized ``.tflite`` files. Their weights are per-tensor uint8 with
+BatchNorm folded in, and tensor names keep the original checkpoint scopes
+(``MobilenetV2/expanded_conv_14/depthwise/...``, ``aspp0``, ``logits/semantic``), so they map
+by name onto :mod:`coral_deeplab.applications` layers, whose names are those scopes with ``/``
+turned into ``_``. Each conv kernel is dequantized and transposed to keras layout; its folded
+bias goes into the following BatchNormalization as ``beta`` with the BN made an identity
+(gamma 1, mean 0, variance ``1 - epsilon``), so the model keeps its BN layers for fine-tuning.
+
+This module needs no TensorFlow until weights are assigned to a model. The extracted arrays are
+cached as ``.npz`` under ``$CORAL_DEEPLAB_CACHE`` (default ``~/.cache/coral_deeplab``), keyed
+on the source file's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "PASCAL_VARIANTS",
+    "WeightImportError",
+    "apply_weights",
+    "cache_dir",
+    "extract_weights",
+    "keras_layer_name",
+    "load_pascal_voc",
+    "pascal_voc_weights",
+    "source_model",
+]
+
+# alpha -> segd variant name of Google's Coral PASCAL VOC model.
+PASCAL_VARIANTS: dict[float, str] = {
+    1.0: "deeplabv3_mnv2_pascal",
+    0.5: "deeplabv3_mnv2_dm05_pascal",
+}
+LOGITS = "logits_semantic"
+_CONV_SUFFIXES = ("/Conv2D_Fold", "/depthwise_Fold", "/Conv2D", "/depthwise")
+
+
+class WeightImportError(ValueError):
+    """Google's file and the keras model disagree (missing layer, shape mismatch...)."""
+
+
+def keras_layer_name(scope: str) -> str:
+    """``MobilenetV2/expanded_conv_3/expand`` -> ``expanded_conv_3_expand``."""
+    if scope.startswith("MobilenetV2/"):
+        scope = scope[len("MobilenetV2/") :]
+    return scope.replace("/", "_")
+
+
+def _tensor_array(model: Any, tensor: Any) -> np.ndarray:
+    buf = model.buffers[tensor.buffer].data
+    if buf is None:
+        raise WeightImportError(f"tensor {tensor.name!r} has no constant data")
+    dtypes = {0: np.float32, 2: np.int32, 3: np.uint8, 9: np.int8}
+    if tensor.type not in dtypes:
+        raise WeightImportError(f"tensor {tensor.name!r}: unsupported tensor type {tensor.type}")
+    arr = np.frombuffer(np.asarray(buf, dtype=np.uint8).tobytes(), dtype=dtypes[tensor.type])
+    return arr.reshape([int(s) for s in tensor.shape])
+
+
+def _dequantize(model: Any, tensor: Any) -> np.ndarray:
+    arr = _tensor_array(model, tensor)
+    if arr.dtype == np.float32:
+        return arr
+    q = tensor.quantization
+    if q is None or q.scale is None or len(q.scale) != 1:
+        raise WeightImportError(f"tensor {tensor.name!r}: expected per-tensor quantization")
+    zero = int(q.zeroPoint[0]) if q.zeroPoint is not None and len(q.zeroPoint) else 0
+    return ((arr.astype(np.float64) - zero) * float(q.scale[0])).astype(np.float32)
+
+
+def _scope(weight_name: str) -> str:
+    first = weight_name.split(";")[0]
+    for suffix in _CONV_SUFFIXES:
+        if first.endswith(suffix):
+            return first[: -len(suffix)]
+    raise WeightImportError(f"cannot tell the layer scope of weight tensor {first!r}")
+
+
+def extract_weights(tflite_bytes: bytes) -> dict[str, np.ndarray]:
+    """Float kernels and biases of every conv in a Google DeepLab ``.tflite``, keras layout.
+
+    Returns ``{"<layer>/kernel": (kh, kw, cin, cout) or (kh, kw, c, 1), "<layer>/bias": (cout,)}``
+    keyed by keras layer name. Raises WeightImportError on duplicates or unreadable tensors.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(tflite_bytes), 0)
+    if len(model.subgraphs) != 1:
+        raise WeightImportError(f"expected one subgraph, found {len(model.subgraphs)}")
+    graph = model.subgraphs[0]
+    conv_ops = {schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D}
+    out: dict[str, np.ndarray] = {}
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+        if builtin not in conv_ops:
+            continue
+        w_t = graph.tensors[op.inputs[1]]
+        name = keras_layer_name(_scope(w_t.name.decode()))
+        if f"{name}/kernel" in out:
+            raise WeightImportError(f"layer {name!r} appears twice in the source model")
+        # TFLite keeps conv kernels as (cout, kh, kw, cin) and depthwise as (1, kh, kw, c);
+        # keras wants (kh, kw, cin, cout) and (kh, kw, c, 1): the same transpose for both.
+        kernel = _dequantize(model, w_t).transpose(1, 2, 3, 0)
+        out[f"{name}/kernel"] = np.ascontiguousarray(kernel)
+        if len(op.inputs) > 2 and op.inputs[2] >= 0:
+            out[f"{name}/bias"] = _dequantize(model, graph.tensors[op.inputs[2]])
+        else:
+            out[f"{name}/bias"] = np.zeros(
+                kernel.shape[-2 if builtin == schema.BuiltinOperator.DEPTHWISE_CONV_2D else -1],
+                np.float32,
+            )
+    if not out:
+        raise WeightImportError("no convolution weights found in the source model")
+    return out
+
+
+def cache_dir() -> Path:
+    """``$CORAL_DEEPLAB_CACHE`` or ``~/.cache/coral_deeplab``."""
+    env = os.environ.get("CORAL_DEEPLAB_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "coral_deeplab"
+
+
+def source_model(
+    alpha: float, *, models_dir: Path | None = None, mirror: str | None = None
+) -> tuple[str, bytes]:
+    """(variant name, verified bytes) of Google's PASCAL model for ``alpha``, via segd.variants.
+
+    The file is found in the models dir, else copied from the mirror (``SEGD_MODEL_MIRROR``),
+    else downloaded; its sha256 is checked against the manifest in every case.
+    """
+    from segd import variants
+
+    try:
+        name = PASCAL_VARIANTS[float(alpha)]
+    except KeyError:
+        raise ValueError(
+            f"no pretrained PASCAL VOC weights for alpha={alpha!r}; "
+            f"available: {sorted(PASCAL_VARIANTS)}"
+        ) from None
+    spec = variants.load_manifest(models_dir=models_dir).get(name).cpu
+    path = variants.resolve_file(spec, models_dir, mirror=mirror)
+    return name, variants.read_verified(path, spec)
+
+
+def pascal_voc_weights(
+    alpha: float,
+    *,
+    models_dir: Path | None = None,
+    mirror: str | None = None,
+    cache: Path | None = None,
+) -> dict[str, np.ndarray]:
+    """Imported PASCAL VOC weights for ``alpha``, from the cache or extracted and cached."""
+    name, data = source_model(alpha, models_dir=models_dir, mirror=mirror)
+    digest = hashlib.sha256(data).hexdigest()
+    directory = cache if cache is not None else cache_dir()
+    path = directory / f"{name}-{digest[:12]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as npz:
+                return {k: npz[k] for k in npz.files}
+        except (OSError, ValueError):
+            pass  # unreadable cache entry: rebuild it below
+    weights = extract_weights(data)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.partial")
+        with os.fdopen(fd, "wb") as f:
+            save: Any = np.savez  # numpy's stub types **kwds as the allow_pickle flag
+            save(f, **weights)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs re-extraction next time
+    return weights
+
+
+def apply_weights(
+    model: Any,
+    weights: Mapping[str, np.ndarray],
+    *,
+    skip_logits: bool = False,
+    require_all: bool = True,
+) -> list[str]:
+    """Assign imported weights to ``model`` by layer name; return the names of loaded layers.
+
+    Every source layer must exist in the model with the same kernel shape (the logits layer
+    is skipped when ``skip_logits``). With ``require_all``, every conv of the model except the
+    logits and layers listed as decoder-only must receive weights — a partial import fails
+    loudly instead of leaving random layers in a "pretrained" model.
+    """
+    import tf_keras as keras
+
+    layers = {layer.name: layer for layer in model.layers}
+    names = sorted({k.rsplit("/", 1)[0] for k in weights})
+    loaded: list[str] = []
+    problems: list[str] = []
+    for name in names:
+        if skip_logits and name == LOGITS:
+            continue
+        layer = layers.get(name)
+        kernel, bias = weights[f"{name}/kernel"], weights[f"{name}/bias"]
+        if layer is None:
+            problems.append(f"{name}: no such layer in {model.name}")
+            continue
+        current = layer.get_weights()
+        if not current or current[0].shape != kernel.shape:
+            got = current[0].shape if current else None
+            problems.append(f"{name}: kernel shape {kernel.shape} vs model {got}")
+            continue
+        if layer.use_bias:
+            if len(current) != 2 or current[1].shape != bias.shape:
+                problems.append(f"{name}: bias shape {bias.shape} vs model")
+                continue
+            layer.set_weights([kernel, bias])
+        else:
+            bn = layers.get(f"{name}_BN")
+            if not isinstance(bn, keras.layers.BatchNormalization):
+                problems.append(f"{name}: folded bias but no {name}_BN layer to carry it")
+                continue
+            if bn.gamma.shape != bias.shape:
+                problems.append(f"{name}_BN: {bn.gamma.shape} vs bias {bias.shape}")
+                continue
+            layer.set_weights([kernel])
+            ones = np.ones_like(bias)
+            bn.set_weights([ones, bias, np.zeros_like(bias), ones - bn.epsilon])
+        loaded.append(name)
+    if require_all and not problems:
+        conv_types = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+        expected = {
+            layer.name
+            for layer in model.layers
+            if isinstance(layer, conv_types) and not _decoder_only(layer.name)
+        }
+        if skip_logits:
+            expected.discard(LOGITS)
+        missing = sorted(expected - set(loaded))
+        if missing:
+            problems.append(f"model layers without source weights: {missing}")
+    if problems:
+        raise WeightImportError("weight import failed:\n  " + "\n  ".join(problems))
+    return loaded
+
+
+def _decoder_only(name: str) -> bool:
+    return name.startswith(("feature_projection", "decoder_")) or name == LOGITS
+
+
+def load_pascal_voc(
+    model: Any,
+    *,
+    alpha: float,
+    skip_logits: bool = False,
+    models_dir: Path | None = None,
+    mirror: str | None = None,
+) -> list[str]:
+    """Load Google's PASCAL VOC weights into a coral_deeplab model (see :func:`apply_weights`)."""
+    weights = pascal_voc_weights(alpha, models_dir=models_dir, mirror=mirror)
+    return apply_weights(model, weights, skip_logits=skip_logits)
