@@ -1,0 +1,92 @@
+"""``segd bench``: the original coral-deeplab latency table (ms/iter and FPS per variant at
+513x513), measured on whatever backend this machine has."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from segd.engine import Segmenter
+from segd.variants import load_manifest
+
+
+def probe_jpeg(hw: tuple[int, int], seed: int = 0) -> bytes:
+    """A deterministic photo-like JPEG (smooth gradients + blobs) of the given size."""
+    rng = np.random.default_rng(seed)
+    h, w = hw
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([xx / w * 255, yy / h * 255, (xx + yy) / (h + w) * 255], axis=2)
+    for _ in range(6):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.05, 0.3) * min(h, w)
+        color = rng.uniform(0, 255, 3)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = color
+    ok, buf = cv2.imencode(".jpg", img.astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return buf.tobytes()
+
+
+def _median_ms(fn: Any, iterations: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iterations):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000.0)
+    return statistics.median(times)
+
+
+def bench_segmenter(seg: Segmenter, image: bytes, *, iterations: int = 50, warmup: int = 5) -> dict[str, Any]:
+    prepared = seg.prepare(seg.decode(image))
+    invoke = _median_ms(lambda: seg.infer(prepared.tensor), iterations, warmup)
+    total = _median_ms(lambda: seg.segment(image), iterations, warmup)
+    return {
+        "model": seg.variant.name,
+        "backend": seg.backend,
+        "runtime": seg.runner.runtime,
+        "reason": seg.selection.reason if seg.selection else "",
+        "invoke_ms": invoke,
+        "end_to_end_ms": total,
+        "fps": 1000.0 / total,
+    }
+
+
+def bench_variants(
+    names: list[str] | None,
+    *,
+    iterations: int = 50,
+    warmup: int = 5,
+    models_dir: Path | None = None,
+    **open_kwargs: Any,
+) -> list[dict[str, Any]]:
+    manifest = load_manifest(models_dir=models_dir)
+    rows = []
+    for name in names or list(manifest.variants):
+        variant = manifest.get(name)
+        seg = Segmenter.open(variant, models_dir=models_dir, **open_kwargs)
+        try:
+            rows.append(bench_segmenter(seg, probe_jpeg(variant.input.hw), iterations=iterations, warmup=warmup))
+        finally:
+            seg.close()
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | backend | runtime | invoke ms | end-to-end ms/iter | FPS |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['backend']} | {r['runtime']} | {r['invoke_ms']:.1f} | "
+            f"{r['end_to_end_ms']:.1f} | {r['fps']:.1f} |"
+        )
+    reasons = {r["model"]: r["reason"] for r in rows}
+    lines.append("")
+    lines.extend(f"{m}: {why}" for m, why in reasons.items())
+    return "\n".join(lines)

@@ -1,0 +1,280 @@
+"""The engine: a :class:`Segmenter` is one model variant + one runner + pre- and post-processing.
+
+It is the only thing the CLI, the HTTP app and the benchmarks call. Its stages are separate
+methods so the daemon can run decode and postprocess of other requests while an inference is in
+flight; :meth:`Segmenter.segment` runs them all in order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segd import postprocess, preprocess
+from segd.errors import ModelError, RuntimeUnavailable
+from segd.preprocess import DecodedImage
+from segd.runtime import Runner, open_cpu
+from segd.variants import FileSpec, Variant, check_tensor, read_verified, resolve_file
+
+DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7000x5700 photo; decoded RGB is then 120 MB
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which file and backend a variant runs on, and why."""
+
+    backend: str  # "edgetpu" | "cpu"
+    file: FileSpec
+    path: Path
+    reason: str
+    device: str | None = None
+
+
+@dataclass
+class Prepared:
+    """A decoded image turned into a model input tensor, plus what is needed to map back."""
+
+    tensor: np.ndarray
+    content_box: Box
+    original_hw: tuple[int, int]
+
+
+@dataclass
+class Segmentation:
+    mask: np.ndarray  # H x W uint8 class ids at the original (oriented) image size
+    counts: np.ndarray  # pixels per class
+    image: DecodedImage
+    timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
+    model: str = ""
+    backend: str = ""
+
+
+def strip_model_tail(model: bytes) -> bytes:
+    """Cut RESIZE_BILINEAR / ARG_MAX off the end of a model (in memory, after the checksum)."""
+    from coral_deeplab.tflite.surgery import strip_tail
+
+    try:
+        return strip_tail(model).model_bytes
+    except ValueError as exc:
+        raise ModelError(f"cannot strip the resize/argmax tail: {exc}") from exc
+
+
+def model_bytes(variant: Variant, spec: FileSpec, path: Path) -> bytes:
+    """Verified bytes of a model file, with the tail stripped when the manifest asks for it."""
+    data = read_verified(path, spec)
+    return strip_model_tail(data) if variant.output.strip_tail else data
+
+
+def check_runner(variant: Variant, runner: Runner, path: Path) -> None:
+    """The loaded model's tensors must be what the manifest says."""
+    check_tensor(str(path), "input", runner.input.shape, runner.input.dtype,
+                 variant.input.shape, variant.input.dtype)  # fmt: skip
+    check_tensor(str(path), "output", runner.output.shape, runner.output.dtype,
+                 variant.output.shape, variant.output.dtype)  # fmt: skip
+
+
+RunnerFactory = Callable[[bytes, str | None], Runner]
+
+
+def open_runner(
+    variant: Variant,
+    *,
+    models_dir: Path | None = None,
+    accelerator: str = "auto",
+    device: str | None = None,
+    runtime: str | None = None,
+    num_threads: int | None = None,
+    mirror: str | None = None,
+    download: bool = True,
+    edgetpu_factory: RunnerFactory | None = None,
+) -> tuple[Runner, Selection]:
+    """Open the Edge TPU file when a device is there and usable, else the CPU twin.
+
+    ``accelerator``: "auto" (TPU if possible, else CPU — the reason is recorded), "edgetpu"
+    (fail with the reason instead of falling back) or "cpu". ``edgetpu_factory(model, device)``
+    replaces the in-process delegate, e.g. with a crash-isolated worker process.
+    """
+    if accelerator not in ("auto", "cpu", "edgetpu"):
+        raise ValueError(f"accelerator must be auto, cpu or edgetpu, not {accelerator!r}")
+    reason = "CPU requested"
+    if accelerator != "cpu":
+        if variant.edgetpu is None:
+            reason = "variant has no Edge TPU file"
+            if accelerator == "edgetpu":
+                raise RuntimeUnavailable(f"{variant.name}: {reason}")
+        else:
+            try:
+                return _open_edgetpu(
+                    variant, variant.edgetpu, models_dir=models_dir, device=device,
+                    runtime=runtime, num_threads=num_threads, mirror=mirror,
+                    download=download, factory=edgetpu_factory,
+                )  # fmt: skip
+            except RuntimeUnavailable as exc:
+                if accelerator == "edgetpu":
+                    raise
+                reason = exc.detail
+    path = resolve_file(variant.cpu, models_dir, mirror=mirror, download=download)
+    runner = open_cpu(model_bytes(variant, variant.cpu, path), runtime=runtime, num_threads=num_threads)
+    check_runner(variant, runner, path)
+    return runner, Selection("cpu", variant.cpu, path, reason)
+
+
+def _open_edgetpu(
+    variant: Variant,
+    spec: FileSpec,
+    *,
+    models_dir: Path | None,
+    device: str | None,
+    runtime: str | None,
+    num_threads: int | None,
+    mirror: str | None,
+    download: bool,
+    factory: RunnerFactory | None,
+) -> tuple[Runner, Selection]:
+    from segd.runtime import edgetpu
+
+    status = edgetpu.probe()
+    if status.reason is not None:
+        raise RuntimeUnavailable(status.reason)
+    path = resolve_file(spec, models_dir, mirror=mirror, download=download)
+    data = model_bytes(variant, spec, path)
+    if factory is not None:
+        runner = factory(data, device)
+    else:
+        runner = edgetpu.open_edgetpu(data, device=device, runtime=runtime, num_threads=num_threads)
+    try:
+        check_runner(variant, runner, path)
+    except ModelError:
+        runner.close()
+        raise
+    where = runner.device or device or "first device"
+    return runner, Selection("edgetpu", spec, path, f"Edge TPU found ({where})", device=runner.device)
+
+
+class Segmenter:
+    """Image bytes -> class mask at the original size, for one variant on one runner."""
+
+    def __init__(
+        self,
+        variant: Variant,
+        runner: Runner,
+        selection: Selection | None = None,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.variant = variant
+        self.runner = runner
+        self.selection = selection
+        self.max_pixels = max_pixels
+        self.lock = threading.Lock()
+        self.input_hw = variant.input.hw
+        spec = runner.input
+        self.lut = preprocess.input_lut(
+            variant.input.mean, variant.input.std, spec.scale, spec.zero_point, spec.dtype
+        )
+
+    @classmethod
+    def open(cls, variant: Variant, *, max_pixels: int = DEFAULT_MAX_PIXELS, **kwargs: Any) -> Segmenter:
+        runner, selection = open_runner(variant, **kwargs)
+        return cls(variant, runner, selection, max_pixels=max_pixels)
+
+    @property
+    def backend(self) -> str:
+        return self.runner.backend
+
+    # --- stages ------------------------------------------------------------------------
+    def decode(self, data: bytes, *, reduce: bool = False) -> DecodedImage:
+        """Decode (optionally at reduced JPEG scale: fine when only the mask is wanted)."""
+        factor = 1
+        if reduce:
+            header = preprocess.probe_image(data)
+            preprocess.check_limits(header, self.max_pixels)
+            factor = preprocess.choose_reduce(header, self.input_hw)
+        return preprocess.decode_image(data, max_pixels=self.max_pixels, reduce=factor)
+
+    def prepare(self, image: DecodedImage, *, keep_aspect: bool = False) -> Prepared:
+        resized, box = preprocess.fit_to_input(image.rgb, self.input_hw, keep_aspect)
+        return Prepared(preprocess.quantize(resized, self.lut), box, image.original_hw)
+
+    def infer(self, tensor: np.ndarray) -> np.ndarray:
+        """Run the model; serialised by the segmenter's lock (interpreters are not thread-safe)."""
+        with self.lock:
+            return self.runner.run(tensor)
+
+    def finish(self, raw: np.ndarray, prepared: Prepared) -> np.ndarray:
+        """Model output -> uint8 mask at the original image size."""
+        out = self.variant.output
+        grid = postprocess.SampleGrid.for_model(
+            raw.shape[:2], self.input_hw, prepared.original_hw,
+            align_corners=out.align_corners, content_box=prepared.content_box,
+        )  # fmt: skip
+        if out.kind == "argmax":
+            return postprocess.nearest_resize_labels(raw, grid)
+        spec = self.runner.output
+        return postprocess.upsample_argmax(raw, grid, spec.scale, spec.zero_point)
+
+    # --- all at once ---------------------------------------------------------------------
+    def segment(self, data: bytes, *, keep_aspect: bool = False, reduce: bool = False) -> Segmentation:
+        timings: dict[str, float] = {}
+        clock = time.perf_counter
+
+        t0 = clock()
+        image = self.decode(data, reduce=reduce)
+        t1 = clock()
+        prepared = self.prepare(image, keep_aspect=keep_aspect)
+        t2 = clock()
+        raw = self.infer(prepared.tensor)
+        t3 = clock()
+        mask = self.finish(raw, prepared)
+        counts = postprocess.class_pixel_counts(mask, self.variant.n_classes)
+        t4 = clock()
+        for name, a, b in (("decode", t0, t1), ("preprocess", t1, t2), ("invoke", t2, t3), ("postprocess", t3, t4)):
+            timings[name] = (b - a) * 1000.0
+        return Segmentation(mask, counts, image, timings, self.variant.name, self.backend)
+
+    def describe(self) -> dict[str, Any]:
+        sel = self.selection
+        return {
+            "name": self.variant.name,
+            "description": self.variant.description,
+            "backend": self.backend,
+            "reason": sel.reason if sel else None,
+            "device": self.runner.device,
+            "runtime": self.runner.runtime,
+            "file": sel.file.name if sel else None,
+            "sha256": sel.file.sha256 if sel else None,
+            "input_size": list(self.input_hw),
+            "output": {
+                "kind": self.variant.output.kind,
+                "shape": list(self.runner.output.shape),
+                "stride": self.variant.output.stride,
+                "align_corners": self.variant.output.align_corners,
+            },
+            "labels": list(self.variant.labels.names),
+        }
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def summary(result: Segmentation, segmenter: Segmenter) -> dict[str, Any]:
+    """The JSON document of a segmentation: size, model, backend, class areas, timings."""
+    from segd.encode import class_summary
+
+    h, w = result.mask.shape
+    return {
+        "width": w,
+        "height": h,
+        "model": result.model,
+        "backend": result.backend,
+        "classes": class_summary(result.counts, segmenter.variant.labels),
+        "timings_ms": {k: round(v, 3) for k, v in result.timings.items()},
+    }
