@@ -21,3 +21,35 @@ def test_data() -> Path:
     if not (path / "deeplabv3_mnv2_pascal_quant.tflite").is_file():
         pytest.fail(f"Coral test data not found in {path}; set SEGD_TEST_DATA")
     return path
+
+
+@pytest.fixture(scope="session")
+def models_dir(test_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models directory filled from the test data the way a user's is: through the mirror
+    path of ``segd.variants.resolve_file`` (copy + sha256 check + atomic rename)."""
+    from segd.variants import load_manifest, resolve_file
+
+    mdir = tmp_path_factory.mktemp("models")
+    for variant in load_manifest(models_dir=mdir).variants.values():
+        for spec in variant.files():
+            resolve_file(spec, mdir, mirror=str(test_data), download=False)
+    return mdir
+
+
+@pytest.fixture(scope="session")
+def manifest(models_dir: Path):  # type: ignore[no-untyped-def]
+    from segd.variants import load_manifest
+
+    return load_manifest(models_dir=models_dir)
+
+
+def read_rgb(path: Path):  # type: ignore[no-untyped-def]
+    import cv2
+
+    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def pixel_iou(a, b) -> float:  # type: ignore[no-untyped-def]
+    """Coral's test metric: same / (2N - same)."""
+    same = int((a == b).sum())
+    return same / (2 * a.size - same)
