@@ -27,9 +27,21 @@ def build_double(out_dir: Path | str) -> Path:
     out = Path(out_dir) / LIBRARY_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
-        cc, "-std=c11", "-D_DEFAULT_SOURCE", "-O1", "-g", "-fPIC", "-shared",
-        "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror",
-        "-Wl,-soname," + LIBRARY_NAME, "-o", str(out), str(SOURCE),
+        cc,
+        "-std=c11",
+        "-D_DEFAULT_SOURCE",
+        "-O1",
+        "-g",
+        "-fPIC",
+        "-shared",
+        "-fvisibility=hidden",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-Wl,-soname," + LIBRARY_NAME,
+        "-o",
+        str(out),
+        str(SOURCE),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
