@@ -162,7 +162,9 @@ class AxisMap:
 
     def nearest(self) -> np.ndarray:
         """Nearest source index per output pixel (round half up, like TF's nearest resize)."""
-        idx = np.floor(self.coords() + 0.5).astype(np.intp)
+        src = self.coords()
+        idx = src.astype(np.intp)  # floor, src >= 0
+        idx += (src - idx) >= 0.5  # exact, unlike floor(src + 0.5)
         return np.minimum(idx, self.n_src - 1)
 
 
