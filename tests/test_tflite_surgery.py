@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -249,3 +251,13 @@ def test_builtin_code_is_the_larger_of_the_two_schema_fields() -> None:
     new_code.deprecatedBuiltinCode, new_code.builtinCode = 127, 150  # code > 127
     assert builtin_code(old_writer) == 3
     assert builtin_code(new_code) == 150
+
+
+def test_tflite_tooling_imports_without_tensorflow() -> None:
+    # segd loads this on a Raspberry Pi: neither the package nor its tooling may pull in TF.
+    code = (
+        "import sys, coral_deeplab, coral_deeplab.tflite\n"
+        "bad = [m for m in sys.modules if m == 'tensorflow' or m.startswith(('tensorflow.', 'keras'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
