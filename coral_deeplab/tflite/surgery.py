@@ -35,7 +35,7 @@ from ai_edge_litert import schema_py_generated as schema
 
 from coral_deeplab.tflite.model import TensorInfo, op_name, read_model, tensor_info
 
-__all__ = ["TAIL_OPS", "StripResult", "find_tail", "strip_tail"]
+__all__ = ["TAIL_OPS", "StripResult", "find_tail", "pack_model", "strip_tail"]
 
 #: Operators that only post-process logits and may be cut off the end of the graph.
 TAIL_OPS = frozenset({"RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR", "ARG_MAX"})
