@@ -9,8 +9,9 @@ layer, so Google's PASCAL VOC weights import by name:
 * output stride 16: ``expanded_conv_13`` keeps stride 1 and blocks 14-16 use dilation-2
   depthwise convolutions (one fused DEPTHWISE_CONV_2D each, see :mod:`coral_deeplab.layers`);
 * the reduced mobile ASPP: ``aspp0`` (1x1 conv) and image pooling (average over the whole
-  map -> 1x1 conv -> broadcast back with TILE), concatenated as [image_pooling, aspp0], then
-  ``concat_projection`` (1x1) and ``logits/semantic`` (1x1 with bias). ASPP convs use ReLU.
+  map -> 1x1 conv -> broadcast back by concatenated copies), concatenated as
+  [image_pooling, aspp0], then ``concat_projection`` (1x1) and ``logits/semantic`` (1x1 with
+  bias). ASPP convs use ReLU.
 
 Outputs are logits at stride 16 (v3) or 4 (v3+), without the final upsample: the caller (the
 segd engine, or training losses) upsamples to the input size. Layer names are Google's scope
@@ -38,7 +39,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
-from coral_deeplab.layers import DilatedDepthwiseConv2D, ResizeBilinear, TileTo
+from coral_deeplab.layers import BroadcastTo2D, DilatedDepthwiseConv2D, ResizeBilinear
 
 __all__ = [
     "SUPPORTED_ALPHAS",
@@ -246,7 +247,7 @@ def _aspp(features: tf.Tensor) -> tf.Tensor:
         pool_size=(height, width), strides=1, padding="valid", name="image_pooling_avgpool"
     )(features)
     pooled = _conv_bn(pooled, ASPP_DEPTH, "image_pooling", activation="relu")
-    pooled = TileTo((height, width), name="image_pooling_tile")(pooled)
+    pooled = BroadcastTo2D((height, width), name="image_pooling_broadcast")(pooled)
     x = keras.layers.Concatenate(name="aspp_concat")([pooled, branch0])
     return _conv_bn(x, ASPP_DEPTH, "concat_projection", activation="relu")
 

@@ -3,7 +3,9 @@
 The exported file takes raw RGB bytes like Google's Coral models: uint8 input quantized with
 scale exactly 1/128 and zero point 128, i.e. the float the keras model sees is
 ``(pixel - 128) / 128``. Internals are int8 (the only full-integer mode of the TF2 converter);
-the output is the int8 logits tensor itself, so no trailing QUANTIZE op is added.
+the output is the int8 logits tensor itself, so no trailing QUANTIZE op is added — the only
+QUANTIZE is the uint8 -> int8 one on the input (same scale, zero point shifted by 128), which
+the Edge TPU runs. The batch dimension is fixed to 1 (the compiler refuses dynamic shapes).
 
 How the input scale is pinned: the converter derives the input quantization from the
 calibration range of the input tensor. Real images rarely span exactly [-1, 127/128], so each
@@ -29,6 +31,7 @@ __all__ = [
     "INPUT_ZERO_POINT",
     "ExportError",
     "calibration_batches",
+    "export_problems",
     "input_quantization",
     "load_calibration_images",
     "op_histogram",
@@ -116,9 +119,8 @@ def to_tflite(
         num_calibration: at most this many images are used (conversion time grows with it).
         output_path: also write the bytes there.
 
-    Returns the flatbuffer: uint8 input (scale 1/128, zero point 128), int8 logits output.
-    Raises ExportError if the input quantization is not exactly that or if the converter
-    emitted SPACE_TO_BATCH_ND / BATCH_TO_SPACE_ND (a dilated conv the TPU cannot run).
+    Returns the flatbuffer: uint8 input (scale 1/128, zero point 128), int8 logits output,
+    static batch 1. Raises ExportError when :func:`export_problems` finds anything.
     """
     import tensorflow as tf
 
@@ -135,7 +137,11 @@ def to_tflite(
         for batch in batches:
             yield [batch]
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    # Trace with a static batch of 1: a keras model's batch dimension is None, which lands in
+    # the file as shape_signature -1 — a dynamic size the Edge TPU compiler refuses.
+    spec = tf.TensorSpec([1, int(height), int(width), 3], tf.float32)
+    concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -143,15 +149,9 @@ def to_tflite(
     converter.inference_output_type = tf.int8
     data = bytes(converter.convert())
 
-    scale, zero_point, dtype = input_quantization(data)
-    if dtype != "uint8" or scale != INPUT_SCALE or zero_point != INPUT_ZERO_POINT:
-        raise ExportError(
-            f"input quantization is {dtype} scale {scale} zero point {zero_point}; "
-            f"expected uint8 scale {INPUT_SCALE} zero point {INPUT_ZERO_POINT}"
-        )
-    bad = {"SPACE_TO_BATCH_ND", "BATCH_TO_SPACE_ND"} & set(op_histogram(data))
-    if bad:
-        raise ExportError(f"export contains {sorted(bad)}: a dilated conv was not fused")
+    problems = export_problems(data)
+    if problems:
+        raise ExportError("the converted model is not Edge-TPU clean: " + "; ".join(problems))
     if output_path is not None:
         Path(output_path).write_bytes(data)
     return data
@@ -178,6 +178,39 @@ def op_list(tflite_bytes: bytes) -> list[str]:
         else:
             out.append(names.get(builtin, str(builtin)))
     return out
+
+
+def export_problems(tflite_bytes: bytes) -> list[str]:
+    """What keeps a converted file from being the Edge-TPU-clean form ``to_tflite`` promises.
+
+    Checks the input quantization (uint8, 1/128, 128), static shapes, no float tensors between
+    ops (DEQUANTIZE or float islands run on the CPU) and no SPACE_TO_BATCH_ND /
+    BATCH_TO_SPACE_ND (an unfused dilated convolution).
+    """
+    problems = []
+    scale, zero_point, dtype = input_quantization(tflite_bytes)
+    if dtype != "uint8" or scale != INPUT_SCALE or zero_point != INPUT_ZERO_POINT:
+        problems.append(
+            f"input is {dtype} scale {scale} zero point {zero_point}, expected uint8 "
+            f"scale {INPUT_SCALE} zero point {INPUT_ZERO_POINT}"
+        )
+    ops = op_histogram(tflite_bytes)
+    for name in ("SPACE_TO_BATCH_ND", "BATCH_TO_SPACE_ND", "DEQUANTIZE"):
+        if name in ops:
+            problems.append(f"{ops[name]} {name} op(s)")
+    model = _model(tflite_bytes)
+    graph = model.subgraphs[0]
+    for op in graph.operators:
+        for index in [*op.inputs, *op.outputs]:
+            if index < 0:
+                continue
+            tensor = graph.tensors[index]
+            constant = model.buffers[tensor.buffer].data is not None
+            if tensor.shapeSignature is not None and any(int(d) < 0 for d in tensor.shapeSignature):
+                problems.append(f"tensor {tensor.name.decode()!r} has a dynamic shape")
+            if not constant and tensor.type == 0:  # FLOAT32 activation
+                problems.append(f"tensor {tensor.name.decode()!r} is float32")
+    return list(dict.fromkeys(problems))
 
 
 def op_histogram(tflite_bytes: bytes) -> dict[str, int]:

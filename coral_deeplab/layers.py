@@ -9,8 +9,9 @@ tiny layer that pins the TensorFlow op the converter sees:
   ``dilations`` converts to one DEPTHWISE_CONV_2D carrying the dilation factor, exactly the form
   of Google's own DeepLab files;
 * the image-pooling broadcast 1x1 -> HxW — Google's files use RESIZE_BILINEAR from a 1x1 map,
-  where the Edge TPU segment of the compiled model ends; broadcasting a single pixel is the same
-  numbers, and TILE (what Google's EdgeTPU-DeepLab-slim uses) is mapped by the compiler;
+  where the Edge TPU segment of their compiled model ends; broadcasting a single pixel gives
+  the same numbers, written as concatenated copies (see :class:`BroadcastTo2D` for why not
+  TILE);
 * bilinear resize with explicit ``align_corners`` — ``keras.layers.UpSampling2D`` and
   ``tf.image.resize`` only do half-pixel centres, while DeepLab's geometry for sizes 16k+1 is
   align-corners.
@@ -62,11 +63,15 @@ class DilatedDepthwiseConv2D(keras.layers.DepthwiseConv2D):
 
 
 @keras.utils.register_keras_serializable(package="coral_deeplab")
-class TileTo(keras.layers.Layer):
-    """Broadcast a 1x1 feature map to ``size`` = (h, w) with TILE.
+class BroadcastTo2D(keras.layers.Layer):
+    """Broadcast a 1x1 feature map to ``size`` = (h, w) by concatenating copies.
 
-    Equal, value for value, to DeepLab's align-corners bilinear resize of a single pixel, but
-    converts to TILE, which the Edge TPU compiler maps (RESIZE_BILINEAR from 1x1 it does not).
+    Equal, value for value, to DeepLab's align-corners bilinear resize of a single pixel (a
+    copy is exact in any quantization), but converts to two CONCATENATION ops (w copies along
+    the width, then h copies of that row). The alternatives are worse on the Edge TPU: Google's
+    RESIZE_BILINEAR from 1x1 ends the TPU segment of their compiled PASCAL models; TILE (what
+    EdgeTPU-DeepLab-slim uses, uint8, op version 1) becomes op version 3 for int8 tensors, a
+    version newer than the last Edge TPU compiler; BROADCAST_TO is not an Edge TPU op.
     """
 
     def __init__(self, size: tuple[int, int], **kwargs: Any) -> None:
@@ -74,12 +79,14 @@ class TileTo(keras.layers.Layer):
         self.size = (int(size[0]), int(size[1]))
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
-        return tf.tile(inputs, [1, self.size[0], self.size[1], 1])
+        height, width = self.size
+        row = tf.concat([inputs] * width, axis=2) if width > 1 else inputs
+        return tf.concat([row] * height, axis=1) if height > 1 else row
 
     def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
         shape = tf.TensorShape(input_shape).as_list()
         if shape[1] != 1 or shape[2] != 1:
-            raise ValueError(f"TileTo expects a 1x1 map, got {shape}")
+            raise ValueError(f"BroadcastTo2D expects a 1x1 map, got {shape}")
         return (shape[0], self.size[0], self.size[1], shape[3])
 
     def get_config(self) -> dict[str, Any]:
@@ -115,6 +122,6 @@ class ResizeBilinear(keras.layers.Layer):
 
 CUSTOM_OBJECTS: dict[str, type] = {
     "DilatedDepthwiseConv2D": DilatedDepthwiseConv2D,
-    "TileTo": TileTo,
+    "BroadcastTo2D": BroadcastTo2D,
     "ResizeBilinear": ResizeBilinear,
 }
