@@ -36,6 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=None, help="output file (default: stdout for json)")
     _common_model_args(p)
 
+    p = sub.add_parser("serve", help="run the HTTP daemon")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    p.add_argument("--config", type=Path, default=None, help="TOML settings file (SEGD_CONFIG)")
+    p.add_argument("--model", dest="models", action="append", default=None, help="variant to serve (repeatable; default: the default variant)")
+    p.add_argument("--default-model", default=None)
+    p.add_argument("--api-key-file", type=Path, default=None, help="file holding the API key (or SEGD_API_KEY)")
+    p.add_argument("--insecure", action="store_true", default=None, help="allow a non-loopback bind without an API key")
+    p.add_argument("--log-level", default=None, choices=("critical", "error", "warning", "info", "debug"))
+    _common_model_args(p)
+
     p = sub.add_parser("bench", help="latency per variant at 513x513 (ms/iter, FPS) on this machine")
     p.add_argument("--model", action="append", default=None, help="variant(s) (default: all)")
     p.add_argument("--iterations", type=int, default=50)
@@ -200,6 +211,35 @@ def cmd_models_check(args: argparse.Namespace) -> int:
     return 0 if report.all_mapped else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from segd.app.server import InsecureBind, serve
+    from segd.app.settings import load_settings
+
+    overrides = {
+        "host": args.host, "port": args.port, "models_dir": args.models_dir, "mirror": args.mirror,
+        "models": args.models, "default_model": args.default_model,
+        "accelerator": args.accelerator if args.accelerator != "auto" else None,
+        "device": args.device, "runtime": args.runtime, "threads": args.threads,
+        "insecure": args.insecure, "log_level": args.log_level,
+    }  # fmt: skip
+    if args.api_key_file is not None:
+        try:
+            overrides["api_key"] = args.api_key_file.read_text().strip()
+        except OSError as exc:
+            print(f"segd: cannot read {args.api_key_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+    config = args.config or (Path(os.environ["SEGD_CONFIG"]) if os.environ.get("SEGD_CONFIG") else None)
+    try:
+        settings = load_settings(config, overrides=overrides)
+        serve(settings)
+    except (InsecureBind, ValueError) as exc:
+        print(f"segd: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from segd.bench import bench_variants, format_table
 
@@ -215,6 +255,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 COMMANDS = {
     "segment": cmd_segment,
     "bench": cmd_bench,
+    "serve": cmd_serve,
     "models list": cmd_models_list,
     "models pull": cmd_models_pull,
     "models check": cmd_models_check,

@@ -1,0 +1,1 @@
+"""The segd HTTP daemon (FastAPI + uvicorn)."""

@@ -1,0 +1,60 @@
+"""Prometheus metrics: request counters and stage histograms recorded as requests pass, plus a
+collector that reads live per-model state (queue depth, backend, readiness, worker restarts)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from segd.app.service import ModelService
+
+disable_created_metrics()  # the *_created series only double the output
+
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, service: ModelService) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "segd_requests", "HTTP requests by route, status and model",
+            ["route", "status", "model"], registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "segd_request_seconds", "HTTP request latency by route",
+            ["route"], buckets=STAGE_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.stages = Histogram(
+            "segd_stage_seconds", "Pipeline stage latency by model and stage",
+            ["model", "stage"], buckets=STAGE_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.registry.register(ServiceCollector(service))
+
+    def observe_stages(self, model: str, timings_ms: dict[str, float]) -> None:
+        for stage, ms in timings_ms.items():
+            self.stages.labels(model, stage).observe(ms / 1000.0)
+
+
+class ServiceCollector(Collector):
+    def __init__(self, service: ModelService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        queue = GaugeMetricFamily("segd_queue_depth", "Requests admitted per model (in flight + waiting)", labels=["model"])
+        ready = GaugeMetricFamily("segd_model_ready", "1 when the model is loaded, self-tested and its device present", labels=["model"])
+        backend = GaugeMetricFamily("segd_model_backend", "Backend serving each model (value 1)", labels=["model", "backend"])
+        restarts = CounterMetricFamily("segd_tpu_worker_restarts", "Edge TPU worker process restarts", labels=["model"])
+        fallbacks = CounterMetricFamily("segd_cpu_fallbacks", "Requests served by the CPU twin after an Edge TPU failure", labels=["model"])
+        for name, slot in self.service.slots.items():
+            queue.add_metric([name], slot.queued)
+            ready.add_metric([name], 1.0 if slot.ready else 0.0)
+            backend.add_metric([name, slot.primary.backend if slot.primary else "none"], 1.0)
+            worker = slot.worker_info() or {}
+            restarts.add_metric([name], float(worker.get("restarts", 0)))
+            fallbacks.add_metric([name], float(slot.fallbacks))
+        yield from (queue, ready, backend, restarts, fallbacks)

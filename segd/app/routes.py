@@ -1,0 +1,184 @@
+"""HTTP routes: parse, call the service, format. No numpy here."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.datastructures import UploadFile
+
+from segd.app.service import ModelService, Result
+from segd.errors import BadParameter, SegdError, UnknownModel
+
+RAW_TYPES = ("image/", "application/octet-stream")
+
+
+class Unauthorized(SegdError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class UnsupportedContentType(SegdError):
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+def get_service(request: Request) -> ModelService:
+    service: ModelService = request.app.state.service
+    return service
+
+
+def require_api_key(request: Request) -> None:
+    """Enforce the API key (``X-API-Key`` or ``Authorization: Bearer``), compared in constant
+    time; the key is never logged or echoed."""
+    expected = request.app.state.settings.api_key
+    if not expected:
+        return
+    given = request.headers.get("x-api-key")
+    if given is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else None
+    if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized("missing or wrong API key (send X-API-Key or Authorization: Bearer)")
+
+
+Service = Annotated[ModelService, Depends(get_service)]
+
+public = APIRouter()
+protected = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+# --- health --------------------------------------------------------------------------------
+@public.get("/healthz", tags=["health"], summary="The process is alive")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@public.get("/readyz", tags=["health"], summary="Every model loaded, self-tested and its device present")
+async def readyz(service: Service) -> JSONResponse:
+    doc = service.readiness()
+    return JSONResponse(doc, status_code=200 if doc["ready"] else 503)
+
+
+# --- models --------------------------------------------------------------------------------
+@protected.get("/models", tags=["models"], summary="Served models: backend and why, device, sizes, labels, stats")
+async def list_models(service: Service) -> dict[str, Any]:
+    return {"default": service.default, "models": [s.describe() for s in service.slots.values()]}
+
+
+@protected.get("/models/{name}", tags=["models"], summary="One served model")
+async def get_model(name: str, service: Service) -> dict[str, Any]:
+    if name not in service.slots:
+        known = ", ".join(service.slots)
+        raise UnknownModel(f"unknown model {name!r}; served models: {known}")
+    return service.slots[name].describe()
+
+
+@protected.get("/metrics", tags=["health"], summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics.registry
+    return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- segment -------------------------------------------------------------------------------
+SEGMENT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary"}},
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+}
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+
+
+ERRORS = (
+    (400, "corrupt, truncated or empty image"),
+    (401, "missing or wrong API key"),
+    (404, "unknown model"),
+    (413, "upload or image too large"),
+    (415, "not an image / unsupported content type"),
+    (422, "bad parameter"),
+    (503, "model not ready, queue full, Edge TPU failure or timeout (see Retry-After)"),
+)
+SEGMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "PNG mask (pixel value = class id, dataset palette), JSON summary or overlay",
+        "content": {"image/png": {}, "image/jpeg": {}, "application/json": {}},
+    },
+    **{code: {"model": ErrorBody, "description": why} for code, why in ERRORS},
+}
+
+
+async def read_image(request: Request) -> bytes:
+    """The image from a multipart field ``image`` or from a raw image body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=4, max_fields=16)
+        try:
+            files = [v for v in form.getlist("image") if isinstance(v, UploadFile)]
+            if not files:
+                if form.getlist("image"):
+                    raise BadParameter("form field 'image' must be a file upload, not text")
+                raise BadParameter("multipart body has no file field 'image'")
+            if len(files) > 1:
+                raise BadParameter(f"expected one file in field 'image', got {len(files)}")
+            return await files[0].read()
+        finally:
+            await form.close()
+    if ctype.startswith(RAW_TYPES):
+        return await request.body()
+    shown = ctype or "none"
+    raise UnsupportedContentType(
+        f"content type {shown!r} is not accepted: send multipart/form-data with a file field "
+        "'image', or the raw image with an image/* or application/octet-stream content type"
+    )
+
+
+def result_response(result: Result) -> Response:
+    timing = ", ".join(f"{k};dur={v:.2f}" for k, v in result.timings.items())
+    headers = {
+        "X-Segd-Model": result.model,
+        "X-Segd-Backend": result.backend,
+        "X-Segd-Timings": json.dumps({k: round(v, 3) for k, v in result.timings.items()}, separators=(",", ":")),
+        "Server-Timing": timing,
+    }
+    if result.document is not None:
+        result.document["timings_ms"] = {k: round(v, 3) for k, v in result.timings.items()}
+        return JSONResponse(result.document, headers=headers)
+    return Response(result.body, media_type=result.media_type, headers=headers)
+
+
+@protected.post("/segment", tags=["segment"], summary="Segment an image", openapi_extra=SEGMENT_BODY,
+                responses=SEGMENT_RESPONSES)
+async def segment(
+    request: Request,
+    service: Service,
+    model: Annotated[str | None, Query(description="variant name (default: the default model)", max_length=200)] = None,
+    format: Annotated[Literal["png", "json", "overlay"], Query(description="response format")] = "png",
+    keep_aspect: Annotated[bool, Query(description="letterbox instead of stretching")] = False,
+    overlay_format: Annotated[Literal["jpeg", "png"], Query(description="image format of an overlay")] = "jpeg",
+) -> Response:
+    slot = service.slot(model)  # 404 before reading a large body for nothing
+    request.state.model = slot.name
+    data = await read_image(request)
+    result = await service.segment(slot.name, data, fmt=format, keep_aspect=keep_aspect, overlay_format=overlay_format)
+    request.app.state.metrics.observe_stages(result.model, result.timings)
+    return result_response(result)

@@ -1,0 +1,399 @@
+"""The model service: loads the configured variants, warms them up, admits requests into a
+bounded queue per variant and runs the engine's stages without blocking the event loop.
+
+Decode / preprocess / postprocess / encode run on a shared thread pool; inference runs on a
+single-thread executor per variant (one interpreter, one caller at a time), so other requests'
+CPU work overlaps an inference in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from segd import encode
+from segd.app.settings import Settings
+from segd.bench import probe_jpeg
+from segd.engine import Segmentation, Segmenter, open_runner
+from segd.errors import (
+    BadParameter,
+    ModelError,
+    Overloaded,
+    RequestTimeout,
+    RuntimeUnavailable,
+    SegdError,
+    WorkerCrashed,
+)
+from segd.variants import Manifest, Variant
+
+log = logging.getLogger("segd")
+
+SELFTEST_AGREEMENT = 0.98  # Edge TPU mask vs CPU twin on the probe image (Coral's own bar)
+FORMATS = ("png", "json", "overlay")
+
+
+class ModelNotReady(SegdError):
+    code = "model_not_ready"
+    http_status = 503
+
+
+@dataclass
+class Result:
+    """What a route needs to answer: the body plus the facts for headers."""
+
+    body: bytes
+    media_type: str
+    model: str
+    backend: str
+    timings: dict[str, float]
+    document: dict[str, Any] | None = None
+
+
+@dataclass
+class ModelSlot:
+    """One served variant and everything the service knows about it."""
+
+    name: str
+    variant: Variant
+    state: str = "loading"  # loading | ready | failed
+    error: str | None = None
+    primary: Segmenter | None = None
+    fallback: Segmenter | None = None  # CPU twin of an Edge TPU primary
+    executor: Executor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="invoke"))
+    fallback_executor: Executor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="invoke-cpu"))
+    load_seconds: float | None = None
+    selftest: dict[str, Any] = field(default_factory=dict)
+    device_present: bool = True
+    queued: int = 0  # admitted requests (in flight + waiting)
+    requests: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+    latencies_ms: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=2048))
+
+    @property
+    def ready(self) -> bool:
+        if self.state != "ready" or self.primary is None:
+            return False
+        return self.device_present or self.primary.backend != "edgetpu"
+
+    def latency_percentiles(self) -> dict[str, float | None]:
+        if not self.latencies_ms:
+            return {"p50": None, "p90": None, "p99": None}
+        values = np.fromiter(self.latencies_ms, dtype=np.float64)
+        p50, p90, p99 = np.percentile(values, [50, 90, 99])
+        return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3)}
+
+    def worker_info(self) -> dict[str, Any] | None:
+        runner = self.primary.runner if self.primary else None
+        describe = getattr(runner, "describe", None)
+        if runner is None or runner.backend != "edgetpu" or describe is None:
+            return None
+        info = describe()
+        return info.get("worker") if isinstance(info, dict) else None
+
+    def describe(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "name": self.name,
+            "description": self.variant.description,
+            "state": self.state,
+            "ready": self.ready,
+            "error": self.error,
+            "input_size": list(self.variant.input.hw),
+            "output": {
+                "kind": self.variant.output.kind,
+                "shape": list(self.variant.output.shape),
+                "stride": self.variant.output.stride,
+                "align_corners": self.variant.output.align_corners,
+            },
+            "labels": list(self.variant.labels.names),
+            "load_seconds": round(self.load_seconds, 3) if self.load_seconds is not None else None,
+            "selftest": self.selftest,
+            "requests": self.requests,
+            "errors": self.errors,
+            "cpu_fallbacks": self.fallbacks,
+            "queue": self.queued,
+            "latency_ms": self.latency_percentiles(),
+        }
+        if self.primary is not None:
+            seg = self.primary.describe()
+            doc.update(
+                backend=seg["backend"], reason=seg["reason"], device=seg["device"],
+                runtime=seg["runtime"], file=seg["file"], sha256=seg["sha256"],
+                device_present=self.device_present,
+            )  # fmt: skip
+            worker = self.worker_info()
+            if worker is not None:
+                doc["worker"] = worker
+        else:
+            doc.update(backend=None, reason=None, device=None, file=None, sha256=None)
+        return doc
+
+
+class ModelService:
+    def __init__(self, settings: Settings, manifest: Manifest) -> None:
+        self.settings = settings
+        self.manifest = manifest
+        names = settings.models or [settings.default_model or manifest.default or next(iter(manifest.variants))]
+        self.slots: dict[str, ModelSlot] = {}
+        for name in names:
+            variant = manifest.get(name)  # unknown configured model: fail at start-up
+            self.slots[name] = ModelSlot(name, variant)
+        self.default = settings.default_model or (manifest.default if manifest.default in self.slots else names[0])
+        if self.default not in self.slots:
+            raise ValueError(f"default model {self.default!r} is not among the served models {names}")
+        self.cpu_pool = ThreadPoolExecutor(max(2, (os.cpu_count() or 1) + 1), thread_name_prefix="cpu")
+        self.loaded = threading.Event()
+        self.stopping = threading.Event()
+        self.worker_restarts_seen: dict[str, int] = {}
+
+    # --- loading -----------------------------------------------------------------------
+    def load_all(self) -> None:
+        """Load and self-test every slot (runs in a background thread at start-up)."""
+        for slot in self.slots.values():
+            if self.stopping.is_set():
+                break
+            self.load(slot)
+        self.loaded.set()
+
+    def _open(self, variant: Variant, accelerator: str) -> Segmenter:
+        s = self.settings
+        factory = None
+        if accelerator != "cpu" and s.tpu_isolation:
+            factory = self._worker_factory()
+        runner, selection = open_runner(
+            variant, models_dir=s.models_dir, accelerator=accelerator, device=s.device,
+            runtime=s.runtime, num_threads=s.threads, mirror=s.mirror, edgetpu_factory=factory,
+        )  # fmt: skip
+        return Segmenter(variant, runner, selection, max_pixels=s.max_pixels)
+
+    def _worker_factory(self) -> Any:
+        s = self.settings
+
+        def make(model: bytes, device: str | None) -> Any:
+            from segd.runtime.worker import WorkerRunner
+
+            return WorkerRunner(
+                model, device=device, runtime=s.runtime, num_threads=s.threads,
+                restart_base=s.worker_restart_base, restart_max=s.worker_restart_max,
+                timeout=s.request_timeout,
+            )  # fmt: skip
+
+        return make
+
+    def load(self, slot: ModelSlot) -> None:
+        t0 = time.perf_counter()
+        try:
+            primary = self._open(slot.variant, self.settings.accelerator)
+            fallback = None
+            if primary.backend == "edgetpu":
+                fallback = self._open(slot.variant, "cpu")
+                agreement = self._compare(primary, fallback)
+                slot.selftest = {"probe": "synthetic", "tpu_vs_cpu_agreement": round(agreement, 5),
+                                 "required": SELFTEST_AGREEMENT, "passed": agreement > SELFTEST_AGREEMENT}  # fmt: skip
+                if agreement <= SELFTEST_AGREEMENT:
+                    log.error("%s: Edge TPU self-test failed (agreement %.4f with the CPU twin); serving on CPU",
+                              slot.name, agreement)  # fmt: skip
+                    primary.close()
+                    primary, fallback = self._retag(fallback, f"Edge TPU self-test failed: mask agreement with the CPU twin {agreement:.4f} <= {SELFTEST_AGREEMENT}"), None
+            else:
+                self._warm(primary)
+                slot.selftest = {"probe": "synthetic", "passed": True}
+            slot.primary = primary
+            slot.fallback = fallback if self.settings.tpu_fallback == "cpu" else None
+            if fallback is not None and slot.fallback is None:
+                fallback.close()
+            slot.state = "ready"
+            slot.error = None
+            log.info("%s: ready on %s (%s)", slot.name, primary.backend, primary.selection.reason if primary.selection else "")
+        except (SegdError, OSError, ValueError) as exc:
+            slot.state = "failed"
+            slot.error = getattr(exc, "detail", None) or str(exc)
+            log.error("%s: failed to load: %s", slot.name, slot.error)
+        finally:
+            slot.load_seconds = time.perf_counter() - t0
+
+    @staticmethod
+    def _retag(seg: Segmenter, reason: str) -> Segmenter:
+        if seg.selection is not None:
+            from dataclasses import replace
+
+            seg.selection = replace(seg.selection, reason=reason)
+        return seg
+
+    def _warm(self, seg: Segmenter) -> np.ndarray:
+        probe = probe_jpeg(seg.input_hw)
+        return seg.segment(probe).mask
+
+    def _compare(self, a: Segmenter, b: Segmenter) -> float:
+        return float((self._warm(a) == self._warm(b)).mean())
+
+    # --- health ------------------------------------------------------------------------
+    def ready(self) -> bool:
+        return self.loaded.is_set() and all(s.ready for s in self.slots.values())
+
+    def readiness(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready(),
+            "loaded": self.loaded.is_set(),
+            "models": {
+                n: {"state": s.state, "ready": s.ready, "backend": s.primary.backend if s.primary else None,
+                    "error": s.error, "device_present": s.device_present}  # fmt: skip
+                for n, s in self.slots.items()
+            },
+        }
+
+    def check_devices(self) -> None:
+        """Mark Edge TPU slots whose device disappeared as not ready (and back)."""
+        tpu_slots = [s for s in self.slots.values() if s.primary is not None and s.primary.backend == "edgetpu"]
+        if not tpu_slots:
+            return
+        from segd.runtime import edgetpu
+
+        try:
+            devices = edgetpu.list_devices()
+        except Exception as exc:  # the library itself vanished or broke
+            log.warning("Edge TPU device check failed: %s", exc)
+            devices = []
+        for slot in tpu_slots:
+            assert slot.primary is not None
+            present = device_present(slot.primary.runner.device, devices)
+            if present != slot.device_present:
+                log.warning("%s: Edge TPU %s", slot.name, "is back" if present else "disappeared")
+            slot.device_present = present
+
+    # --- requests ----------------------------------------------------------------------
+    def slot(self, name: str | None) -> ModelSlot:
+        key = name or self.default
+        if key not in self.slots:
+            self.manifest.get(key)  # raises UnknownModel listing the known ones
+            raise ModelNotReady(f"model {key!r} is in the manifest but not served here; served: {', '.join(self.slots)}")
+        return self.slots[key]
+
+    async def segment(
+        self, name: str | None, data: bytes, *, fmt: str = "png", keep_aspect: bool = False,
+        overlay_format: str = "jpeg",
+    ) -> Result:  # fmt: skip
+        if fmt not in FORMATS:
+            raise BadParameter(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        if overlay_format not in ("jpeg", "png"):
+            raise BadParameter(f"overlay_format must be jpeg or png, not {overlay_format!r}")
+        slot = self.slot(name)
+        if not slot.ready and not (slot.fallback is not None and slot.state == "ready"):
+            raise ModelNotReady(f"model {slot.name!r} is not ready ({slot.error or slot.state})")
+        if slot.queued >= self.settings.queue_size:
+            raise Overloaded(f"model {slot.name!r} has {slot.queued} requests queued (limit {self.settings.queue_size})")
+        slot.queued += 1
+        slot.requests += 1
+        t0 = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(
+                self._pipeline(slot, data, fmt, keep_aspect, overlay_format), self.settings.request_timeout
+            )
+        except TimeoutError:
+            slot.errors += 1
+            raise RequestTimeout(f"request took longer than {self.settings.request_timeout:g} s") from None
+        except SegdError:
+            slot.errors += 1
+            raise
+        finally:
+            slot.queued -= 1
+        total = (time.perf_counter() - t0) * 1000.0
+        result.timings["total"] = total
+        slot.latencies_ms.append(total)
+        return result
+
+    async def _pipeline(self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str) -> Result:
+        loop = asyncio.get_running_loop()
+        seg = slot.primary
+        assert seg is not None
+        timings: dict[str, float] = {}
+        clock = time.perf_counter
+
+        async def cpu(name: str, fn: Any, *args: Any) -> Any:
+            t = clock()
+            out = await loop.run_in_executor(self.cpu_pool, fn, *args)
+            timings[name] = (clock() - t) * 1000.0
+            return out
+
+        image = await cpu("decode", lambda: seg.decode(data, reduce=fmt != "overlay"))
+        prepared = await cpu("preprocess", lambda: seg.prepare(image, keep_aspect=keep_aspect))
+        used, raw = await self._infer(slot, prepared.tensor, timings)
+        mask = await cpu("postprocess", used.finish, raw, prepared)
+        from segd.postprocess import class_pixel_counts
+
+        counts = class_pixel_counts(mask, slot.variant.n_classes)
+        seg_result = Segmentation(mask, counts, image, timings, slot.name, used.backend)
+        labels = slot.variant.labels
+
+        def render() -> tuple[bytes, str, dict[str, Any] | None]:
+            if fmt == "png":
+                return encode.encode_mask_png(mask, labels.palette), "image/png", None
+            if fmt == "overlay":
+                blended = encode.overlay(image.rgb, mask, labels.palette)
+                return encode.encode_image(blended, overlay_format), f"image/{overlay_format}", None
+            from segd.engine import summary
+
+            return b"", "application/json", summary(seg_result, used)
+
+        body, media, document = await cpu("encode", render)
+        return Result(body, media, slot.name, used.backend, timings, document)
+
+    async def _infer(self, slot: ModelSlot, tensor: np.ndarray, timings: dict[str, float]) -> tuple[Segmenter, np.ndarray]:
+        loop = asyncio.get_running_loop()
+        primary = slot.primary
+        assert primary is not None
+        t = time.perf_counter()
+        use_fallback = slot.fallback is not None and not slot.ready
+        if not use_fallback:
+            try:
+                raw = await loop.run_in_executor(slot.executor, primary.infer, tensor)
+                timings["invoke"] = (time.perf_counter() - t) * 1000.0
+                return primary, raw
+            except (WorkerCrashed, RuntimeUnavailable) as exc:
+                if slot.fallback is None:
+                    raise
+                log.warning("%s: Edge TPU failed (%s); serving this request on the CPU twin", slot.name, exc.detail)
+        fallback = slot.fallback
+        if fallback is None:
+            raise ModelNotReady(f"model {slot.name!r} is not ready")
+        slot.fallbacks += 1
+        raw = await loop.run_in_executor(slot.fallback_executor, fallback.infer, tensor)
+        timings["invoke"] = (time.perf_counter() - t) * 1000.0
+        return fallback, raw
+
+    def close(self) -> None:
+        self.stopping.set()
+        for slot in self.slots.values():
+            for seg in (slot.primary, slot.fallback):
+                if seg is not None:
+                    try:
+                        seg.close()
+                    except Exception as exc:  # closing must not stop the shutdown
+                        log.warning("%s: close failed: %s", slot.name, exc)
+            slot.executor.shutdown(wait=False, cancel_futures=True)
+            slot.fallback_executor.shutdown(wait=False, cancel_futures=True)
+        self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = ["ModelError", "ModelNotReady", "ModelService", "ModelSlot", "Result"]
+
+
+def device_present(wanted: str | None, devices: list[Any]) -> bool:
+    """Is the device a runner was opened on (``usb``, ``usb:1``, ``pci:0``, ``:0``, a path)
+    still among ``devices`` (``EdgeTpuDevice(type, path)``)?"""
+    if not wanted:
+        return bool(devices)
+    kind, _, index = wanted.partition(":")
+    if kind in ("usb", "pci", ""):
+        pool = [d for d in devices if not kind or d.type == kind]
+        return len(pool) > (int(index) if index.isdigit() else 0)
+    return any(d.path == wanted for d in devices)
