@@ -392,11 +392,11 @@ def _probe_png(data: bytes) -> ImageHeader:
         if clen > 0x7FFFFFFF:
             raise BadImage(f"PNG chunk at byte {pos} has invalid length {clen}")
         end = pos + 12 + clen
-        if ctag == b"IEND":
-            defect = None if seen_idat else "PNG has no image data (IDAT)"
-            break
         if end > n:
             defect = f"PNG chunk {ctag!r} runs past the end of the data (truncated)"
+            break
+        if ctag == b"IEND":
+            defect = None if seen_idat else "PNG has no image data (IDAT)"
             break
         if ctag == b"IDAT":
             seen_idat = True
@@ -757,7 +757,10 @@ def decode_image(data: bytes, *, max_pixels: int, reduce: int = 1) -> DecodedIma
                 if img is not None:
                     img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         else:
-            # UNCHANGED keeps 16-bit samples and alpha (and ignores EXIF orientation).
+            if header.format == "tiff":
+                buf = _tiff_without_orientation(data, buf)
+            # UNCHANGED keeps 16-bit samples and alpha (and ignores EXIF orientation, except
+            # for TIFF, see _tiff_without_orientation).
             img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
             if img is not None:
                 img = _to_rgb8(img, header)
@@ -777,6 +780,25 @@ def decode_image(data: bytes, *, max_pixels: int, reduce: int = 1) -> DecodedIma
     return DecodedImage(
         rgb=np.ascontiguousarray(img), original_hw=header.oriented_hw, reduce=r, header=header
     )
+
+
+def _tiff_without_orientation(data: bytes, buf: np.ndarray) -> np.ndarray:
+    """OpenCV's TIFF reader applies the Orientation tag itself, whatever the flags say. To keep
+    one code path (orientation applied once, here, for every format) hand it a copy with the
+    tag value set to 1 (top-left)."""
+    ifd = _Ifd.parse(data, 0, len(data), "TIFF")
+    entry = ifd.entries.get(0x0112) if ifd is not None else None
+    if entry is None or ifd is None:
+        return buf
+    typ, _, vpos = entry
+    code = {3: "H", 4: "I", 8: "h", 9: "i"}.get(typ)
+    if code is None:
+        return buf
+    if struct.unpack_from(ifd.e + code, data, vpos)[0] == 1:
+        return buf
+    patched = bytearray(data)
+    struct.pack_into(ifd.e + code, patched, vpos, 1)
+    return np.frombuffer(patched, dtype=np.uint8)
 
 
 def _to_rgb8(img: np.ndarray, header: ImageHeader) -> np.ndarray:
