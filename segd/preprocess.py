@@ -330,11 +330,12 @@ def _probe_jpeg(data: bytes) -> ImageHeader:
         elif marker == 0xDA:
             if sof is None:
                 raise BadImage("JPEG scan (SOS) before the frame header (SOF)")
-            # Entropy-coded data cannot contain FF D9 (FF is always stuffed), so the first
-            # FF D9 after the scan header is the end of image; none means a truncated upload.
+            # Entropy-coded data cannot contain FF D9 (FF is always stuffed), so any FF D9
+            # after the scan header is the end of image; none means a truncated upload.
+            # rfind: the EOI is normally the last two bytes, found without a scan.
             defect = (
                 None
-                if data.find(b"\xff\xd9", seg_end) != -1
+                if data.rfind(b"\xff\xd9", seg_end) != -1
                 else "JPEG data has no end-of-image marker (truncated)"
             )
             return _jpeg_header(sof, orientation, defect)

@@ -502,6 +502,19 @@ def test_gif_frame_outside_the_screen_is_bad() -> None:
         decode_image(bytes(gif), max_pixels=BIG)
 
 
+def test_webp_animation_frame_outside_the_canvas_is_bad() -> None:
+    anim = cv2.Animation()
+    anim.frames = [np.full((12, 16, 3), v, np.uint8) for v in (0, 200)]
+    anim.durations = [100, 100]
+    ok, buf = cv2.imencodeanimation(".webp", anim)
+    assert ok
+    data = bytearray(buf.tobytes())
+    anmf = data.find(b"ANMF")
+    data[anmf + 8 + 6 : anmf + 8 + 9] = (999).to_bytes(3, "little")  # frame width 1000
+    with pytest.raises(BadImage, match="outside"):
+        decode_image(bytes(data), max_pixels=BIG)
+
+
 # ----------------------------------------------------------------------------------------------
 # Truncation, corruption: always a typed error, never a crash or a half-grey picture
 # ----------------------------------------------------------------------------------------------
@@ -928,10 +941,11 @@ def test_fit_returns_same_object_when_already_input_sized() -> None:
 
 
 def test_stretch_shrink_is_an_exact_area_average() -> None:
-    img = np.random.default_rng(16).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    # Factor 4: every output pixel is the mean of a 4x4 block (bilinear would see only 2x2).
+    img = np.random.default_rng(16).integers(0, 256, (80, 120, 3), dtype=np.uint8)
     out, box = fit_to_input(img, (20, 30), keep_aspect=False)
     assert box == (0, 0, 20, 30)
-    mean = img.reshape(20, 2, 30, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    mean = img.reshape(20, 4, 30, 4, 3).astype(np.float64).mean(axis=(1, 3))
     assert np.abs(out.astype(int) - mean).max() <= 0.5 + 1e-9
 
 
