@@ -19,9 +19,10 @@ from segd.labels import Labels
 __all__ = ["PNG_ZLIB_LEVEL", "class_summary", "encode_image", "encode_mask_png", "overlay"]
 
 PNG_ZLIB_LEVEL = 1
-"""zlib level for mask PNGs. Masks are long runs of few values; with the RLE strategy level 1
-already compresses them to a few percent, and higher levels mostly cost time (see
-bench/ numbers in the report of the change that added this)."""
+"""zlib level for mask PNGs. Masks are long runs of few values; deflate's RLE strategy (only
+run-length matches) suits them, and with it the level changes neither size nor speed much, so
+the cheapest level is used. The general-purpose strategy at levels 1-3 gave files about twice
+as large in the same time, and at level 6+ took about twice as long."""
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -78,9 +78,9 @@ _CV_DEFAULT_LIMITS = {
     "CV_IO_MAX_IMAGE_HEIGHT": 1 << 20,
     "CV_IO_MAX_IMAGE_PIXELS": 1 << 30,
 }
-# Per-format side limits of the libraries OpenCV uses: libpng's default user limit; the JPEG,
-# GIF and WebP limits are format maxima the probe already cannot exceed.
-_FORMAT_MAX_SIDE = {"png": 1_000_000}
+# Per-format side limits of the libraries OpenCV uses: libpng's default user limit and
+# libjpeg's JPEG_MAX_DIMENSION (a SOF may declare up to 65535).
+_FORMAT_MAX_SIDE = {"png": 1_000_000, "jpeg": 65_500}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -468,13 +468,19 @@ def test_limit_is_inclusive() -> None:
         decode_image(data, max_pixels=199)
 
 
-def test_libpng_side_limit_is_reported_as_too_large_not_corrupt() -> None:
+def test_codec_side_limits_are_reported_as_too_large_not_corrupt() -> None:
     # 1_000_001 x 1 is only 1 MP, but libpng (inside OpenCV) refuses sides over 10^6.
     data = make_png(np.zeros((1, 1_000_001), np.uint8), 0, 8)
     with pytest.raises(ImageTooLarge, match="1000000"):
         decode_image(data, max_pixels=BIG)
     ok = make_png(np.zeros((1, 1_000_000), np.uint8), 0, 8)
     assert decode_image(ok, max_pixels=BIG).rgb.shape == (1, 1_000_000, 3)
+    # libjpeg refuses sides over 65500 although a JPEG header can say 65535.
+    jpeg = bytearray(cv_encode(np.zeros((1, 8, 3), np.uint8), ".jpg"))
+    sof = jpeg.find(b"\xff\xc0")
+    struct.pack_into(">H", jpeg, sof + 7, 65501)
+    with pytest.raises(ImageTooLarge, match="65500"):
+        decode_image(bytes(jpeg), max_pixels=BIG)
 
 
 def test_opencv_pixel_limit_from_environment_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
