@@ -53,3 +53,15 @@ def pixel_iou(a, b) -> float:  # type: ignore[no-untyped-def]
     """Coral's test metric: same / (2N - same)."""
     same = int((a == b).sum())
     return same / (2 * a.size - same)
+
+
+def read_mask_png(data: bytes):  # type: ignore[no-untyped-def]
+    """Class ids of an indexed mask PNG (Pillow keeps palette indices; OpenCV expands colours)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "P", im.mode
+        return np.asarray(im).copy()

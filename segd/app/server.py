@@ -4,6 +4,7 @@ in-flight requests, then exit)."""
 from __future__ import annotations
 
 import logging
+import signal
 
 import uvicorn
 
@@ -39,4 +40,7 @@ def serve(settings: Settings) -> None:
         server_header=False,
         access_log=False,
     )
+    # uvicorn drains on SIGTERM, then re-raises the signal to the handler that was installed
+    # before it started: make that a no-op so a drained shutdown exits with status 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()

@@ -1,0 +1,5 @@
+import sys
+
+from segd.cli import main
+
+sys.exit(main())
