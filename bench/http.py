@@ -18,27 +18,27 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-import cv2  # noqa: E402
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2
+import httpx
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 for extra in (REPO, REPO / "tests"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from daemon import start_daemon  # noqa: E402  (tests/daemon.py: starts the real server)
+from daemon import start_daemon  # tests/daemon.py starts the real server
 
-from bench.report import write_section  # noqa: E402
-from segd.engine import Segmenter  # noqa: E402
-from segd.variants import default_models_dir, load_manifest, resolve_file  # noqa: E402
+from bench.report import write_section
+from segd.engine import Segmenter
+from segd.variants import default_models_dir, load_manifest, resolve_file
 
 
 def probe_image(test_data: Path | None) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -132,7 +133,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
     mdir = args.models_dir or default_models_dir()
     manifest = load_manifest(models_dir=args.models_dir)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, v in manifest.variants.items():
         rows.append({
             "name": name,
@@ -205,10 +206,10 @@ def cmd_models_check(args: argparse.Namespace) -> int:
         return 2
     report = check_model(data)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(dataclasses.asdict(report), indent=2))
     else:
         print(format_report(report))
-    return 0 if report.all_mapped else 1
+    return 0 if report.fully_mapped else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import tomllib
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import tomllib
 
 from segd.encode import class_summary, encode_image, encode_mask_png, overlay
 from segd.errors import BadParameter, ModelError

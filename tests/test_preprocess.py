@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import tomllib
 import tracemalloc
 import zlib
 from fractions import Fraction
@@ -18,7 +19,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import tomllib
 
 from segd.encode import encode_mask_png
 from segd.errors import (

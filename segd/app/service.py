@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import threading
@@ -179,12 +180,14 @@ class ModelService:
         s = self.settings
 
         def make(model: bytes, device: str | None) -> Any:
+            from segd.runtime.edgetpu import open_edgetpu
             from segd.runtime.worker import WorkerRunner
 
+            # A picklable factory: the child process opens the delegate itself.
+            factory = functools.partial(open_edgetpu, model, device=device, runtime=s.runtime, num_threads=s.threads)
             return WorkerRunner(
-                model, device=device, runtime=s.runtime, num_threads=s.threads,
-                restart_base=s.worker_restart_base, restart_max=s.worker_restart_max,
-                timeout=s.request_timeout,
+                factory, call_timeout=s.request_timeout, backoff_base=s.worker_restart_base,
+                backoff_max=s.worker_restart_max,
             )  # fmt: skip
 
         return make
@@ -245,8 +248,13 @@ class ModelService:
             "ready": self.ready(),
             "loaded": self.loaded.is_set(),
             "models": {
-                n: {"state": s.state, "ready": s.ready, "backend": s.primary.backend if s.primary else None,
-                    "error": s.error, "device_present": s.device_present}  # fmt: skip
+                n: {
+                    "state": s.state,
+                    "ready": s.ready,
+                    "backend": s.primary.backend if s.primary else None,
+                    "error": s.error,
+                    "device_present": s.device_present,
+                }
                 for n, s in self.slots.items()
             },
         }
