@@ -4,10 +4,12 @@ Three places in DeepLab convert badly when written with stock keras layers, so e
 tiny layer that pins the TensorFlow op the converter sees:
 
 * dilated depthwise convolution — ``keras.layers.DepthwiseConv2D(dilation_rate=2)`` (and
-  ``tf.nn.depthwise_conv2d``) lowers to SPACE_TO_BATCH_ND + DEPTHWISE_CONV_2D +
-  BATCH_TO_SPACE_ND, which the Edge TPU does not run; the raw ``DepthwiseConv2dNative`` op with
-  ``dilations`` converts to one DEPTHWISE_CONV_2D carrying the dilation factor, exactly the form
-  of Google's own DeepLab files;
+  ``tf.nn.depthwise_conv2d``) is traced as SPACE_TO_BATCH_ND + DEPTHWISE_CONV_2D +
+  BATCH_TO_SPACE_ND, which the Edge TPU does not run. The converter re-fuses that pattern only
+  when every shape is static (batch included; ``TFLiteConverter.from_keras_model`` keeps keras'
+  dynamic batch and leaves the three ops). The raw ``DepthwiseConv2dNative`` op with
+  ``dilations`` converts to one DEPTHWISE_CONV_2D carrying the dilation factor in every case —
+  the form of Google's own DeepLab files — without relying on that pass;
 * the image-pooling broadcast 1x1 -> HxW — Google's files use RESIZE_BILINEAR from a 1x1 map,
   where the Edge TPU segment of their compiled model ends; broadcasting a single pixel gives
   the same numbers, written as concatenated copies (see :class:`BroadcastTo2D` for why not
