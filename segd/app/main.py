@@ -178,10 +178,11 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log")
 
-    from segd.app import routes
+    from segd.app import page, routes
 
     app.include_router(routes.public)
     app.include_router(routes.protected)
+    app.include_router(page.router)
     app.add_middleware(RecordRequests, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     return app
