@@ -337,7 +337,8 @@ def fetch(src: str, target: Path, spec: FileSpec, *, progress: ProgressFn | None
 
 
 def _copy(fin: Any, fout: Any, total: int, done: int, progress: ProgressFn | None) -> None:
-    while chunk := fin.read(CHUNK):
+    read = getattr(fin, "read1", fin.read)  # what has arrived, so a stall still shows progress
+    while chunk := read(CHUNK):
         fout.write(chunk)
         done += len(chunk)
         if progress:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -33,7 +34,7 @@ def spec_of(name: str) -> FileSpec:
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Static files with HTTP Range support, request log and an optional cut-off."""
 
-    requests: list[tuple[str, str | None]] = []
+    requests: ClassVar[list[tuple[str, str | None]]] = []
     cut_after: int | None = None  # send only this many bytes of a full response, then hang up
     stall_after: int | None = None  # send this many bytes, then stall until released
     release = threading.Event()
@@ -89,7 +90,7 @@ def test_manifest_lists_the_coral_models_with_labels_and_geometry() -> None:
     city = manifest.get("deeplab_edgetpu_slim_cityscapes")
     assert city.n_classes == 19 and city.labels.names[0] == "road"
     assert city.output.align_corners and city.output.strip_tail and city.output.stride == 16
-    with pytest.raises(UnknownModel, match="known models: .*deeplabv3_mnv2_pascal"):
+    with pytest.raises(UnknownModel, match=r"known models: .*deeplabv3_mnv2_pascal"):
         manifest.get("nope")
 
 
