@@ -1,0 +1,75 @@
+"""The ``segd`` command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+from conftest import read_mask_png
+
+
+def segd(*args: str, models_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGD_")}
+    env["SEGD_MODELS_DIR"] = str(models_dir)
+    env["SEGD_EDGETPU_LIBRARY"] = "/nonexistent/libedgetpu.so.1"
+    return subprocess.run([sys.executable, "-m", "segd", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_segment_prints_a_json_summary_and_says_which_backend_and_why(models_dir: Path, test_data: Path) -> None:
+    r = segd("segment", str(test_data / "bird.bmp"), models_dir=models_dir)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert (doc["width"], doc["height"], doc["backend"]) == (512, 343, "cpu")
+    assert "bird" in [c["label"] for c in doc["classes"]]
+
+
+def test_segment_writes_png_mask_and_overlay(models_dir: Path, test_data: Path, tmp_path: Path) -> None:
+    r = segd("segment", str(test_data / "cat.bmp"), "--format", "png", "-o", str(tmp_path / "m.png"),
+             "--model", "deeplabv3_mnv2_dm05_pascal", models_dir=models_dir)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "on cpu (libedgetpu not installed" in r.stderr
+    mask = read_mask_png((tmp_path / "m.png").read_bytes())
+    assert mask.shape == (341, 512) and 8 in np.unique(mask)  # cat
+    r = segd("segment", str(test_data / "cat.bmp"), "--format", "overlay", "-o", str(tmp_path / "o.jpg"), models_dir=models_dir)
+    assert r.returncode == 0, r.stderr
+    assert cv2.imread(str(tmp_path / "o.jpg")).shape == (341, 512, 3)
+
+
+def test_segment_reports_bad_input_and_unknown_models_without_a_traceback(models_dir: Path, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"\x89PNG\r\n\x1a\nnonsense")
+    r = segd("segment", str(junk), models_dir=models_dir)
+    assert r.returncode == 2 and "segd: bad_image:" in r.stderr and "Traceback" not in r.stderr
+    r = segd("segment", str(junk), "--model", "nope", models_dir=models_dir)
+    assert r.returncode == 2 and "unknown model 'nope'" in r.stderr
+    r = segd("segment", str(tmp_path / "missing.jpg"), models_dir=models_dir)
+    assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_models_list_shows_variants_and_which_files_are_present(models_dir: Path, tmp_path: Path) -> None:
+    r = segd("models", "list", "--json", models_dir=models_dir)
+    doc = json.loads(r.stdout)
+    pascal = next(v for v in doc["variants"] if v["name"] == "deeplabv3_mnv2_pascal")
+    assert pascal["default"] and all(pascal["files"].values())
+    r = segd("models", "list", models_dir=tmp_path)
+    assert "[missing]" in r.stdout and "* deeplabv3_mnv2_pascal" in r.stdout
+
+
+def test_bench_prints_the_latency_table(models_dir: Path) -> None:
+    r = segd("bench", "--model", "deeplabv3_mnv2_dm05_pascal", "--iterations", "3", "--warmup", "1", models_dir=models_dir)
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| deeplabv3_mnv2_dm05_pascal"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "cpu" and float(cells[3]) > 0 and float(cells[5]) > 0
+    assert "libedgetpu not installed" in r.stdout
+
+
+def test_models_check_reports_the_edgetpu_cut_and_exits_nonzero_when_not_fully_mapped(test_data: Path, tmp_path: Path) -> None:
+    r = segd("models", "check", str(test_data / "deeplabv3_mnv2_pascal_quant.tflite"), models_dir=tmp_path)
+    assert r.returncode == 1
+    assert "64/72 ops mapped" in r.stdout and "Edge TPU segment: ops 0..63" in r.stdout
