@@ -65,3 +65,37 @@ def read_mask_png(data: bytes):  # type: ignore[no-untyped-def]
     with Image.open(io.BytesIO(data)) as im:
         assert im.mode == "P", im.mode
         return np.asarray(im).copy()
+
+
+# --- Edge TPU test double (tests/edgetpu_double) ---------------------------------------------
+FAKE_EDGETPU_VARS = (
+    "FAKE_EDGETPU_DEVICES",
+    "FAKE_EDGETPU_MODE",
+    "FAKE_EDGETPU_VERSION",
+    "FAKE_EDGETPU_ERROR",
+    "FAKE_EDGETPU_CRASH_AFTER",
+)
+
+
+@pytest.fixture(scope="session")
+def edgetpu_double(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fake libedgetpu (tests/edgetpu_double/fake_edgetpu.c) built with gcc as
+    ``<tmp>/libedgetpu.so.1``: a real shared library the real runtimes load as a delegate."""
+    from edgetpu_double.build import build_double, compiler
+
+    if compiler() is None:
+        pytest.skip("no C compiler (gcc) installed: cannot build the Edge TPU test double")
+    return build_double(tmp_path_factory.mktemp("edgetpu_double"))
+
+
+@pytest.fixture
+def fake_edgetpu(edgetpu_double: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point segd at the double (SEGD_EDGETPU_LIBRARY) with one USB Edge TPU attached and the
+    double in its default, libedgetpu-like mode. Tests change FAKE_EDGETPU_* with
+    monkeypatch.setenv: that configures the real library (it reads them at call time, and a
+    worker child inherits them)."""
+    for name in FAKE_EDGETPU_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SEGD_EDGETPU_LIBRARY", str(edgetpu_double))
+    monkeypatch.setenv("FAKE_EDGETPU_DEVICES", "usb:/sys/bus/usb/devices/2-1")
+    return edgetpu_double
