@@ -157,29 +157,6 @@ def to_tflite(
     return data
 
 
-def _model(tflite_bytes: bytes) -> Any:
-    from ai_edge_litert import schema_py_generated as schema
-
-    return schema.ModelT.InitFromPackedBuf(bytearray(tflite_bytes), 0)
-
-
-def op_list(tflite_bytes: bytes) -> list[str]:
-    """Builtin op names of the main subgraph in execution order (custom ops as ``CUSTOM:code``)."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    model = _model(tflite_bytes)
-    out = []
-    for op in model.subgraphs[0].operators:
-        code = model.operatorCodes[op.opcodeIndex]
-        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
-        if builtin == schema.BuiltinOperator.CUSTOM:
-            out.append(f"CUSTOM:{code.customCode.decode()}")
-        else:
-            out.append(names.get(builtin, str(builtin)))
-    return out
-
-
 def export_problems(tflite_bytes: bytes) -> list[str]:
     """What keeps a converted file from being the Edge-TPU-clean form ``to_tflite`` promises.
 
@@ -187,6 +164,8 @@ def export_problems(tflite_bytes: bytes) -> list[str]:
     ops (DEQUANTIZE or float islands run on the CPU) and no SPACE_TO_BATCH_ND /
     BATCH_TO_SPACE_ND (an unfused dilated convolution).
     """
+    from coral_deeplab.tflite.model import list_ops, read_model
+
     problems = []
     scale, zero_point, dtype = input_quantization(tflite_bytes)
     if dtype != "uint8" or scale != INPUT_SCALE or zero_point != INPUT_ZERO_POINT:
@@ -194,23 +173,25 @@ def export_problems(tflite_bytes: bytes) -> list[str]:
             f"input is {dtype} scale {scale} zero point {zero_point}, expected uint8 "
             f"scale {INPUT_SCALE} zero point {INPUT_ZERO_POINT}"
         )
-    ops = op_histogram(tflite_bytes)
+    ops = list_ops(read_model(tflite_bytes))
+    counts = Counter(op.name for op in ops)
     for name in ("SPACE_TO_BATCH_ND", "BATCH_TO_SPACE_ND", "DEQUANTIZE"):
-        if name in ops:
-            problems.append(f"{ops[name]} {name} op(s)")
-    model = _model(tflite_bytes)
-    graph = model.subgraphs[0]
-    for op in graph.operators:
-        for index in [*op.inputs, *op.outputs]:
-            if index < 0:
-                continue
-            tensor = graph.tensors[index]
-            constant = model.buffers[tensor.buffer].data is not None
-            if tensor.shapeSignature is not None and any(int(d) < 0 for d in tensor.shapeSignature):
-                problems.append(f"tensor {tensor.name.decode()!r} has a dynamic shape")
-            if not constant and tensor.type == 0:  # FLOAT32 activation
-                problems.append(f"tensor {tensor.name.decode()!r} is float32")
+        if counts[name]:
+            problems.append(f"{counts[name]} {name} op(s)")
+    for op in ops:
+        for tensor in (*op.inputs, *op.outputs):
+            if tensor.is_dynamic:
+                problems.append(f"tensor {tensor.name!r} has a dynamic shape")
+            if not tensor.is_constant and tensor.type_name == "FLOAT32":
+                problems.append(f"tensor {tensor.name!r} is float32")
     return list(dict.fromkeys(problems))
+
+
+def op_list(tflite_bytes: bytes) -> list[str]:
+    """Op names of the main subgraph in execution order (custom ops by their custom code)."""
+    from coral_deeplab.tflite.model import list_ops, read_model
+
+    return [op.name for op in list_ops(read_model(tflite_bytes))]
 
 
 def op_histogram(tflite_bytes: bytes) -> dict[str, int]:
@@ -219,14 +200,11 @@ def op_histogram(tflite_bytes: bytes) -> dict[str, int]:
 
 
 def input_quantization(tflite_bytes: bytes) -> tuple[float, int, str]:
-    """(scale, zero point, dtype name) of the first input tensor."""
-    model = _model(tflite_bytes)
-    graph = model.subgraphs[0]
-    tensor = graph.tensors[graph.inputs[0]]
-    dtypes = {0: "float32", 2: "int32", 3: "uint8", 9: "int8"}
+    """(scale, zero point, dtype name in lower case) of the first input tensor."""
+    from coral_deeplab.tflite.model import read_model, subgraph_inputs
+
+    tensor = subgraph_inputs(read_model(tflite_bytes))[0]
     q = tensor.quantization
-    scale = float(q.scale[0]) if q is not None and q.scale is not None and len(q.scale) else 0.0
-    zero = (
-        int(q.zeroPoint[0]) if q is not None and q.zeroPoint is not None and len(q.zeroPoint) else 0
-    )
-    return scale, zero, dtypes.get(tensor.type, str(tensor.type))
+    scale = float(q.scale[0]) if q is not None else 0.0
+    zero = int(q.zero_point[0]) if q is not None else 0
+    return scale, zero, tensor.type_name.lower()

@@ -57,28 +57,6 @@ def keras_layer_name(scope: str) -> str:
     return scope.replace("/", "_")
 
 
-def _tensor_array(model: Any, tensor: Any) -> np.ndarray:
-    buf = model.buffers[tensor.buffer].data
-    if buf is None:
-        raise WeightImportError(f"tensor {tensor.name!r} has no constant data")
-    dtypes = {0: np.float32, 2: np.int32, 3: np.uint8, 9: np.int8}
-    if tensor.type not in dtypes:
-        raise WeightImportError(f"tensor {tensor.name!r}: unsupported tensor type {tensor.type}")
-    arr = np.frombuffer(np.asarray(buf, dtype=np.uint8).tobytes(), dtype=dtypes[tensor.type])
-    return arr.reshape([int(s) for s in tensor.shape])
-
-
-def _dequantize(model: Any, tensor: Any) -> np.ndarray:
-    arr = _tensor_array(model, tensor)
-    if arr.dtype == np.float32:
-        return arr
-    q = tensor.quantization
-    if q is None or q.scale is None or len(q.scale) != 1:
-        raise WeightImportError(f"tensor {tensor.name!r}: expected per-tensor quantization")
-    zero = int(q.zeroPoint[0]) if q.zeroPoint is not None and len(q.zeroPoint) else 0
-    return ((arr.astype(np.float64) - zero) * float(q.scale[0])).astype(np.float32)
-
-
 def _scope(weight_name: str) -> str:
     first = weight_name.split(";")[0]
     for suffix in _CONV_SUFFIXES:
@@ -93,34 +71,34 @@ def extract_weights(tflite_bytes: bytes) -> dict[str, np.ndarray]:
     Returns ``{"<layer>/kernel": (kh, kw, cin, cout) or (kh, kw, c, 1), "<layer>/bias": (cout,)}``
     keyed by keras layer name. Raises WeightImportError on duplicates or unreadable tensors.
     """
-    from ai_edge_litert import schema_py_generated as schema
+    from coral_deeplab.tflite.model import dequantize, list_ops, read_model, tensor_data
 
-    model = schema.ModelT.InitFromPackedBuf(bytearray(tflite_bytes), 0)
+    try:
+        model = read_model(tflite_bytes)
+    except ValueError as exc:
+        raise WeightImportError(str(exc)) from exc
     if len(model.subgraphs) != 1:
         raise WeightImportError(f"expected one subgraph, found {len(model.subgraphs)}")
-    graph = model.subgraphs[0]
-    conv_ops = {schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D}
     out: dict[str, np.ndarray] = {}
-    for op in graph.operators:
-        code = model.operatorCodes[op.opcodeIndex]
-        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
-        if builtin not in conv_ops:
+    for op in list_ops(model):
+        if op.name not in ("CONV_2D", "DEPTHWISE_CONV_2D"):
             continue
-        w_t = graph.tensors[op.inputs[1]]
-        name = keras_layer_name(_scope(w_t.name.decode()))
+        w_t = op.inputs[1]
+        name = keras_layer_name(_scope(w_t.name))
         if f"{name}/kernel" in out:
             raise WeightImportError(f"layer {name!r} appears twice in the source model")
-        # TFLite keeps conv kernels as (cout, kh, kw, cin) and depthwise as (1, kh, kw, c);
-        # keras wants (kh, kw, cin, cout) and (kh, kw, c, 1): the same transpose for both.
-        kernel = _dequantize(model, w_t).transpose(1, 2, 3, 0)
+        try:
+            # TFLite keeps conv kernels as (cout, kh, kw, cin) and depthwise as (1, kh, kw, c);
+            # keras wants (kh, kw, cin, cout) and (kh, kw, c, 1): the same transpose for both.
+            kernel = dequantize(tensor_data(model, w_t), w_t.quantization).transpose(1, 2, 3, 0)
+            if len(op.inputs) < 3:
+                raise ValueError("no bias tensor (Google's convs all carry a folded bias)")
+            b_t = op.inputs[2]
+            bias = dequantize(tensor_data(model, b_t), b_t.quantization)
+        except ValueError as exc:
+            raise WeightImportError(f"layer {name!r}: {exc}") from exc
         out[f"{name}/kernel"] = np.ascontiguousarray(kernel)
-        if len(op.inputs) > 2 and op.inputs[2] >= 0:
-            out[f"{name}/bias"] = _dequantize(model, graph.tensors[op.inputs[2]])
-        else:
-            out[f"{name}/bias"] = np.zeros(
-                kernel.shape[-2 if builtin == schema.BuiltinOperator.DEPTHWISE_CONV_2D else -1],
-                np.float32,
-            )
+        out[f"{name}/bias"] = np.ascontiguousarray(bias)
     if not out:
         raise WeightImportError("no convolution weights found in the source model")
     return out
@@ -194,15 +172,16 @@ def apply_weights(
 ) -> list[str]:
     """Assign imported weights to ``model`` by layer name; return the names of loaded layers.
 
-    Every source layer must exist in the model with the same kernel shape (the logits layer
-    is skipped when ``skip_logits``). With ``require_all``, every conv of the model except the
-    logits and layers listed as decoder-only must receive weights — a partial import fails
-    loudly instead of leaving random layers in a "pretrained" model.
+    Every source layer must exist in the model with the same shapes (the logits layer is
+    skipped when ``skip_logits``). With ``require_all``, every conv of the model except the
+    logits and the v3+ decoder must receive weights. Everything is checked before anything is
+    assigned: on error the model is left untouched, never half "pretrained".
     """
     import tf_keras as keras
 
     layers = {layer.name: layer for layer in model.layers}
     names = sorted({k.rsplit("/", 1)[0] for k in weights})
+    plan: list[tuple[Any, list[np.ndarray]]] = []
     loaded: list[str] = []
     problems: list[str] = []
     for name in names:
@@ -222,33 +201,33 @@ def apply_weights(
             if len(current) != 2 or current[1].shape != bias.shape:
                 problems.append(f"{name}: bias shape {bias.shape} vs model")
                 continue
-            layer.set_weights([kernel, bias])
+            plan.append((layer, [kernel, bias]))
         else:
             bn = layers.get(f"{name}_BN")
             if not isinstance(bn, keras.layers.BatchNormalization):
                 problems.append(f"{name}: folded bias but no {name}_BN layer to carry it")
                 continue
-            if bn.gamma.shape != bias.shape:
-                problems.append(f"{name}_BN: {bn.gamma.shape} vs bias {bias.shape}")
+            if tuple(bn.gamma.shape) != bias.shape:
+                problems.append(f"{name}_BN: {tuple(bn.gamma.shape)} vs bias {bias.shape}")
                 continue
-            layer.set_weights([kernel])
             ones = np.ones_like(bias)
-            bn.set_weights([ones, bias, np.zeros_like(bias), ones - bn.epsilon])
+            plan.append((layer, [kernel]))
+            plan.append((bn, [ones, bias, np.zeros_like(bias), ones - bn.epsilon]))
         loaded.append(name)
-    if require_all and not problems:
+    if require_all:
         conv_types = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
         expected = {
             layer.name
             for layer in model.layers
             if isinstance(layer, conv_types) and not _decoder_only(layer.name)
         }
-        if skip_logits:
-            expected.discard(LOGITS)
-        missing = sorted(expected - set(loaded))
+        missing = sorted(expected - set(loaded) - {p.split(":")[0] for p in problems})
         if missing:
             problems.append(f"model layers without source weights: {missing}")
     if problems:
         raise WeightImportError("weight import failed:\n  " + "\n  ".join(problems))
+    for layer, values in plan:
+        layer.set_weights(values)
     return loaded
 
 

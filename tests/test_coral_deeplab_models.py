@@ -189,3 +189,14 @@ def test_importing_coral_deeplab_does_not_import_tensorflow():
         "assert 'tf_keras' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_package_exposes_builders_and_export_lazily():
+    import coral_deeplab
+    from coral_deeplab import export
+
+    assert coral_deeplab.CoralDeepLabV3 is applications.CoralDeepLabV3
+    assert coral_deeplab.CoralDeepLabV3Plus is applications.CoralDeepLabV3Plus
+    assert coral_deeplab.to_tflite is export.to_tflite
+    with pytest.raises(AttributeError):
+        _ = coral_deeplab.no_such_thing

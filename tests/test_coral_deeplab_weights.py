@@ -181,8 +181,12 @@ def test_unknown_source_layer_fails_loudly(imported):
 def test_incomplete_source_fails_loudly(imported):
     model = applications.CoralDeepLabV3((SIZE, SIZE, 3), alpha=0.5)
     partial = {k: v for k, v in imported[0.5].items() if not k.startswith("expanded_conv_7_")}
+    before = model.get_weights()
     with pytest.raises(weights.WeightImportError, match="expanded_conv_7_depthwise"):
         weights.apply_weights(model, partial)
+    # checked before assigned: no layer took Google's values
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_imported_weights_are_cached_under_the_source_checksum(weight_env, imported, test_data):
@@ -212,3 +216,20 @@ def test_corrupt_source_file_is_refused(tmp_path, test_data):
 def test_no_pretrained_weights_for_other_alphas():
     with pytest.raises(ValueError, match="alpha"):
         weights.pascal_voc_weights(0.75)
+
+
+def test_non_tflite_source_is_refused():
+    with pytest.raises(weights.WeightImportError, match="TFLite"):
+        weights.extract_weights(b"\x00" * 64)
+
+
+def test_foreign_architecture_fails_loudly(test_data):
+    # EdgeTPU-DeepLab-slim is another backbone: nothing may be half-loaded from it.
+    source = weights.extract_weights(
+        (test_data / "deeplab_mobilenet_edgetpu_slim_cityscapes_quant.tflite").read_bytes()
+    )
+    model = applications.CoralDeepLabV3((SIZE, SIZE, 3), n_classes=19)
+    before = model.get_layer("Conv").get_weights()[0].copy()
+    with pytest.raises(weights.WeightImportError, match="no such layer"):
+        weights.apply_weights(model, source)
+    np.testing.assert_array_equal(model.get_layer("Conv").get_weights()[0], before)
