@@ -70,6 +70,7 @@ def read_mask_png(data: bytes):  # type: ignore[no-untyped-def]
 # --- Edge TPU test double (tests/edgetpu_double) ---------------------------------------------
 FAKE_EDGETPU_VARS = (
     "FAKE_EDGETPU_DEVICES",
+    "FAKE_EDGETPU_DEVICES_FILE",
     "FAKE_EDGETPU_MODE",
     "FAKE_EDGETPU_VERSION",
     "FAKE_EDGETPU_ERROR",

@@ -107,7 +107,7 @@ def test_worker_output_equals_in_process_output(
         info = worker.describe()
         assert info["backend"] == "edgetpu" and info["isolation"] == "process"
         assert info["state"] == "ready" and info["restarts"] == 0 and info["last_crash"] is None
-        assert info["device"] == "usb = usb /sys/bus/usb/devices/2-1"
+        assert info["device"] == "/sys/bus/usb/devices/2-1"
         assert worker.input.shape == (1, 513, 513, 3) and worker.output.dtype == np.int64
         assert worker.pid is not None and worker.pid != os.getpid()
         for x, want in zip(images, expected, strict=True):

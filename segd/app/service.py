@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 import os
 import threading
@@ -94,12 +93,15 @@ class ModelSlot:
         return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3)}
 
     def worker_info(self) -> dict[str, Any] | None:
+        """State of the Edge TPU worker process (pid, state, restarts, last crash), if any."""
         runner = self.primary.runner if self.primary else None
-        describe = getattr(runner, "describe", None)
-        if runner is None or runner.backend != "edgetpu" or describe is None:
+        if runner is None or runner.backend != "edgetpu":
             return None
-        info = describe()
-        return info.get("worker") if isinstance(info, dict) else None
+        info = runner.describe()
+        if info.get("isolation") != "process":
+            return None
+        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in")
+        return {k: info.get(k) for k in keys}
 
     def describe(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -177,20 +179,14 @@ class ModelService:
         return Segmenter(variant, runner, selection, max_pixels=s.max_pixels)
 
     def _worker_factory(self) -> Any:
+        """Edge TPU interpreters run in a supervised child process: libedgetpu can abort()."""
+        from segd.runtime.worker import edgetpu_worker_factory
+
         s = self.settings
-
-        def make(model: bytes, device: str | None) -> Any:
-            from segd.runtime.edgetpu import open_edgetpu
-            from segd.runtime.worker import WorkerRunner
-
-            # A picklable factory: the child process opens the delegate itself.
-            factory = functools.partial(open_edgetpu, model, device=device, runtime=s.runtime, num_threads=s.threads)
-            return WorkerRunner(
-                factory, call_timeout=s.request_timeout, backoff_base=s.worker_restart_base,
-                backoff_max=s.worker_restart_max,
-            )  # fmt: skip
-
-        return make
+        return edgetpu_worker_factory(
+            runtime=s.runtime, num_threads=s.threads, call_timeout=s.request_timeout,
+            backoff_base=s.worker_restart_base, backoff_max=s.worker_restart_max,
+        )  # fmt: skip
 
     def load(self, slot: ModelSlot) -> None:
         t0 = time.perf_counter()

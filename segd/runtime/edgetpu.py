@@ -298,6 +298,8 @@ def open_edgetpu(
             f"the model failed with the Edge TPU delegate ({label}): {exc.detail}{note}"
         ) from exc
 
+    # The device path (e.g. /sys/bus/usb/devices/2-1, /dev/apex_0) is what identifies the chip
+    # later, when the daemon checks that it is still attached.
     picked = _select(option, devices)
-    where = f"{shown} = {picked.type} {picked.path}" if picked else shown
+    where = picked.path if picked else shown
     return InterpreterRunner(interp, backend="edgetpu", runtime=label, device=where)

@@ -14,6 +14,8 @@
  *   FAKE_EDGETPU_DEVICES   comma list of TYPE:PATH (TYPE usb|pci), e.g.
  *                          "usb:/sys/bus/usb/devices/2-1,pci:/dev/apex_0"; "" = no device.
  *                          Unset = one USB device.
+ *   FAKE_EDGETPU_DEVICES_FILE  if set, the same list is read from this file at every call
+ *                          (a test plugs/unplugs the TPU of a running process).
  *   FAKE_EDGETPU_VERSION   string returned by edgetpu_version().
  *   FAKE_EDGETPU_MODE      what tflite_plugin_create_delegate does:
  *     auto (default)  like real libedgetpu: resolve the 'device' option ("", usb, usb:N, pci,
@@ -163,6 +165,21 @@ typedef struct {
 
 static void read_devices(DeviceList* out) {
   const char* spec = env_or("FAKE_EDGETPU_DEVICES", "usb:/sys/bus/usb/devices/2-1");
+  /* FAKE_EDGETPU_DEVICES_FILE: the same list read from a file at every call, so a test can
+   * plug and unplug the TPU of a process that is already running. */
+  char from_file[1024];
+  const char* file = getenv("FAKE_EDGETPU_DEVICES_FILE");
+  if (file) {
+    size_t n = 0;
+    FILE* f = fopen(file, "r");
+    if (f) {
+      n = fread(from_file, 1, sizeof from_file - 1, f);
+      fclose(f);
+    }
+    while (n > 0 && (from_file[n - 1] == '\n' || from_file[n - 1] == ' ')) n--;
+    from_file[n] = '\0';
+    spec = from_file;
+  }
   out->n = 0;
   while (*spec && out->n < 16) {
     const char* end = strchr(spec, ',');
