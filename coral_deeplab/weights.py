@@ -151,16 +151,25 @@ def pascal_voc_weights(
         except (OSError, ValueError):
             pass  # unreadable cache entry: rebuild it below
     weights = extract_weights(data)
+    _write_cache(path, weights)
+    return weights
+
+
+def _write_cache(path: Path, weights: Mapping[str, np.ndarray]) -> None:
+    """Write via a temporary file and rename, so readers never see a partial entry."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.partial")
+    except OSError:
+        return  # a read-only cache only costs re-extraction next time
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a cache entry is not a secret
         with os.fdopen(fd, "wb") as f:
             save: Any = np.savez  # numpy's stub types **kwds as the allow_pickle flag
             save(f, **weights)
         os.replace(tmp, path)
     except OSError:
-        pass  # a read-only cache only costs re-extraction next time
-    return weights
+        Path(tmp).unlink(missing_ok=True)
 
 
 def apply_weights(
@@ -242,7 +251,8 @@ def load_pascal_voc(
     skip_logits: bool = False,
     models_dir: Path | None = None,
     mirror: str | None = None,
+    cache: Path | None = None,
 ) -> list[str]:
     """Load Google's PASCAL VOC weights into a coral_deeplab model (see :func:`apply_weights`)."""
-    weights = pascal_voc_weights(alpha, models_dir=models_dir, mirror=mirror)
+    weights = pascal_voc_weights(alpha, models_dir=models_dir, mirror=mirror, cache=cache)
     return apply_weights(model, weights, skip_logits=skip_logits)

@@ -82,7 +82,11 @@ def exports(tmp_path_factory, test_data):
     for alpha in (1.0, 0.5):
         model = applications.CoralDeepLabV3((SIZE, SIZE, 3), alpha=alpha)
         weights.load_pascal_voc(
-            model, alpha=alpha, models_dir=root / "models", mirror=str(test_data)
+            model,
+            alpha=alpha,
+            models_dir=root / "models",
+            mirror=str(test_data),
+            cache=root / "cache",
         )
         start = time.perf_counter()
         out[alpha] = export.to_tflite(model, calibration, num_calibration=len(calibration))
