@@ -65,8 +65,12 @@ def test_png_mask_is_indexed_at_original_size_and_equals_the_engine(
     assert r.headers["x-segd-backend"] == "cpu"
     assert {"decode", "invoke", "postprocess", "total"} <= set(json.loads(r.headers["x-segd-timings"]))
     assert "invoke;dur=" in r.headers["server-timing"]
+    summary = json.loads(r.headers["x-segd-summary"])
+    assert (summary["width"], summary["height"], summary["backend"]) == (512, 343, "cpu")
     mask = read_mask_png(r.content)
     assert mask.shape == (343, 512)
+    counts = np.bincount(mask.ravel(), minlength=21)
+    assert {c["id"]: c["pixels"] for c in summary["classes"]} == {i: int(n) for i, n in enumerate(counts) if n}
     assert np.array_equal(mask, engines[DM1].segment(data).mask)
 
 

@@ -160,9 +160,12 @@ def result_response(result: Result) -> Response:
         "X-Segd-Timings": json.dumps({k: round(v, 3) for k, v in result.timings.items()}, separators=(",", ":")),
         "Server-Timing": timing,
     }
-    if result.document is not None:
-        result.document["timings_ms"] = {k: round(v, 3) for k, v in result.timings.items()}
+    result.document["timings_ms"] = {k: round(v, 3) for k, v in result.timings.items()}
+    if result.media_type == "application/json":
         return JSONResponse(result.document, headers=headers)
+    # The class areas ride along with a mask or overlay, so one request (one inference) gives
+    # both picture and numbers; ASCII-only JSON is a valid header value.
+    headers["X-Segd-Summary"] = json.dumps(result.document, separators=(",", ":"), ensure_ascii=True)
     return Response(result.body, media_type=result.media_type, headers=headers)
 
 

@@ -55,7 +55,7 @@ class Result:
     model: str
     backend: str
     timings: dict[str, float]
-    document: dict[str, Any] | None = None
+    document: dict[str, Any]  # the JSON summary (the body of format=json, a header otherwise)
 
 
 @dataclass
@@ -338,18 +338,18 @@ class ModelService:
         seg_result = Segmentation(mask, counts, image, timings, slot.name, used.backend)
         labels = slot.variant.labels
 
-        def render() -> tuple[bytes, str, dict[str, Any] | None]:
+        def render() -> tuple[bytes, str]:
             if fmt == "png":
-                return encode.encode_mask_png(mask, labels.palette), "image/png", None
+                return encode.encode_mask_png(mask, labels.palette), "image/png"
             if fmt == "overlay":
                 blended = encode.overlay(image.rgb, mask, labels.palette)
-                return encode.encode_image(blended, overlay_format), f"image/{overlay_format}", None
-            from segd.engine import summary
+                return encode.encode_image(blended, overlay_format), f"image/{overlay_format}"
+            return b"", "application/json"
 
-            return b"", "application/json", summary(seg_result, used)
+        body, media = await cpu("encode", render)
+        from segd.engine import summary
 
-        body, media, document = await cpu("encode", render)
-        return Result(body, media, slot.name, used.backend, timings, document)
+        return Result(body, media, slot.name, used.backend, timings, summary(seg_result, used))
 
     async def _infer(self, slot: ModelSlot, tensor: np.ndarray, timings: dict[str, float]) -> tuple[Segmenter, np.ndarray]:
         loop = asyncio.get_running_loop()

@@ -1,9 +1,10 @@
 // segd's built-in page. It uses only the public HTTP API, so it is also an example of calling it:
 //
 //   GET  models                                   -> {default, models: [{name, backend, reason, ready, labels, ...}]}
-//   POST segment?format=json&model=M&keep_aspect=B   (multipart field "image")
-//                                                 -> {width, height, model, backend, classes: [{id, label, pixels, fraction}], timings_ms}
-//   POST segment?format=png&...                   -> indexed PNG, pixel value = class id, PLTE = the class colours
+//   POST segment?format=png&model=M&keep_aspect=B    (multipart field "image")
+//                                                 -> indexed PNG, pixel value = class id, PLTE = the class colours;
+//                                                    header X-Segd-Summary = the format=json document:
+//                                                    {width, height, model, backend, classes: [{id, label, pixels, fraction}], timings_ms}
 //   errors                                        -> {"error": code, "detail": message} with the HTTP status
 //
 // With an API key configured, every call carries it as X-API-Key; a 401 asks the user for it.
@@ -128,11 +129,10 @@ async function segment(file) {
 
   const started = performance.now();
   try {
-    const [jsonResponse, pngResponse] = await Promise.all([
-      segmentRequest(file, "json"),
-      segmentRequest(file, "png"),
-    ]);
-    const doc = await jsonResponse.json();
+    // One request, one inference: the PNG mask in the body, the JSON summary (class areas,
+    // timings, backend) in the X-Segd-Summary header — the same document format=json returns.
+    const pngResponse = await segmentRequest(file, "png");
+    const doc = JSON.parse(pngResponse.headers.get("X-Segd-Summary"));
     const png = await pngResponse.blob();
     const { layer, palette } = await maskLayerFromPng(png);
     if (id !== state.request) return;
