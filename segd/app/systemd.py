@@ -1,8 +1,20 @@
-"""systemd's notify protocol (``sd_notify``): a datagram to ``$NOTIFY_SOCKET``.
+"""systemd's notify protocol (``sd_notify``): newline-separated ``KEY=value`` datagrams to the
+AF_UNIX socket named by ``$NOTIFY_SOCKET`` (a path, or ``@name`` in the abstract namespace).
 
-``READY=1`` only once every model is loaded and self-tested; ``WATCHDOG=1`` from the event loop
-every ``WATCHDOG_USEC / 3`` while the service is healthy — if the loop is wedged, or a model has
-stopped being ready for too long, the pings stop and systemd restarts the service.
+Why in segd and not a library: the protocol is one ``sendto`` per message, and what matters is
+*when* segd sends each one:
+
+- ``READY=1`` only once every served model is loaded and has passed its warm-up / self-test
+  (``ModelService.ready()``), so ``systemctl start segd`` returns when ``/readyz`` is 200, and a
+  unit ordered ``After=segd.service`` finds it able to answer.
+- ``WATCHDOG=1`` every ``WATCHDOG_USEC / 3`` from a task on the event loop that serves HTTP, and
+  only while every model can answer (on its device or its CPU twin). A wedged loop sends nothing,
+  and neither does a service whose Edge TPU vanished with no CPU fallback; after ``WatchdogSec=``
+  systemd kills and restarts it (``Restart=on-failure``), and the restart picks the CPU when the
+  TPU is gone (``accelerator=auto``).
+- ``STATUS=`` lines that ``systemctl status segd`` shows: the backend of each model, or why a
+  model is not ready.
+- ``STOPPING=1`` when the server shuts down.
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,51 +32,81 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("segd")
 
+STATUS_MAX = 400  # characters of one model's error in STATUS= (systemctl shows it on one line)
+
 
 class Notifier:
-    def __init__(self, address: str, watchdog_usec: int | None) -> None:
+    """Sends sd_notify messages; never raises (a lost status message must not stop serving)."""
+
+    def __init__(self, address: str, watchdog_usec: int | None = None) -> None:
         if address.startswith("@"):
             address = "\0" + address[1:]  # abstract namespace socket
         self.address = address
         self.watchdog_usec = watchdog_usec
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sent_ready = False
 
     @classmethod
-    def from_env(cls) -> Notifier | None:
-        address = os.environ.get("NOTIFY_SOCKET")
-        if not address:
+    def from_env(cls, env: Mapping[str, str] | None = None, pid: int | None = None) -> Notifier | None:
+        """A notifier when systemd asked for one (``NOTIFY_SOCKET``), else None. The watchdog is
+        on when ``WATCHDOG_USEC`` is set and ``WATCHDOG_PID`` (if set) is this process."""
+        env = os.environ if env is None else env
+        address = env.get("NOTIFY_SOCKET")
+        if not address or not (address.startswith("/") or address.startswith("@")):
             return None
-        usec = os.environ.get("WATCHDOG_USEC")
-        pid = os.environ.get("WATCHDOG_PID")
-        watchdog = int(usec) if usec and usec.isdigit() and (not pid or pid == str(os.getpid())) else None
-        return cls(address, watchdog)
+        return cls(address, watchdog_interval(env, os.getpid() if pid is None else pid))
 
-    def send(self, message: str) -> None:
+    def send(self, message: str) -> bool:
         try:
             self.sock.sendto(message.encode(), self.address)
+            return True
         except OSError as exc:
-            log.warning("sd_notify %r failed: %s", message, exc)
+            log.warning("sd_notify %r failed: %s", message.partition("\n")[0], exc)
+            return False
 
-    async def run(self, service: ModelService, settings: Settings) -> None:
-        self.send("STATUS=loading models")
-        while not service.loaded.is_set():
-            await asyncio.sleep(0.05)
-        self.send("STATUS=" + status_line(service))
-        while not service.ready():
-            await asyncio.sleep(0.2)
-        self.send("READY=1\nSTATUS=" + status_line(service))
-        if not (settings.watchdog and self.watchdog_usec):
-            return
-        period = self.watchdog_usec / 1e6 / 3
+    def close(self) -> None:
+        self.sock.close()
+
+    async def run(self, service: ModelService, settings: Settings, poll: float = 0.05) -> None:
+        """Report loading, then READY=1 once the service is ready, then ping the watchdog."""
         last_status = ""
-        while True:
-            if healthy(service):
-                self.send("WATCHDOG=1")
-            line = status_line(service)
+
+        def status(line: str) -> None:
+            nonlocal last_status
             if line != last_status:
                 self.send("STATUS=" + line)
                 last_status = line
+
+        while not service.ready():
+            status(status_line(service))
+            await asyncio.sleep(poll)
+        self.send("READY=1\nSTATUS=" + status_line(service))
+        self.sent_ready = True
+        last_status = status_line(service)
+        if not (settings.watchdog and self.watchdog_usec):
+            return
+        period = self.watchdog_usec / 1e6 / 3
+        was_healthy = True
+        while True:
+            ok = healthy(service)
+            if ok:
+                self.send("WATCHDOG=1")
+            elif was_healthy:
+                log.warning("withholding systemd watchdog pings: %s", status_line(service))
+            was_healthy = ok
+            status(status_line(service))
             await asyncio.sleep(period)
+
+
+def watchdog_interval(env: Mapping[str, str], pid: int) -> int | None:
+    """``WATCHDOG_USEC`` in microseconds when it is meant for process ``pid``, else None."""
+    usec = env.get("WATCHDOG_USEC", "")
+    owner = env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    if owner and owner != str(pid):
+        return None
+    return int(usec)
 
 
 def healthy(service: ModelService) -> bool:
@@ -72,8 +115,25 @@ def healthy(service: ModelService) -> bool:
 
 
 def status_line(service: ModelService) -> str:
+    """One line for ``systemctl status``: each model with its backend, or why it is not ready."""
     parts = []
     for name, slot in service.slots.items():
-        backend = slot.primary.backend if slot.primary else slot.state
-        parts.append(f"{name}={backend}" + ("" if slot.ready else " (not ready)"))
-    return "serving " + ", ".join(parts)
+        if slot.state == "loading":
+            parts.append(f"{name}=loading")
+        elif slot.state == "failed":
+            error = (slot.error or "unknown error").replace("\n", " ")
+            if len(error) > STATUS_MAX:
+                error = error[: STATUS_MAX - 1] + "…"
+            parts.append(f"{name}=failed ({error})")
+        elif slot.ready:
+            assert slot.primary is not None
+            parts.append(f"{name}={slot.primary.backend}")
+        elif slot.fallback is not None:
+            parts.append(f"{name}=cpu (Edge TPU gone, serving on the CPU twin)")
+        else:
+            parts.append(f"{name}=not ready (Edge TPU gone)")
+    if all(s.state == "loading" for s in service.slots.values()):
+        return "loading models: " + ", ".join(parts)
+    if service.ready() or healthy(service):
+        return "serving " + ", ".join(parts)
+    return "not ready: " + ", ".join(parts) + " — run `segd doctor`"

@@ -1,0 +1,524 @@
+"""``segd doctor``: what this machine has and lacks for segd, and what to do about each gap.
+
+Every check returns :class:`Finding` s (level ok / info / warn / error, a message, and for
+problems the command or step that fixes it). Errors are what stops segd from serving what it
+is configured to serve (no runtime, a corrupt model file, no Edge TPU with
+``accelerator=edgetpu``); warnings are what makes it slower or fall back to the CPU. The exit
+status is 1 when there is an error.
+
+The checks read the machine through paths in :class:`Probe` (``/sys``, ``/dev``, the udev and
+dpkg directories) so they can be pointed at a copy; nothing here writes anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import json
+import os
+import platform
+import pwd
+import stat
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segd.app.settings import Settings, load_settings
+
+LEVELS = ("ok", "info", "warn", "error")
+SERVICE_ENV_FILE = Path("/etc/segd/segd.env")
+SERVICE_MODELS_DIR = "/var/lib/segd/models"
+SERVICE_UNIT = Path("/etc/systemd/system/segd.service")
+USB_IDS = {("18d1", "9302"): "ready", ("1a6e", "089a"): "no firmware"}
+CORAL_APT = (
+    "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo gpg --dearmor -o /usr/share/keyrings/coral-edgetpu.gpg\n"
+    'echo "deb [signed-by=/usr/share/keyrings/coral-edgetpu.gpg] https://packages.cloud.google.com/apt coral-edgetpu-stable main" | sudo tee /etc/apt/sources.list.d/coral-edgetpu.list\n'
+    "sudo apt-get update && sudo apt-get install libedgetpu1-std"
+)
+INSTALL_RULES = "sudo segd install-service   (installs /etc/udev/rules.d/99-coral-edgetpu.rules), then unplug and replug the Accelerator"
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    level: str  # ok | info | warn | error
+    message: str
+    fix: str | None = None
+
+
+@dataclass
+class Probe:
+    """Where the checks look. Defaults are the real machine."""
+
+    settings: Settings
+    library: str
+    sysfs: Path = Path("/sys")
+    dev: Path = Path("/dev")
+    udev_dirs: tuple[Path, ...] = (
+        Path("/etc/udev/rules.d"), Path("/run/udev/rules.d"),
+        Path("/usr/lib/udev/rules.d"), Path("/lib/udev/rules.d"),
+    )  # fmt: skip
+    dpkg_status: Path = Path("/var/lib/dpkg/status")
+    service: bool = False
+    unit: Path = SERVICE_UNIT
+    env_file: Path | None = None
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+
+# --- python and runtimes ---------------------------------------------------------------------
+def check_python(version: tuple[int, ...] | None = None, machine: str | None = None) -> list[Finding]:
+    version = version or tuple(sys.version_info[:3])
+    machine = machine or platform.machine()
+    shown = ".".join(str(v) for v in version)
+    if version < (3, 10):
+        return [Finding("python", "error", f"Python {shown} is too old; segd needs 3.10 or newer",
+                        "use Raspberry Pi OS bookworm (Python 3.11) or install python3.11")]  # fmt: skip
+    found = [Finding("python", "ok", f"Python {shown} on {machine} ({sys.executable})")]
+    if machine in ("armv7l", "armv6l"):
+        found.append(Finding(
+            "python", "warn",
+            f"32-bit userland ({machine}): ai-edge-litert has no wheels for it and numpy/OpenCV none on PyPI",
+            "install the 64-bit Raspberry Pi OS (bookworm, arm64); for 32-bit see the \"32-bit\" section of docs/RASPBERRY_PI.md",
+        ))  # fmt: skip
+    return found
+
+
+def check_runtime(
+    versions: Mapping[str, str | None], chosen: str | None, libedgetpu_version: str | None, accelerator: str
+) -> list[Finding]:
+    """``versions``: runtime name -> installed version (None: not installed); ``chosen``: the one
+    segd will use (None: none importable)."""
+    from segd.runtime.cpu import RUNTIMES
+    from segd.runtime.edgetpu import compatibility_warning
+
+    def dist(name: str) -> str:
+        return RUNTIMES[name][1] if name in RUNTIMES else name
+
+    listed = ", ".join(f"{dist(n)} {v}" if v else f"{dist(n)} not installed" for n, v in versions.items())
+    if chosen is None:
+        return [Finding("runtime", "error", f"no TFLite runtime can be imported ({listed})",
+                        "pip install ai-edge-litert   (into segd's venv: /opt/segd/bin/pip install ai-edge-litert)")]  # fmt: skip
+    found = [Finding("runtime", "ok", f"{dist(chosen)} {versions.get(chosen)} runs the models (installed: {listed})")]
+    warning = compatibility_warning(chosen, versions.get(chosen), libedgetpu_version)
+    if warning and accelerator != "cpu":
+        found.append(Finding("runtime", "warn" if accelerator == "auto" else "error", warning,
+                             "pip install 'tflite-runtime==2.11.1' where a wheel exists, or use ai-edge-litert "
+                             "(SEGD_RUNTIME=litert); the Edge TPU worker crashes otherwise and segd falls back to the CPU"))  # fmt: skip
+    return found
+
+
+# --- libedgetpu and devices ------------------------------------------------------------------
+def check_libedgetpu(status: Any, accelerator: str, packages: Mapping[str, str], env_library: str | None) -> list[Finding]:
+    """``status``: :class:`segd.runtime.edgetpu.EdgeTpuStatus`."""
+    level = "error" if accelerator == "edgetpu" else ("info" if accelerator == "cpu" else "warn")
+    consequence = {"error": "SEGD_ACCELERATOR=edgetpu: segd will not start",
+                   "warn": "segd will run on the CPU", "info": "not needed: SEGD_ACCELERATOR=cpu"}[level]  # fmt: skip
+    pkg = ", ".join(f"{n} {v}" for n, v in packages.items())
+    if not status.loadable:
+        fix = f"SEGD_EDGETPU_LIBRARY={env_library} is set: point it at an existing libedgetpu.so.1 or unset it" if env_library else (
+            "add the Coral apt repository and install libedgetpu1-std (or libedgetpu1-max: faster, runs hot):\n" + CORAL_APT)  # fmt: skip
+        if pkg and not env_library:
+            fix = f"dpkg lists {pkg} but the loader cannot load it: sudo apt-get install --reinstall {next(iter(packages))}"
+        return [Finding("libedgetpu", level, f"{status.reason}; {consequence}", fix)]
+    variant = f" [{pkg}]" if pkg else ""
+    return [Finding("libedgetpu", "ok", f"{status.library} loads, version {status.version or 'unknown'}{variant}")]
+
+
+def dpkg_packages(status_file: Path, names: Iterable[str] = ("libedgetpu1-std", "libedgetpu1-max")) -> dict[str, str]:
+    """Installed versions of the given Debian packages, from dpkg's status database."""
+    wanted = set(names)
+    found: dict[str, str] = {}
+    try:
+        text = status_file.read_text(errors="replace")
+    except OSError:
+        return found
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(" "))
+        if fields.get("Package") in wanted and "installed" in fields.get("Status", "").split():
+            found[fields["Package"]] = fields.get("Version", "?")
+    return found
+
+
+@dataclass(frozen=True)
+class UsbTpu:
+    sysfs_path: Path
+    vendor: str
+    product: str
+    speed_mbps: float | None
+    node: Path | None  # /dev/bus/usb/BBB/DDD
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def usb_tpus(sysfs: Path, dev: Path) -> list[UsbTpu]:
+    """Coral USB Accelerators in sysfs (either ID), with their link speed and device node."""
+    found = []
+    base = sysfs / "bus" / "usb" / "devices"
+    for entry in sorted(base.glob("*")) if base.is_dir() else []:
+        ids = (_read(entry / "idVendor"), _read(entry / "idProduct"))
+        if ids not in USB_IDS:
+            continue
+        speed = _read(entry / "speed")
+        bus, num = _read(entry / "busnum"), _read(entry / "devnum")
+        node = dev / "bus" / "usb" / f"{int(bus):03d}" / f"{int(num):03d}" if bus and num and bus.isdigit() and num.isdigit() else None
+        found.append(UsbTpu(entry, ids[0] or "", ids[1] or "", float(speed) if speed and _is_number(speed) else None, node))
+    return found
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def node_access(node: Path, group: str) -> str | None:
+    """Why the service (a user in ``group``) could not open ``node`` read-write, or None."""
+    try:
+        st = node.stat()
+    except OSError as exc:
+        return f"{node}: {exc.strerror}"
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        return f"group {group} does not exist (sudo groupadd --system {group})"
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o006 == 0o006:
+        return None
+    if st.st_gid == gid and mode & 0o060 == 0o060:
+        return None
+    owner = _group_name(st.st_gid)
+    return f"{node} is {owner} mode {mode:04o}: members of {group} cannot open it (the udev rule did not apply)"
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return f"group {grp.getgrgid(gid).gr_name}"
+    except KeyError:
+        return f"gid {gid}"
+
+
+def check_usb(sysfs: Path, dev: Path, listed: list[Any]) -> list[Finding]:
+    """USB Accelerators: firmware state, link speed, device node permissions."""
+    found: list[Finding] = []
+    tpus = usb_tpus(sysfs, dev)
+    known = {str(t.sysfs_path) for t in tpus}
+    for device in listed:  # libedgetpu's paths are sysfs paths too; read what sysfs has there
+        if device.type == "usb" and device.path not in known and device.path.startswith("/sys/"):
+            speed = _read(sysfs / Path(device.path).relative_to("/sys") / "speed")
+            if speed is None:
+                found.append(Finding("usb", "info", f"{device.path}: link speed not readable (no {device.path}/speed)"))
+    for t in tpus:
+        where = f"{t.sysfs_path.name} ({t.vendor}:{t.product})"
+        if (t.vendor, t.product) == ("1a6e", "089a"):
+            found.append(Finding("usb", "info", f"{where}: USB Accelerator without firmware yet (normal until the first program opens it; libedgetpu uploads the firmware and it comes back as 18d1:9302)",
+                                 "if it stays 1a6e:089a while segd runs, segd cannot write the device: " + INSTALL_RULES))  # fmt: skip
+        if t.speed_mbps is None:
+            found.append(Finding("usb", "info", f"{where}: link speed not readable"))
+        elif t.speed_mbps >= 5000:
+            found.append(Finding("usb", "ok", f"{where}: USB 3 link ({t.speed_mbps:g} Mb/s)"))
+        else:
+            found.append(Finding("usb", "warn", f"{where}: linked at {t.speed_mbps:g} Mb/s (USB 2 or slower): inference and model upload are several times slower",
+                                 "plug it into a blue USB 3 port (Pi 4/5) with the supplied USB-C cable, directly, not through a USB 2 hub"))  # fmt: skip
+        if t.node is not None:
+            problem = node_access(t.node, "plugdev")
+            if problem:
+                found.append(Finding("usb", "warn", problem, INSTALL_RULES))
+    return found
+
+
+def check_pcie(sysfs: Path, dev: Path) -> list[Finding]:
+    found = []
+    classes = sorted((sysfs / "class" / "apex").glob("apex_*")) if (sysfs / "class" / "apex").is_dir() else []
+    nodes = sorted(dev.glob("apex_*"))
+    if not classes and not nodes:
+        return [Finding("pcie", "info", f"no PCIe/M.2 Edge TPU ({dev}/apex_0 absent)")]
+    for node in nodes:
+        problem = node_access(node, "apex")
+        if problem:
+            found.append(Finding("pcie", "warn", problem, "sudo segd install-service (udev rule: SUBSYSTEM==\"apex\", MODE=\"0660\", GROUP=\"apex\"), then reboot"))
+        else:
+            found.append(Finding("pcie", "ok", f"{node} is accessible to group apex"))
+    if classes and not nodes:
+        found.append(Finding("pcie", "warn", f"the apex driver sees {len(classes)} device(s) but {dev}/apex_* is missing",
+                             "check `ls -l /dev/apex_*` and dmesg | grep apex"))  # fmt: skip
+    return found
+
+
+def check_devices(status: Any, accelerator: str, usb: list[UsbTpu], has_pcie: bool, usb_visible: bool = True) -> list[Finding]:
+    """What libedgetpu enumerates, compared with what the bus shows (``usb_visible``: this
+    machine has a sysfs USB tree to look at)."""
+    if not status.loadable:
+        if usb or has_pcie:
+            return [Finding("devices", "warn", f"an Edge TPU is attached ({len(usb)} USB, PCIe: {'yes' if has_pcie else 'no'}) but libedgetpu is not installed",
+                            "install libedgetpu (see the libedgetpu line above)")]  # fmt: skip
+        seen = "no Coral USB Accelerator on the USB bus" if usb_visible else "no USB bus visible here (no /sys/bus/usb: a container?)"
+        return [Finding("devices", "info", f"{seen}, no PCIe Edge TPU")]
+    if status.devices:
+        listed = ", ".join(f"{d.type} {d.path}" for d in status.devices)
+        return [Finding("devices", "ok", f"libedgetpu lists {len(status.devices)} Edge TPU(s): {listed}")]
+    level = "error" if accelerator == "edgetpu" else ("info" if accelerator == "cpu" else "warn")
+    fix = ("plug the USB Accelerator into a USB 3 port; `lsusb -d 18d1:9302` or `lsusb -d 1a6e:089a` must list it. "
+           "PCIe/M.2: install gasket-dkms from the Coral apt repository and reboot; /dev/apex_0 must exist")  # fmt: skip
+    if usb:
+        fix = f"the bus shows {len(usb)} USB Accelerator(s) that libedgetpu does not list: it cannot open them — {INSTALL_RULES}"
+    return [Finding("devices", level, status.reason or "no Edge TPU found", fix)]
+
+
+# --- udev, groups, service -------------------------------------------------------------------
+def check_udev(dirs: Iterable[Path], accelerator: str) -> list[Finding]:
+    usb_rule: Path | None = None
+    apex_rule: Path | None = None
+    for directory in dirs:
+        for rules in sorted(directory.glob("*.rules")) if directory.is_dir() else []:
+            text = _read(rules) or ""
+            if usb_rule is None and "18d1" in text and ("1a6e" in text or "9302" in text):
+                usb_rule = rules
+            if apex_rule is None and 'SUBSYSTEM=="apex"' in text:
+                apex_rule = rules
+    level = "info" if accelerator == "cpu" else "warn"
+    found = []
+    if usb_rule:
+        found.append(Finding("udev", "ok", f"USB Accelerator rule: {usb_rule}"))
+    else:
+        found.append(Finding("udev", level, "no udev rule gives the USB Accelerator (18d1:9302 / 1a6e:089a) to plugdev: only root can use it", INSTALL_RULES))
+    if apex_rule:
+        found.append(Finding("udev", "ok", f"PCIe apex rule: {apex_rule}"))
+    else:
+        found.append(Finding("udev", "info", "no udev rule for PCIe /dev/apex_* (only needed for M.2/PCIe Edge TPUs)", "sudo segd install-service"))
+    return found
+
+
+def check_groups(service: bool) -> list[Finding]:
+    found = []
+    for group in ("plugdev", "apex"):
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            if service:
+                found.append(Finding("groups", "error", f"group {group} does not exist: segd.service (SupplementaryGroups=plugdev apex) fails to start with status 216/GROUP",
+                                     f"sudo groupadd --system {group}   (segd install-service does it)"))  # fmt: skip
+            else:
+                found.append(Finding("groups", "info", f"group {group} does not exist (segd.service needs it; segd install-service creates it)"))
+    if os.geteuid() == 0:
+        found.append(Finding("groups", "info", "running as root: the service gets plugdev and apex through SupplementaryGroups="))
+        return found
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    mine = {_group_name(g).removeprefix("group ") for g in os.getgroups()}
+    if "plugdev" not in mine:
+        found.append(Finding("groups", "warn", f"user {user} is not in plugdev: `segd serve` run by {user} cannot open a USB Accelerator",
+                             f"sudo usermod -aG plugdev {user}, then log out and back in"))  # fmt: skip
+    else:
+        found.append(Finding("groups", "ok", f"user {user} is in plugdev"))
+    return found
+
+
+def check_service(unit: Path, env_file: Path | None) -> list[Finding]:
+    if not unit.is_file():
+        return [Finding("service", "warn", f"{unit} is not installed", "sudo /opt/segd/bin/segd install-service")]
+    found = []
+    exec_line = next((ln for ln in unit.read_text().splitlines() if ln.startswith("ExecStart=")), "")
+    exec_path = Path(exec_line.removeprefix("ExecStart=").split(" ")[0]) if exec_line else None
+    if exec_path is None or not (exec_path.is_file() and os.access(exec_path, os.X_OK)):
+        found.append(Finding("service", "error", f"{unit}: ExecStart points at {exec_path}, which is not an executable file",
+                             "reinstall segd there, or run install-service again from the segd you want to run"))  # fmt: skip
+    else:
+        found.append(Finding("service", "ok", f"{unit} runs {exec_path}"))
+    if env_file is not None and env_file.is_file():
+        mode = stat.S_IMODE(env_file.stat().st_mode)
+        secret = "SEGD_API_KEY=" in "\n".join(ln for ln in (_read(env_file) or "").splitlines() if not ln.lstrip().startswith("#"))
+        if secret and mode & 0o004:
+            found.append(Finding("service", "warn", f"{env_file} holds the API key and is world-readable (mode {mode:04o})", f"sudo chmod 600 {env_file}"))
+    if Path("/run/systemd/system").is_dir():
+        state = _systemctl_show()
+        if state:
+            level = "ok" if state.get("ActiveState") == "active" else "warn"
+            found.append(Finding("service", level, f"segd.service is {state.get('ActiveState')} ({state.get('SubState')}): {state.get('StatusText') or 'no status'}",
+                                 None if level == "ok" else "journalctl -u segd -b   (why it stopped); sudo systemctl enable --now segd"))  # fmt: skip
+    return found
+
+
+def _systemctl_show() -> dict[str, str]:
+    import subprocess
+
+    try:
+        proc = subprocess.run(["systemctl", "show", "segd.service", "-p", "ActiveState,SubState,StatusText"],
+                              capture_output=True, text=True, timeout=10, check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+
+
+# --- models ----------------------------------------------------------------------------------
+def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
+    from segd.errors import SegdError
+    from segd.variants import default_models_dir, load_manifest, model_mirror, sha256_file
+
+    mdir = settings.models_dir or default_models_dir()
+    try:
+        manifest = load_manifest(models_dir=mdir)
+    except (SegdError, OSError, ValueError) as exc:
+        return [Finding("models", "error", f"cannot read the model manifest: {exc}", "reinstall segd")]
+    names = settings.models or [settings.default_model or manifest.default or next(iter(manifest.variants))]
+    mirror = settings.mirror or model_mirror()
+    found: list[Finding] = []
+    if not mdir.is_dir():
+        found.append(Finding("models", "info", f"models directory {mdir} does not exist yet (created on the first pull)"))
+    for name in names:
+        if name not in manifest.variants:
+            found.append(Finding("models", "error", f"SEGD_MODELS names {name!r}, which is not in the manifest (known: {', '.join(manifest.variants)})",
+                                 "fix SEGD_MODELS; `segd models list` shows the variants"))  # fmt: skip
+            continue
+        variant = manifest.variants[name]
+        specs = [(variant.cpu, True)]
+        if variant.edgetpu is not None and settings.accelerator != "cpu":
+            specs.append((variant.edgetpu, tpu_usable))
+        for spec, needed in specs:
+            path = mdir / spec.name
+            source = mirror or spec.url or "nowhere"
+            if not path.is_file():
+                level = "warn" if needed else "info"
+                if not (mirror or spec.url):
+                    level = "error" if needed else "info"
+                what = "" if needed else " (only used with an Edge TPU)"
+                found.append(Finding("models", level, f"{name}: {spec.name} is not in {mdir}{what}; segd fetches it at start-up from {source}",
+                                     f"to fetch it now: segd models pull {name} --models-dir {mdir}"))  # fmt: skip
+                continue
+            try:
+                digest = sha256_file(path)
+            except OSError as exc:
+                found.append(Finding("models", "error", f"{name}: cannot read {path}: {exc.strerror}", f"check the permissions of {mdir}"))
+                continue
+            if digest != spec.sha256:
+                found.append(Finding("models", "error", f"{name}: {path} has sha256 {digest[:16]}…, the manifest says {spec.sha256[:16]}… (corrupt or replaced); segd refuses to load it",
+                                     f"segd models pull {name} --force --models-dir {mdir}"))  # fmt: skip
+            else:
+                found.append(Finding("models", "ok", f"{name}: {spec.name} present, sha256 {digest[:12]}… matches"))
+    others = [n for n in manifest.variants if n not in names]
+    if others:
+        present = [n for n in others if (mdir / manifest.variants[n].cpu.name).is_file()]
+        found.append(Finding("models", "info", f"not served: {', '.join(others)} ({len(present)} of them downloaded)"))
+    return found
+
+
+# --- all together ----------------------------------------------------------------------------
+def run_checks(probe: Probe) -> list[Finding]:
+    from segd.errors import RuntimeUnavailable
+    from segd.runtime import edgetpu
+    from segd.runtime.cpu import available_runtimes, runtime_module
+
+    s = probe.settings
+    findings = check_python()
+    status = edgetpu.probe(probe.library)
+    versions = available_runtimes()
+    try:
+        chosen: str | None = runtime_module(s.runtime)[0]
+    except RuntimeUnavailable:
+        chosen = None
+    findings += check_runtime(versions, chosen, status.version, s.accelerator)
+    findings += check_libedgetpu(status, s.accelerator, dpkg_packages(probe.dpkg_status), probe.env.get(edgetpu.ENV_LIBRARY))
+    usb = usb_tpus(probe.sysfs, probe.dev)
+    pcie = check_pcie(probe.sysfs, probe.dev)
+    usb_visible = (probe.sysfs / "bus" / "usb" / "devices").is_dir()
+    findings += check_devices(status, s.accelerator, usb, any(f.level != "info" for f in pcie), usb_visible)
+    findings += check_usb(probe.sysfs, probe.dev, list(status.devices))
+    findings += pcie
+    findings += check_udev(probe.udev_dirs, s.accelerator)
+    findings += check_groups(probe.service)
+    if probe.service:
+        findings += check_service(probe.unit, probe.env_file)
+    findings += check_models(s, status.available and s.accelerator != "cpu")
+    return findings
+
+
+def exit_code(findings: Iterable[Finding]) -> int:
+    return 1 if any(f.level == "error" for f in findings) else 0
+
+
+def format_report(findings: list[Finding], header: str = "") -> str:
+    marks = {"ok": " ok ", "info": "info", "warn": "WARN", "error": "FAIL"}
+    lines = [header] if header else []
+    for f in findings:
+        lines.append(f"[{marks[f.level]}] {f.check:<10} {f.message}")
+        if f.fix and f.level != "ok":
+            label = "hint:" if f.level == "info" else "fix: "
+            fix_lines = f.fix.splitlines()
+            lines.append(f"{'':18}{label} {fix_lines[0]}")
+            lines.extend(f"{'':24}{line}" for line in fix_lines[1:])
+    errors = sum(f.level == "error" for f in findings)
+    warnings = sum(f.level == "warn" for f in findings)
+    if errors:
+        verdict = f"{errors} error(s), {warnings} warning(s): segd cannot serve as configured until the errors are fixed"
+    elif warnings:
+        verdict = f"no errors, {warnings} warning(s): segd can serve (see the warnings for what it falls back to)"
+    else:
+        verdict = "no problems found"
+    lines.append(verdict)
+    return "\n".join(lines)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """A systemd ``EnvironmentFile``: KEY=value lines, # and ; comments, optional quotes."""
+    values: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;" or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--service", action="store_true",
+                   help=f"check the installed service: its settings ({SERVICE_ENV_FILE}), models dir ({SERVICE_MODELS_DIR}) and unit")  # fmt: skip
+    p.add_argument("--env-file", type=Path, default=None, help="read SEGD_* settings from this file (systemd EnvironmentFile syntax)")
+    p.add_argument("--config", type=Path, default=None, help="TOML settings file (SEGD_CONFIG)")
+    p.add_argument("--models-dir", type=Path, default=None, help="models directory (SEGD_MODELS_DIR)")
+    p.add_argument("--accelerator", choices=("auto", "cpu", "edgetpu"), default=None, help="check for this accelerator setting (SEGD_ACCELERATOR)")
+    p.add_argument("--json", action="store_true", help="findings as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from segd import __version__
+    from segd.runtime import edgetpu
+
+    env = dict(os.environ)
+    env_file = args.env_file
+    if args.service:
+        env.setdefault("SEGD_MODELS_DIR", SERVICE_MODELS_DIR)
+        env["SEGD_MODELS_DIR"] = SERVICE_MODELS_DIR
+        env_file = env_file or SERVICE_ENV_FILE
+    if env_file is not None:
+        try:
+            env.update(read_env_file(env_file))
+        except OSError as exc:
+            if not (args.service and args.env_file is None and isinstance(exc, FileNotFoundError)):
+                print(f"segd doctor: cannot read {env_file}: {exc.strerror}", file=sys.stderr)
+                return 2
+    config = args.config or (Path(env["SEGD_CONFIG"]) if env.get("SEGD_CONFIG") else None)
+    try:
+        settings = load_settings(config, env=env, overrides={"models_dir": args.models_dir, "accelerator": args.accelerator})
+    except ValueError as exc:
+        print(f"segd doctor: {exc}", file=sys.stderr)
+        return 2
+    probe = Probe(settings, env.get(edgetpu.ENV_LIBRARY) or edgetpu.DEFAULT_LIBRARY,
+                  service=args.service, env_file=env_file, env=env)  # fmt: skip
+    findings = run_checks(probe)
+    if args.json:
+        print(json.dumps({"findings": [asdict(f) for f in findings], "exit_code": exit_code(findings)}, indent=2))
+    else:
+        header = f"segd doctor — segd {__version__}, {platform.system()} {platform.machine()}, accelerator={settings.accelerator}"
+        print(format_report(findings, header))
+    return exit_code(findings)
