@@ -16,6 +16,7 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "CoralDeepLabV3": "applications",
     "CoralDeepLabV3Plus": "applications",
     "to_tflite": "export",
+    "from_precompiled": "zoo",
 }
 
 
