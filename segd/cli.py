@@ -67,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = models.add_parser("check", help="static Edge TPU op-mapping report for a .tflite file")
     p.add_argument("file", type=Path)
     p.add_argument("--json", action="store_true")
+    p = models.add_parser(
+        "build", help="pretrained PASCAL VOC DeepLab -> int8 export -> check -> compile -> publish (needs TensorFlow)",
+        description="Import Google's PASCAL VOC weights into coral_deeplab's Edge-TPU-clean DeepLab, export it "
+        "to int8 calibrated on your images, check the Edge TPU op mapping, compile it when edgetpu_compiler is "
+        "on PATH, and publish it as a variant in the models dir (<name>.tflite + <name>.toml).",
+    )  # fmt: skip
+    p.add_argument("--variant", choices=("v3", "v3plus"), default="v3", help="v3+: only the encoder is pretrained")
+    p.add_argument("--alpha", type=float, choices=(1.0, 0.5), default=1.0, help="MobileNetV2 depth multiplier")
+    p.add_argument("--input-size", type=int, default=513, help="square input side, 16k+1 (513) or 16k")
+    p.add_argument("--name", default=None, help="variant name (default cdl_<variant>_dm<alpha>_<size>_pascal)")
+    p.add_argument("--calibration", type=Path, default=None, help="directory of real photos like the ones you will segment (required)")
+    p.add_argument("--num-calibration", type=int, default=32, help="use at most this many calibration images")
+    p.add_argument("--models-dir", type=Path, default=None)
+    p.add_argument("--mirror", default=None, help="where to fetch Google's source model from (SEGD_MODEL_MIRROR)")
+    p.add_argument("--no-compile", action="store_true", help="do not run edgetpu_compiler even if it is on PATH")
+    p.add_argument("--no-cache", action="store_true", help="export again even if an identical export is cached")
     return parser
 
 
@@ -212,6 +228,48 @@ def cmd_models_check(args: argparse.Namespace) -> int:
     return 0 if report.fully_mapped else 1
 
 
+def cmd_models_build(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if args.calibration is None:
+        print(
+            "segd: models build needs --calibration DIR: int8 quantization takes its value ranges from "
+            "real images, so point it at a directory of photos like the ones you will segment "
+            "(a few dozen is plenty)",
+            file=sys.stderr,
+        )  # fmt: skip
+        return 2
+    if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("tf_keras") is None:
+        print("segd: models build needs TensorFlow: pip install 'segd[train]'", file=sys.stderr)
+        return 2
+    from coral_deeplab import zoo
+    from coral_deeplab.export import ExportError
+
+    if args.variant == "v3plus":
+        print("segd: warning: v3+ gets pretrained weights for the encoder only; its decoder and logits "
+              "are untrained, so its masks are meaningless until you train it", file=sys.stderr)  # fmt: skip
+    try:
+        built, result = zoo.build(
+            variant=args.variant, alpha=args.alpha, input_size=args.input_size, calibration=args.calibration,
+            name=args.name, models_dir=args.models_dir, mirror=args.mirror, num_calibration=args.num_calibration,
+            compile=not args.no_compile, cache=False if args.no_cache else None,
+        )  # fmt: skip
+    except (ValueError, ExportError) as exc:
+        print(f"segd: {exc}", file=sys.stderr)
+        return 2
+    print(f"Edge TPU check: {zoo.describe_report(result.report)}", file=sys.stderr)
+    how = f"cached export {built.cache_path}" if built.from_cache else f"exported ({built.n_calibration} calibration images)"
+    print(f"{how}; {len(built.tflite)} bytes", file=sys.stderr)
+    if result.edgetpu_path is not None and result.compile_log is not None:
+        log = result.compile_log
+        print(f"compiled: {result.edgetpu_path} ({log.ops_mapped}/{log.ops_total} ops on the Edge TPU)", file=sys.stderr)
+    else:
+        print(f"no Edge TPU file: {result.compile_skipped_reason}", file=sys.stderr)
+    print(f"published {result.manifest_path.stem}: {result.cpu_path}, {result.manifest_path}", file=sys.stderr)
+    print(result.manifest_path.stem)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -260,6 +318,7 @@ COMMANDS = {
     "models list": cmd_models_list,
     "models pull": cmd_models_pull,
     "models check": cmd_models_check,
+    "models build": cmd_models_build,
 }
 
 if __name__ == "__main__":
