@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror", default=None, help="where to fetch Google's source model from (SEGD_MODEL_MIRROR)")
     p.add_argument("--no-compile", action="store_true", help="do not run edgetpu_compiler even if it is on PATH")
     p.add_argument("--no-cache", action="store_true", help="export again even if an identical export is cached")
+
+    from segd import doctor, install
+
+    p = sub.add_parser("doctor", help="check Python, runtime, libedgetpu, Edge TPUs, udev, models; say what to fix")
+    doctor.add_arguments(p)
+    p = sub.add_parser("install-service", help="install the systemd unit, /etc/segd/segd.env and the Coral udev rules")
+    install.add_arguments(p)
     return parser
 
 
@@ -311,6 +318,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from segd import doctor
+
+    return doctor.run(args)
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from segd import install
+
+    return install.run(args)
+
+
 COMMANDS = {
     "segment": cmd_segment,
     "bench": cmd_bench,
@@ -319,6 +338,8 @@ COMMANDS = {
     "models pull": cmd_models_pull,
     "models check": cmd_models_check,
     "models build": cmd_models_build,
+    "doctor": cmd_doctor,
+    "install-service": cmd_install_service,
 }
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from segd.app.settings import Settings, load_settings
+if TYPE_CHECKING:  # the settings module pulls in numpy/OpenCV: not needed to build the CLI parser
+    from segd.app.settings import Settings
 
 LEVELS = ("ok", "info", "warn", "error")
 SERVICE_ENV_FILE = Path("/etc/segd/segd.env")
@@ -68,7 +69,9 @@ class Probe:
 
 
 # --- python and runtimes ---------------------------------------------------------------------
-def check_python(version: tuple[int, ...] | None = None, machine: str | None = None) -> list[Finding]:
+def check_python(
+    version: tuple[int, ...] | None = None, machine: str | None = None
+) -> list[Finding]:
     version = version or tuple(sys.version_info[:3])
     machine = machine or platform.machine()
     shown = ".".join(str(v) for v in version)
@@ -86,7 +89,10 @@ def check_python(version: tuple[int, ...] | None = None, machine: str | None = N
 
 
 def check_runtime(
-    versions: Mapping[str, str | None], chosen: str | None, libedgetpu_version: str | None, accelerator: str
+    versions: Mapping[str, str | None],
+    chosen: str | None,
+    libedgetpu_version: str | None,
+    accelerator: str,
 ) -> list[Finding]:
     """``versions``: runtime name -> installed version (None: not installed); ``chosen``: the one
     segd will use (None: none importable)."""
@@ -96,11 +102,19 @@ def check_runtime(
     def dist(name: str) -> str:
         return RUNTIMES[name][1] if name in RUNTIMES else name
 
-    listed = ", ".join(f"{dist(n)} {v}" if v else f"{dist(n)} not installed" for n, v in versions.items())
+    listed = ", ".join(
+        f"{dist(n)} {v}" if v else f"{dist(n)} not installed" for n, v in versions.items()
+    )
     if chosen is None:
         return [Finding("runtime", "error", f"no TFLite runtime can be imported ({listed})",
                         "pip install ai-edge-litert   (into segd's venv: /opt/segd/bin/pip install ai-edge-litert)")]  # fmt: skip
-    found = [Finding("runtime", "ok", f"{dist(chosen)} {versions.get(chosen)} runs the models (installed: {listed})")]
+    found = [
+        Finding(
+            "runtime",
+            "ok",
+            f"{dist(chosen)} {versions.get(chosen)} runs the models (installed: {listed})",
+        )
+    ]
     warning = compatibility_warning(chosen, versions.get(chosen), libedgetpu_version)
     if warning and accelerator != "cpu":
         found.append(Finding("runtime", "warn" if accelerator == "auto" else "error", warning,
@@ -110,7 +124,9 @@ def check_runtime(
 
 
 # --- libedgetpu and devices ------------------------------------------------------------------
-def check_libedgetpu(status: Any, accelerator: str, packages: Mapping[str, str], env_library: str | None) -> list[Finding]:
+def check_libedgetpu(
+    status: Any, accelerator: str, packages: Mapping[str, str], env_library: str | None
+) -> list[Finding]:
     """``status``: :class:`segd.runtime.edgetpu.EdgeTpuStatus`."""
     level = "error" if accelerator == "edgetpu" else ("info" if accelerator == "cpu" else "warn")
     consequence = {"error": "SEGD_ACCELERATOR=edgetpu: segd will not start",
@@ -123,10 +139,18 @@ def check_libedgetpu(status: Any, accelerator: str, packages: Mapping[str, str],
             fix = f"dpkg lists {pkg} but the loader cannot load it: sudo apt-get install --reinstall {next(iter(packages))}"
         return [Finding("libedgetpu", level, f"{status.reason}; {consequence}", fix)]
     variant = f" [{pkg}]" if pkg else ""
-    return [Finding("libedgetpu", "ok", f"{status.library} loads, version {status.version or 'unknown'}{variant}")]
+    return [
+        Finding(
+            "libedgetpu",
+            "ok",
+            f"{status.library} loads, version {status.version or 'unknown'}{variant}",
+        )
+    ]
 
 
-def dpkg_packages(status_file: Path, names: Iterable[str] = ("libedgetpu1-std", "libedgetpu1-max")) -> dict[str, str]:
+def dpkg_packages(
+    status_file: Path, names: Iterable[str] = ("libedgetpu1-std", "libedgetpu1-max")
+) -> dict[str, str]:
     """Installed versions of the given Debian packages, from dpkg's status database."""
     wanted = set(names)
     found: dict[str, str] = {}
@@ -135,7 +159,11 @@ def dpkg_packages(status_file: Path, names: Iterable[str] = ("libedgetpu1-std", 
     except OSError:
         return found
     for block in text.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(" "))
+        fields = dict(
+            line.split(": ", 1)
+            for line in block.splitlines()
+            if ": " in line and not line.startswith(" ")
+        )
         if fields.get("Package") in wanted and "installed" in fields.get("Status", "").split():
             found[fields["Package"]] = fields.get("Version", "?")
     return found
@@ -167,8 +195,20 @@ def usb_tpus(sysfs: Path, dev: Path) -> list[UsbTpu]:
             continue
         speed = _read(entry / "speed")
         bus, num = _read(entry / "busnum"), _read(entry / "devnum")
-        node = dev / "bus" / "usb" / f"{int(bus):03d}" / f"{int(num):03d}" if bus and num and bus.isdigit() and num.isdigit() else None
-        found.append(UsbTpu(entry, ids[0] or "", ids[1] or "", float(speed) if speed and _is_number(speed) else None, node))
+        node = (
+            dev / "bus" / "usb" / f"{int(bus):03d}" / f"{int(num):03d}"
+            if bus and num and bus.isdigit() and num.isdigit()
+            else None
+        )
+        found.append(
+            UsbTpu(
+                entry,
+                ids[0] or "",
+                ids[1] or "",
+                float(speed) if speed and _is_number(speed) else None,
+                node,
+            )
+        )
     return found
 
 
@@ -215,7 +255,13 @@ def check_usb(sysfs: Path, dev: Path, listed: list[Any]) -> list[Finding]:
         if device.type == "usb" and device.path not in known and device.path.startswith("/sys/"):
             speed = _read(sysfs / Path(device.path).relative_to("/sys") / "speed")
             if speed is None:
-                found.append(Finding("usb", "info", f"{device.path}: link speed not readable (no {device.path}/speed)"))
+                found.append(
+                    Finding(
+                        "usb",
+                        "info",
+                        f"{device.path}: link speed not readable (no {device.path}/speed)",
+                    )
+                )
     for t in tpus:
         where = f"{t.sysfs_path.name} ({t.vendor}:{t.product})"
         if (t.vendor, t.product) == ("1a6e", "089a"):
@@ -237,14 +283,25 @@ def check_usb(sysfs: Path, dev: Path, listed: list[Any]) -> list[Finding]:
 
 def check_pcie(sysfs: Path, dev: Path) -> list[Finding]:
     found = []
-    classes = sorted((sysfs / "class" / "apex").glob("apex_*")) if (sysfs / "class" / "apex").is_dir() else []
+    classes = (
+        sorted((sysfs / "class" / "apex").glob("apex_*"))
+        if (sysfs / "class" / "apex").is_dir()
+        else []
+    )
     nodes = sorted(dev.glob("apex_*"))
     if not classes and not nodes:
         return [Finding("pcie", "info", f"no PCIe/M.2 Edge TPU ({dev}/apex_0 absent)")]
     for node in nodes:
         problem = node_access(node, "apex")
         if problem:
-            found.append(Finding("pcie", "warn", problem, "sudo segd install-service (udev rule: SUBSYSTEM==\"apex\", MODE=\"0660\", GROUP=\"apex\"), then reboot"))
+            found.append(
+                Finding(
+                    "pcie",
+                    "warn",
+                    problem,
+                    'sudo segd install-service (udev rule: SUBSYSTEM=="apex", MODE="0660", GROUP="apex"), then reboot',
+                )
+            )
         else:
             found.append(Finding("pcie", "ok", f"{node} is accessible to group apex"))
     if classes and not nodes:
@@ -253,18 +310,28 @@ def check_pcie(sysfs: Path, dev: Path) -> list[Finding]:
     return found
 
 
-def check_devices(status: Any, accelerator: str, usb: list[UsbTpu], has_pcie: bool, usb_visible: bool = True) -> list[Finding]:
+def check_devices(
+    status: Any, accelerator: str, usb: list[UsbTpu], has_pcie: bool, usb_visible: bool = True
+) -> list[Finding]:
     """What libedgetpu enumerates, compared with what the bus shows (``usb_visible``: this
     machine has a sysfs USB tree to look at)."""
     if not status.loadable:
         if usb or has_pcie:
             return [Finding("devices", "warn", f"an Edge TPU is attached ({len(usb)} USB, PCIe: {'yes' if has_pcie else 'no'}) but libedgetpu is not installed",
                             "install libedgetpu (see the libedgetpu line above)")]  # fmt: skip
-        seen = "no Coral USB Accelerator on the USB bus" if usb_visible else "no USB bus visible here (no /sys/bus/usb: a container?)"
+        seen = (
+            "no Coral USB Accelerator on the USB bus"
+            if usb_visible
+            else "no USB bus visible here (no /sys/bus/usb: a container?)"
+        )
         return [Finding("devices", "info", f"{seen}, no PCIe Edge TPU")]
     if status.devices:
         listed = ", ".join(f"{d.type} {d.path}" for d in status.devices)
-        return [Finding("devices", "ok", f"libedgetpu lists {len(status.devices)} Edge TPU(s): {listed}")]
+        return [
+            Finding(
+                "devices", "ok", f"libedgetpu lists {len(status.devices)} Edge TPU(s): {listed}"
+            )
+        ]
     level = "error" if accelerator == "edgetpu" else ("info" if accelerator == "cpu" else "warn")
     fix = ("plug the USB Accelerator into a USB 3 port; `lsusb -d 18d1:9302` or `lsusb -d 1a6e:089a` must list it. "
            "PCIe/M.2: install gasket-dkms from the Coral apt repository and reboot; /dev/apex_0 must exist")  # fmt: skip
@@ -289,11 +356,25 @@ def check_udev(dirs: Iterable[Path], accelerator: str) -> list[Finding]:
     if usb_rule:
         found.append(Finding("udev", "ok", f"USB Accelerator rule: {usb_rule}"))
     else:
-        found.append(Finding("udev", level, "no udev rule gives the USB Accelerator (18d1:9302 / 1a6e:089a) to plugdev: only root can use it", INSTALL_RULES))
+        found.append(
+            Finding(
+                "udev",
+                level,
+                "no udev rule gives the USB Accelerator (18d1:9302 / 1a6e:089a) to plugdev: only root can use it",
+                INSTALL_RULES,
+            )
+        )
     if apex_rule:
         found.append(Finding("udev", "ok", f"PCIe apex rule: {apex_rule}"))
     else:
-        found.append(Finding("udev", "info", "no udev rule for PCIe /dev/apex_* (only needed for M.2/PCIe Edge TPUs)", "sudo segd install-service"))
+        found.append(
+            Finding(
+                "udev",
+                "info",
+                "no udev rule for PCIe /dev/apex_* (only needed for M.2/PCIe Edge TPUs)",
+                "sudo segd install-service",
+            )
+        )
     return found
 
 
@@ -307,9 +388,21 @@ def check_groups(service: bool) -> list[Finding]:
                 found.append(Finding("groups", "error", f"group {group} does not exist: segd.service (SupplementaryGroups=plugdev apex) fails to start with status 216/GROUP",
                                      f"sudo groupadd --system {group}   (segd install-service does it)"))  # fmt: skip
             else:
-                found.append(Finding("groups", "info", f"group {group} does not exist (segd.service needs it; segd install-service creates it)"))
+                found.append(
+                    Finding(
+                        "groups",
+                        "info",
+                        f"group {group} does not exist (segd.service needs it; segd install-service creates it)",
+                    )
+                )
     if os.geteuid() == 0:
-        found.append(Finding("groups", "info", "running as root: the service gets plugdev and apex through SupplementaryGroups="))
+        found.append(
+            Finding(
+                "groups",
+                "info",
+                "running as root: the service gets plugdev and apex through SupplementaryGroups=",
+            )
+        )
         return found
     user = pwd.getpwuid(os.geteuid()).pw_name
     mine = {_group_name(g).removeprefix("group ") for g in os.getgroups()}
@@ -323,9 +416,18 @@ def check_groups(service: bool) -> list[Finding]:
 
 def check_service(unit: Path, env_file: Path | None) -> list[Finding]:
     if not unit.is_file():
-        return [Finding("service", "warn", f"{unit} is not installed", "sudo /opt/segd/bin/segd install-service")]
+        return [
+            Finding(
+                "service",
+                "warn",
+                f"{unit} is not installed",
+                "sudo /opt/segd/bin/segd install-service",
+            )
+        ]
     found = []
-    exec_line = next((ln for ln in unit.read_text().splitlines() if ln.startswith("ExecStart=")), "")
+    exec_line = next(
+        (ln for ln in unit.read_text().splitlines() if ln.startswith("ExecStart=")), ""
+    )
     exec_path = Path(exec_line.removeprefix("ExecStart=").split(" ")[0]) if exec_line else None
     if exec_path is None or not (exec_path.is_file() and os.access(exec_path, os.X_OK)):
         found.append(Finding("service", "error", f"{unit}: ExecStart points at {exec_path}, which is not an executable file",
@@ -334,9 +436,18 @@ def check_service(unit: Path, env_file: Path | None) -> list[Finding]:
         found.append(Finding("service", "ok", f"{unit} runs {exec_path}"))
     if env_file is not None and env_file.is_file():
         mode = stat.S_IMODE(env_file.stat().st_mode)
-        secret = "SEGD_API_KEY=" in "\n".join(ln for ln in (_read(env_file) or "").splitlines() if not ln.lstrip().startswith("#"))
+        secret = "SEGD_API_KEY=" in "\n".join(
+            ln for ln in (_read(env_file) or "").splitlines() if not ln.lstrip().startswith("#")
+        )
         if secret and mode & 0o004:
-            found.append(Finding("service", "warn", f"{env_file} holds the API key and is world-readable (mode {mode:04o})", f"sudo chmod 600 {env_file}"))
+            found.append(
+                Finding(
+                    "service",
+                    "warn",
+                    f"{env_file} holds the API key and is world-readable (mode {mode:04o})",
+                    f"sudo chmod 600 {env_file}",
+                )
+            )
     if Path("/run/systemd/system").is_dir():
         state = _systemctl_show()
         if state:
@@ -366,12 +477,22 @@ def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
     try:
         manifest = load_manifest(models_dir=mdir)
     except (SegdError, OSError, ValueError) as exc:
-        return [Finding("models", "error", f"cannot read the model manifest: {exc}", "reinstall segd")]
-    names = settings.models or [settings.default_model or manifest.default or next(iter(manifest.variants))]
+        return [
+            Finding("models", "error", f"cannot read the model manifest: {exc}", "reinstall segd")
+        ]
+    names = settings.models or [
+        settings.default_model or manifest.default or next(iter(manifest.variants))
+    ]
     mirror = settings.mirror or model_mirror()
     found: list[Finding] = []
     if not mdir.is_dir():
-        found.append(Finding("models", "info", f"models directory {mdir} does not exist yet (created on the first pull)"))
+        found.append(
+            Finding(
+                "models",
+                "info",
+                f"models directory {mdir} does not exist yet (created on the first pull)",
+            )
+        )
     for name in names:
         if name not in manifest.variants:
             found.append(Finding("models", "error", f"SEGD_MODELS names {name!r}, which is not in the manifest (known: {', '.join(manifest.variants)})",
@@ -380,7 +501,7 @@ def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
         variant = manifest.variants[name]
         specs = [(variant.cpu, True)]
         if variant.edgetpu is not None and settings.accelerator != "cpu":
-            specs.append((variant.edgetpu, tpu_usable))
+            specs.append((variant.edgetpu, tpu_usable or settings.accelerator == "edgetpu"))
         for spec, needed in specs:
             path = mdir / spec.name
             source = mirror or spec.url or "nowhere"
@@ -395,17 +516,36 @@ def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
             try:
                 digest = sha256_file(path)
             except OSError as exc:
-                found.append(Finding("models", "error", f"{name}: cannot read {path}: {exc.strerror}", f"check the permissions of {mdir}"))
+                found.append(
+                    Finding(
+                        "models",
+                        "error",
+                        f"{name}: cannot read {path}: {exc.strerror}",
+                        f"check the permissions of {mdir}",
+                    )
+                )
                 continue
             if digest != spec.sha256:
                 found.append(Finding("models", "error", f"{name}: {path} has sha256 {digest[:16]}…, the manifest says {spec.sha256[:16]}… (corrupt or replaced); segd refuses to load it",
                                      f"segd models pull {name} --force --models-dir {mdir}"))  # fmt: skip
             else:
-                found.append(Finding("models", "ok", f"{name}: {spec.name} present, sha256 {digest[:12]}… matches"))
+                found.append(
+                    Finding(
+                        "models",
+                        "ok",
+                        f"{name}: {spec.name} present, sha256 {digest[:12]}… matches",
+                    )
+                )
     others = [n for n in manifest.variants if n not in names]
     if others:
         present = [n for n in others if (mdir / manifest.variants[n].cpu.name).is_file()]
-        found.append(Finding("models", "info", f"not served: {', '.join(others)} ({len(present)} of them downloaded)"))
+        found.append(
+            Finding(
+                "models",
+                "info",
+                f"not served: {', '.join(others)} ({len(present)} of them downloaded)",
+            )
+        )
     return found
 
 
@@ -424,11 +564,15 @@ def run_checks(probe: Probe) -> list[Finding]:
     except RuntimeUnavailable:
         chosen = None
     findings += check_runtime(versions, chosen, status.version, s.accelerator)
-    findings += check_libedgetpu(status, s.accelerator, dpkg_packages(probe.dpkg_status), probe.env.get(edgetpu.ENV_LIBRARY))
+    findings += check_libedgetpu(
+        status, s.accelerator, dpkg_packages(probe.dpkg_status), probe.env.get(edgetpu.ENV_LIBRARY)
+    )
     usb = usb_tpus(probe.sysfs, probe.dev)
     pcie = check_pcie(probe.sysfs, probe.dev)
     usb_visible = (probe.sysfs / "bus" / "usb" / "devices").is_dir()
-    findings += check_devices(status, s.accelerator, usb, any(f.level != "info" for f in pcie), usb_visible)
+    findings += check_devices(
+        status, s.accelerator, usb, any(f.level != "info" for f in pcie), usb_visible
+    )
     findings += check_usb(probe.sysfs, probe.dev, list(status.devices))
     findings += pcie
     findings += check_udev(probe.udev_dirs, s.accelerator)
@@ -483,15 +627,28 @@ def read_env_file(path: Path) -> dict[str, str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--service", action="store_true",
                    help=f"check the installed service: its settings ({SERVICE_ENV_FILE}), models dir ({SERVICE_MODELS_DIR}) and unit")  # fmt: skip
-    p.add_argument("--env-file", type=Path, default=None, help="read SEGD_* settings from this file (systemd EnvironmentFile syntax)")
+    p.add_argument(
+        "--env-file",
+        type=Path,
+        default=None,
+        help="read SEGD_* settings from this file (systemd EnvironmentFile syntax)",
+    )
     p.add_argument("--config", type=Path, default=None, help="TOML settings file (SEGD_CONFIG)")
-    p.add_argument("--models-dir", type=Path, default=None, help="models directory (SEGD_MODELS_DIR)")
-    p.add_argument("--accelerator", choices=("auto", "cpu", "edgetpu"), default=None, help="check for this accelerator setting (SEGD_ACCELERATOR)")
+    p.add_argument(
+        "--models-dir", type=Path, default=None, help="models directory (SEGD_MODELS_DIR)"
+    )
+    p.add_argument(
+        "--accelerator",
+        choices=("auto", "cpu", "edgetpu"),
+        default=None,
+        help="check for this accelerator setting (SEGD_ACCELERATOR)",
+    )
     p.add_argument("--json", action="store_true", help="findings as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from segd import __version__
+    from segd.app.settings import load_settings
     from segd.runtime import edgetpu
 
     env = dict(os.environ)
@@ -509,7 +666,11 @@ def run(args: argparse.Namespace) -> int:
                 return 2
     config = args.config or (Path(env["SEGD_CONFIG"]) if env.get("SEGD_CONFIG") else None)
     try:
-        settings = load_settings(config, env=env, overrides={"models_dir": args.models_dir, "accelerator": args.accelerator})
+        settings = load_settings(
+            config,
+            env=env,
+            overrides={"models_dir": args.models_dir, "accelerator": args.accelerator},
+        )
     except ValueError as exc:
         print(f"segd doctor: {exc}", file=sys.stderr)
         return 2
@@ -517,7 +678,12 @@ def run(args: argparse.Namespace) -> int:
                   service=args.service, env_file=env_file, env=env)  # fmt: skip
     findings = run_checks(probe)
     if args.json:
-        print(json.dumps({"findings": [asdict(f) for f in findings], "exit_code": exit_code(findings)}, indent=2))
+        print(
+            json.dumps(
+                {"findings": [asdict(f) for f in findings], "exit_code": exit_code(findings)},
+                indent=2,
+            )
+        )
     else:
         header = f"segd doctor — segd {__version__}, {platform.system()} {platform.machine()}, accelerator={settings.accelerator}"
         print(format_report(findings, header))

@@ -58,7 +58,9 @@ class Step:
     note: str = ""
 
     def describe(self, dry_run: bool) -> str:
-        verb = {"mkdir": "create", "write": "write", "keep": "keep", "run": "run", "skip": "skip"}[self.action]
+        verb = {"mkdir": "create", "write": "write", "keep": "keep", "run": "run", "skip": "skip"}[
+            self.action
+        ]
         if dry_run and self.action in ("mkdir", "write", "run"):
             verb = "would " + verb
         mode = f" (mode {self.mode:04o})" if self.mode is not None and self.action != "run" else ""
@@ -78,7 +80,9 @@ def render_unit(template: str, exec_path: str) -> str:
     pattern = re.compile(r"^ExecStart=(\S+)(.*)$", re.MULTILINE)
     found = pattern.findall(template)
     if len(found) != 1:
-        raise InstallError(f"the unit template must have exactly one ExecStart=, found {len(found)}")
+        raise InstallError(
+            f"the unit template must have exactly one ExecStart=, found {len(found)}"
+        )
     return pattern.sub(lambda m: f"ExecStart={exec_path}{m.group(2)}", template)
 
 
@@ -148,7 +152,9 @@ def plan(
             steps.append(Step("mkdir", str(directory), mode=0o755))
     env_path = env_dir / ENV_NAME
     if env_path.exists():
-        steps.append(Step("keep", str(env_path), note="already there; your settings are not touched"))
+        steps.append(
+            Step("keep", str(env_path), note="already there; your settings are not touched")
+        )
     else:
         steps.append(Step("write", str(env_path), env, 0o600, "settings (may hold the API key)"))
     unit_path = unit_dir / UNIT_NAME
@@ -172,7 +178,15 @@ def plan(
                 commands.append(["groupadd", "--system", group])
         if udev:
             commands.append(["udevadm", "control", "--reload-rules"])
-            commands.append(["udevadm", "trigger", "--action=add", "--subsystem-match=usb", "--subsystem-match=apex"])
+            commands.append(
+                [
+                    "udevadm",
+                    "trigger",
+                    "--action=add",
+                    "--subsystem-match=usb",
+                    "--subsystem-match=apex",
+                ]
+            )
         commands.append(["systemctl", "daemon-reload"])
     for cmd in commands:
         if system:
@@ -186,8 +200,6 @@ def check_exec(exec_path: str) -> None:
     path = Path(exec_path)
     if not path.is_absolute():
         raise InstallError(f"ExecStart needs an absolute path, not {exec_path!r}")
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        raise InstallError(f"{exec_path} is not an executable file; pass --prefix or --exec")
     for hidden in ("/home", "/root", "/run/user"):
         if exec_path == hidden or exec_path.startswith(hidden + "/"):
             raise InstallError(
@@ -196,6 +208,8 @@ def check_exec(exec_path: str) -> None:
                 f"sudo /opt/segd/bin/pip install <segd checkout>, then run "
                 f"sudo /opt/segd/bin/segd install-service"
             )
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise InstallError(f"{exec_path} is not an executable file; pass --prefix or --exec")
 
 
 def apply(steps: list[Step], *, dry_run: bool = False, out: TextIO | None = None) -> int:
@@ -238,7 +252,7 @@ def _write_atomic(path: Path, content: str, mode: int) -> None:
         raise
 
 
-def next_steps(user: bool, root: Path) -> str:
+def next_steps(user: bool, root: Path, exec_path: str = DEFAULT_EXEC) -> str:
     where = "~/.config/segd/segd.env" if user else "/etc/segd/segd.env"
     ctl = "systemctl --user" if user else "sudo systemctl"
     lines = [
@@ -247,23 +261,48 @@ def next_steps(user: bool, root: Path) -> str:
         f"  1. review {where} (host, port, API key, models)",
         f"  2. {ctl} enable --now segd     # returns once the models are loaded and warmed up",
         f"  3. {ctl} status segd            # the Status: line names each model's backend",
-        "  4. segd doctor" + ("" if user else " --service") + "         # what is missing, and what to do",
+        f"  4. {'' if user else 'sudo '}{exec_path} doctor{'' if user else ' --service'}   # what is missing, and what to do",
     ]
     if user:
         lines.append("  to start it at boot without logging in: sudo loginctl enable-linger $USER")
-        lines.append(f"  udev rules for the Coral need root: sudo install -m 644 {data_file(RULES_NAME)} /etc/udev/rules.d/")
+        lines.append(
+            f"  udev rules for the Coral need root: sudo install -m 644 {data_file(RULES_NAME)} /etc/udev/rules.d/"
+        )
     if str(root) != "/":
         lines.insert(1, f"(installed under {root}; no system command was run)")
     return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", type=Path, default=Path("/"), help="install under this directory (default /); runs no system commands unless it is /")
-    p.add_argument("--prefix", type=Path, default=None, help="the venv segd is installed in: ExecStart=PREFIX/bin/segd (default: this one)")
-    p.add_argument("--exec", dest="exec_path", default=None, help="full path of the segd executable for ExecStart (overrides --prefix)")
-    p.add_argument("--user", action="store_true", help="install a per-user unit (~/.config/systemd/user) instead of a system service")
-    p.add_argument("--no-udev", dest="udev", action="store_false", help="do not install the Coral udev rules")
-    p.add_argument("--dry-run", action="store_true", help="print what would be done and change nothing")
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=Path("/"),
+        help="install under this directory (default /); runs no system commands unless it is /",
+    )
+    p.add_argument(
+        "--prefix",
+        type=Path,
+        default=None,
+        help="the venv segd is installed in: ExecStart=PREFIX/bin/segd (default: this one)",
+    )
+    p.add_argument(
+        "--exec",
+        dest="exec_path",
+        default=None,
+        help="full path of the segd executable for ExecStart (overrides --prefix)",
+    )
+    p.add_argument(
+        "--user",
+        action="store_true",
+        help="install a per-user unit (~/.config/systemd/user) instead of a system service",
+    )
+    p.add_argument(
+        "--no-udev", dest="udev", action="store_false", help="do not install the Coral udev rules"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print what would be done and change nothing"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -285,5 +324,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     failures = apply(steps, dry_run=args.dry_run)
     if not args.dry_run:
-        print(next_steps(args.user, root))
+        print(next_steps(args.user, root, exec_path))
     return 1 if failures else 0

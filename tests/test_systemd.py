@@ -4,12 +4,13 @@ real daemon, and the unit file checked by systemd's own tools (``systemd-analyze
 from __future__ import annotations
 
 import http.server
+import itertools
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -107,7 +108,7 @@ class _GatedMirror(http.server.SimpleHTTPRequestHandler):
 
 
 def gaps(stamps: list[float]) -> list[float]:
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(stamps)]
 
 
 # --- the protocol, end to end --------------------------------------------------------------------
@@ -115,7 +116,9 @@ def test_ready_only_after_warm_up_then_watchdog_pings_that_stop_while_the_loop_i
     tmp_path: Path, test_data: Path, notify_socket: NotifySocket
 ) -> None:
     handler = type("Gate", (_GatedMirror,), {"gate": threading.Event()})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(test_data)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a: handler(*a, directory=str(test_data))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     empty = tmp_path / "models"
     empty.mkdir()
@@ -182,7 +185,9 @@ def test_a_model_that_cannot_load_never_reports_ready_and_status_says_why(
         time.sleep(0.5)
         status = [m for _, m in notify_socket.lines("STATUS=")][-1]
         assert status.startswith(f"STATUS=not ready: {DM05}=failed (")
-        assert "sha256" in status and "segd models pull --force" in status and "segd doctor" in status
+        assert (
+            "sha256" in status and "segd models pull --force" in status and "segd doctor" in status
+        )
         assert notify_socket.lines("READY=1") == []
         assert notify_socket.lines("WATCHDOG=1") == []
         assert httpx.get(d.url + "/readyz").status_code == 503
@@ -213,7 +218,9 @@ def test_no_notify_socket_means_no_notifier_and_the_debug_routes_need_test_hooks
         ({}, None),
     ],
 )
-def test_watchdog_interval_is_honoured_only_for_this_process(env: dict[str, str], expected: int | None) -> None:
+def test_watchdog_interval_is_honoured_only_for_this_process(
+    env: dict[str, str], expected: int | None
+) -> None:
     assert watchdog_interval(env, 1234) == expected
 
 
@@ -227,3 +234,272 @@ def test_abstract_notify_socket_names_are_supported() -> None:
         assert notifier.send("STATUS=hello")
         assert listener.recv(100) == b"STATUS=hello"
         notifier.close()
+
+
+# --- the unit file, checked by systemd's own tools ------------------------------------------------
+def systemd_analyze() -> str:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.fail(
+            "systemd-analyze is not installed (Debian: apt-get install systemd); scripts/setup test installs it"
+        )
+    return tool
+
+
+def installed_unit(tmp_path: Path) -> Path:
+    """The unit as install-service writes it: ExecStart= is this test run's segd, which exists."""
+    root = tmp_path / "root"
+    proc = subprocess.run([sys.executable, "-m", "segd", "install-service", "--root", str(root), "--no-udev",
+                           "--prefix", sys.prefix], capture_output=True, text=True, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root / "etc" / "systemd" / "system" / "segd.service"
+
+
+def verify(
+    unit: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    # verify exits 0 even for unknown keys or unparsable values ("..., ignoring"): only silence
+    # is a pass. --man=no: Documentation= pages are not looked up (no man-db in CI images).
+    return subprocess.run([systemd_analyze(), *extra, "verify", "--man=no", str(unit)],
+                          capture_output=True, text=True, timeout=60, check=False, env=env)  # fmt: skip
+
+
+def test_installed_unit_passes_systemd_analyze_verify_silently(tmp_path: Path) -> None:
+    unit = installed_unit(tmp_path)
+    template = UNIT.read_text()
+    assert unit.read_text() == template.replace(
+        "ExecStart=/opt/segd/bin/segd serve", f"ExecStart={sys.prefix}/bin/segd serve"
+    )
+    proc = verify(unit)
+    assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
+
+
+def test_verify_would_catch_a_broken_directive(tmp_path: Path) -> None:
+    """The check above means something: the same unit with one bad value is reported."""
+    unit = installed_unit(tmp_path)
+    unit.write_text(unit.read_text().replace("DevicePolicy=closed", "DevicePolicy=shut"))
+    proc = verify(unit)
+    assert "Failed to parse device policy" in proc.stderr
+
+
+def test_user_unit_passes_verify_in_a_user_manager(tmp_path: Path) -> None:
+    from segd.install import render_unit, user_unit
+
+    unit = tmp_path / "segd.service"
+    unit.write_text(user_unit(render_unit(UNIT.read_text(), f"{sys.prefix}/bin/segd")))
+    runtime = tmp_path / "xdg-runtime"
+    runtime.mkdir(mode=0o700)
+    proc = verify(
+        unit, "--user", env={**os.environ, "XDG_RUNTIME_DIR": str(runtime), "HOME": str(tmp_path)}
+    )
+    assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
+    text = unit.read_text()
+    assert (
+        "DynamicUser" not in text
+        and "DeviceAllow" not in text
+        and "WantedBy=default.target" in text
+    )
+    assert "Type=notify" in text and "WatchdogSec=30" in text and "NoNewPrivileges=yes" in text
+
+
+def test_unit_exposure_score_stays_low(tmp_path: Path) -> None:
+    """systemd's own sandbox score (0 = locked down, 10 = fully exposed); segd needs network,
+    USB/PCIe devices and the host /dev, so it can't reach 0, but everything else is closed."""
+    unit = installed_unit(tmp_path)
+    proc = subprocess.run([systemd_analyze(), "security", "--offline=yes", "--no-pager", str(unit)],
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    match = re.search(r"Overall exposure level for segd\.service: (\d+\.\d+)", proc.stdout)
+    assert match, proc.stdout + proc.stderr
+    assert float(match.group(1)) <= 2.0, proc.stdout
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith(("#", "[")) and "=" in line:
+            key, _, value = line.partition("=")
+            values.setdefault(key, []).append(value)
+    return values
+
+
+def test_unit_is_a_supervised_notify_service_with_device_access_and_a_sandbox() -> None:
+    u = unit_settings(UNIT.read_text())
+    one = {k: v[-1] for k, v in u.items()}
+    assert one["Type"] == "notify" and one["NotifyAccess"] == "main"
+    assert (
+        one["Restart"] == "on-failure"
+        and int(one["StartLimitBurst"]) > 1
+        and int(one["StartLimitIntervalSec"]) > 0
+    )
+    assert one["ExecStart"] == "/opt/segd/bin/segd serve"
+    assert one["EnvironmentFile"] == "-/etc/segd/segd.env"
+    # Where pulled models go is the unit's own state directory.
+    assert (
+        one["StateDirectory"] == "segd"
+        and "SEGD_MODELS_DIR=/var/lib/segd/models" in u["Environment"]
+    )
+    # Devices: the groups udev gives the Coral devices, the device classes allowed, and no private
+    # /dev (it would hide /dev/bus/usb) or user namespace (it would unmap plugdev/apex).
+    assert one["DynamicUser"] == "yes" and set(one["SupplementaryGroups"].split()) == {
+        "plugdev",
+        "apex",
+    }
+    assert one["DevicePolicy"] == "closed"
+    assert set(u["DeviceAllow"]) == {"char-usb_device rw", "char-apex rw"}
+    assert one.get("PrivateDevices", "no") == "no" and "PrivateUsers" not in u
+    # libusb's hotplug monitor needs netlink; nothing exotic beyond that.
+    assert set(one["RestrictAddressFamilies"].split()) == {
+        "AF_UNIX",
+        "AF_INET",
+        "AF_INET6",
+        "AF_NETLINK",
+    }
+    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+                       "PrivateTmp": "yes", "CapabilityBoundingSet": ""}.items():  # fmt: skip
+        assert one[key] == value, key
+    assert "MemoryMax" in one
+
+
+def test_unit_timeouts_fit_the_daemon_defaults() -> None:
+    one = {k: v[-1] for k, v in unit_settings(UNIT.read_text()).items()}
+    defaults = Settings()
+    # systemd must not SIGKILL a drain in progress, and the watchdog period segd derives
+    # (WatchdogSec/3) must be far above the event loop's normal latency.
+    assert int(one["TimeoutStopSec"]) > defaults.graceful_timeout
+    assert one["KillMode"] == "mixed"
+    assert int(one["WatchdogSec"]) >= 10 and defaults.watchdog
+    assert int(one["TimeoutStartSec"]) >= 60
+
+
+# --- the settings file --------------------------------------------------------------------------
+def env_lines(text: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(active settings, commented-out examples) of an EnvironmentFile."""
+    active, examples = {}, {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"(#?)(SEGD_[A-Z_]+)=(.*)", line.strip())
+        if m:
+            (examples if m.group(1) else active)[m.group(2)] = m.group(3)
+    return active, examples
+
+
+def test_every_setting_in_the_env_file_is_one_segd_reads_and_the_file_loads() -> None:
+    active, examples = env_lines(ENV_FILE.read_text())
+    assert active and examples
+    known = {"SEGD_" + name.upper() for name in Settings.__dataclass_fields__} | {
+        "SEGD_MODEL_MIRROR"
+    }
+    assert set(active) | set(examples) <= known, (set(active) | set(examples)) - known
+    settings = load_settings(env=active)
+    assert (settings.host, settings.port, settings.accelerator) == ("127.0.0.1", 8080, "auto")
+    for key, value in examples.items():  # each example, uncommented, is a valid setting too
+        load_settings(env={**active, key: value, "SEGD_INSECURE": "1"})
+
+
+# --- udev rules -----------------------------------------------------------------------------------
+UDEV_PAIR = re.compile(r'\s*([A-Z]+(?:\{[^}]+\})?)\s*(==|!=|\+=|-=|:=|=)\s*"([^"]*)"\s*')
+UDEV_MATCH_KEYS = {"SUBSYSTEM", "ENV", "ATTR", "ATTRS", "KERNEL", "ACTION"}
+UDEV_ASSIGN_KEYS = {"MODE", "GROUP", "OWNER", "TAG", "ENV"}
+
+
+def parse_udev_rules(text: str) -> list[list[tuple[str, str, str]]]:
+    """udev's rule syntax: comma-separated KEY[{attr}] OP "value"; match keys use ==/!=."""
+    rules = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        pairs = []
+        for part in line.split(","):
+            m = UDEV_PAIR.fullmatch(part)
+            assert m, f'line {number}: not KEY OP "value": {part!r}'
+            key, op, value = m.groups()
+            base = key.split("{")[0]
+            if op in ("==", "!="):
+                assert base in UDEV_MATCH_KEYS, f"line {number}: {key} is not a match key"
+            else:
+                assert base in UDEV_ASSIGN_KEYS, f"line {number}: {key} cannot be assigned"
+            pairs.append((key, op, value))
+        rules.append(pairs)
+    return rules
+
+
+def test_udev_rules_cover_both_usb_ids_and_the_apex_device() -> None:
+    rules = parse_udev_rules(RULES.read_text())
+    usb = {(dict((k, v) for k, _, v in r)["ATTR{idVendor}"], dict((k, v) for k, _, v in r)["ATTR{idProduct}"]): r
+           for r in rules if ("SUBSYSTEM", "==", "usb") in r}  # fmt: skip
+    assert set(usb) == {("1a6e", "089a"), ("18d1", "9302")}
+    for rule in usb.values():
+        assert ("ENV{DEVTYPE}", "==", "usb_device") in rule  # the device node, not its interfaces
+        assert ("GROUP", "=", "plugdev") in rule and ("MODE", "=", "0660") in rule
+    [apex] = [r for r in rules if ("SUBSYSTEM", "==", "apex") in r]
+    assert ("GROUP", "=", "apex") in apex and ("MODE", "=", "0660") in apex
+
+
+def test_udev_rule_parser_rejects_what_udev_rejects() -> None:
+    with pytest.raises(AssertionError):
+        parse_udev_rules('SUBSYSTEM="usb", GROUP="plugdev"\n')  # assignment to a match-only key
+    with pytest.raises(AssertionError):
+        parse_udev_rules("SUBSYSTEM==usb\n")  # unquoted value
+
+
+# --- install-service ------------------------------------------------------------------------------
+def run_install(*args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if home is not None:
+        env["HOME"] = str(home)
+    return subprocess.run([sys.executable, "-m", "segd", "install-service", *args],
+                          capture_output=True, text=True, timeout=60, check=False, env=env)  # fmt: skip
+
+
+def test_install_service_writes_unit_env_and_rules_under_root_and_runs_nothing(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    proc = run_install("--root", str(root), "--exec", f"{sys.prefix}/bin/segd")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    unit = root / "etc/systemd/system/segd.service"
+    env = root / "etc/segd/segd.env"
+    rules = root / "etc/udev/rules.d/99-coral-edgetpu.rules"
+    assert env.read_text() == ENV_FILE.read_text() and env.stat().st_mode & 0o777 == 0o600
+    assert rules.read_text() == RULES.read_text() and rules.stat().st_mode & 0o777 == 0o644
+    assert f"ExecStart={sys.prefix}/bin/segd serve" in unit.read_text()
+    assert "skip systemctl daemon-reload — not run: installing under" in proc.stdout
+    assert "\nrun " not in proc.stdout
+
+    # Again, after the admin edited the settings: the settings are kept, the unit is unchanged.
+    env.write_text("SEGD_HOST=0.0.0.0\n")
+    again = run_install("--root", str(root), "--exec", f"{sys.prefix}/bin/segd")
+    assert again.returncode == 0
+    assert env.read_text() == "SEGD_HOST=0.0.0.0\n"
+    assert (
+        f"keep {env} — already there" in again.stdout and f"keep {unit} — unchanged" in again.stdout
+    )
+
+
+def test_install_service_dry_run_changes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    proc = run_install("--root", str(root), "--dry-run")
+    assert proc.returncode == 0
+    assert f"would write {root}/etc/systemd/system/segd.service" in proc.stdout
+    assert not root.exists()
+
+
+def test_install_service_refuses_an_executable_the_sandbox_cannot_see(tmp_path: Path) -> None:
+    from segd.install import InstallError, check_exec
+
+    with pytest.raises(InstallError, match="ProtectHome=yes"):
+        check_exec("/home/pi/venv/bin/segd")
+    with pytest.raises(InstallError, match="not an executable file"):
+        check_exec(str(tmp_path / "nope"))
+    if not sys.prefix.startswith(("/home/", "/root/")):
+        check_exec(f"{sys.prefix}/bin/segd")  # this run's own segd is acceptable
+
+
+def test_install_service_user_mode_writes_into_home(tmp_path: Path) -> None:
+    root, home = tmp_path / "root", Path("/home/someone")
+    proc = run_install("--root", str(root), "--user", "--exec", f"{sys.prefix}/bin/segd", home=home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    unit = root / "home/someone/.config/systemd/user/segd.service"
+    assert "EnvironmentFile=-%h/.config/segd/segd.env" in unit.read_text()
+    assert (root / "home/someone/.config/segd/segd.env").is_file()
+    assert not (root / "etc").exists()
+    assert "systemctl --user enable --now segd" in proc.stdout

@@ -183,6 +183,10 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
     app.include_router(routes.public)
     app.include_router(routes.protected)
     app.include_router(page.router)
+    if settings.test_hooks:
+        from segd.app import debug
+
+        app.include_router(debug.router)
     app.add_middleware(RecordRequests, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     return app

@@ -47,7 +47,9 @@ class Notifier:
         self.sent_ready = False
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, pid: int | None = None) -> Notifier | None:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, pid: int | None = None
+    ) -> Notifier | None:
         """A notifier when systemd asked for one (``NOTIFY_SOCKET``), else None. The watchdog is
         on when ``WATCHDOG_USEC`` is set and ``WATCHDOG_PID`` (if set) is this process."""
         env = os.environ if env is None else env
@@ -111,7 +113,9 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> int | None:
 
 def healthy(service: ModelService) -> bool:
     """Serving is healthy when every model can answer (on its device or its CPU twin)."""
-    return all(s.ready or (s.fallback is not None and s.state == "ready") for s in service.slots.values())
+    return all(
+        s.ready or (s.fallback is not None and s.state == "ready") for s in service.slots.values()
+    )
 
 
 def status_line(service: ModelService) -> str:
