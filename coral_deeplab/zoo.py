@@ -48,6 +48,7 @@ __all__ = [
     "PublishResult",
     "build",
     "default_build_name",
+    "describe_report",
     "export_cache_key",
     "from_precompiled",
     "output_geometry",
@@ -241,7 +242,8 @@ def _palette(palette: str | Sequence[Sequence[int]]) -> str | list[list[int]]:
     return [[int(c) for c in rgb] for rgb in palette]
 
 
-def _describe_report(report: CheckReport) -> str:
+def describe_report(report: CheckReport) -> str:
+    """One line: how many ops map and where the Edge TPU segment stops."""
     text = f"{report.n_mapped}/{report.n_ops} ops mapped to the Edge TPU"
     if report.stop_index is not None:
         how = "does not map" if report.stop_certain else "may not map"
@@ -356,7 +358,7 @@ def publish(
     info: dict[str, str | int | float | bool] = {
         "tool": "coral_deeplab.zoo.publish",
         "date": datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat(),
-        "checker": _describe_report(report),
+        "checker": describe_report(report),
     }
     if compile_log is not None:
         info["compiler"] = compile_log.compiler_version or "unknown version"
