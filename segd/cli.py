@@ -236,8 +236,6 @@ def cmd_models_check(args: argparse.Namespace) -> int:
 
 
 def cmd_models_build(args: argparse.Namespace) -> int:
-    import importlib.util
-
     if args.calibration is None:
         print(
             "segd: models build needs --calibration DIR: int8 quantization takes its value ranges from "
@@ -246,7 +244,13 @@ def cmd_models_build(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )  # fmt: skip
         return 2
-    if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("tf_keras") is None:
+    if not args.calibration.is_dir():
+        print(f"segd: --calibration {args.calibration} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        import tensorflow  # noqa: F401  (only to fail early and clearly; zoo.build imports it)
+        import tf_keras  # noqa: F401
+    except ImportError:
         print("segd: models build needs TensorFlow: pip install 'segd[train]'", file=sys.stderr)
         return 2
     from coral_deeplab import zoo
