@@ -1,4 +1,4 @@
-"""``segd`` command line: serve, segment, models list|pull|check|build, bench, doctor, eval."""
+"""``segd`` command line: serve, segment, models list|pull|check|build, bench, doctor, eval, train."""
 
 from __future__ import annotations
 
@@ -83,6 +83,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror", default=None, help="where to fetch Google's source model from (SEGD_MODEL_MIRROR)")
     p.add_argument("--no-compile", action="store_true", help="do not run edgetpu_compiler even if it is on PATH")
     p.add_argument("--no-cache", action="store_true", help="export again even if an identical export is cached")
+
+    p = sub.add_parser(
+        "eval", help="mIoU and per-class IoU of a variant, .tflite file or running daemon on a labelled dataset",
+        description="Evaluate on a PASCAL VOC layout (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/"
+        "<split>.txt) or a folder pair images/ + masks/; mask value 255 is ignored. Writes confusion.csv, "
+        "iou.png and metrics.json to --out.",
+    )  # fmt: skip
+    p.add_argument("--data", type=Path, required=True, help="dataset directory")
+    p.add_argument("--model", default=None, help="variant name or .tflite file (with --url: a served variant)")
+    p.add_argument("--split", default=None, help="split list to use (default: val for VOC, every image for a folder pair)")
+    p.add_argument("--url", default=None, help="evaluate a running daemon, e.g. http://127.0.0.1:8080")
+    p.add_argument("--api-key", default=None, help="API key for --url (or --api-key-file)")
+    p.add_argument("--api-key-file", type=Path, default=None)
+    p.add_argument("--keep-aspect", action="store_true", help="letterbox instead of stretching")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--out", type=Path, default=None, help="report directory (default ./eval-<model>)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _common_model_args(p)
+
+    # argparse only: coral_deeplab.train loads TensorFlow when a training starts.
+    from coral_deeplab import train as cdl_train
+
+    p = sub.add_parser("train", help="fine-tune or train DeepLab on your labelled images, export, publish (needs TensorFlow)",
+                       description=cdl_train.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    cdl_train.add_arguments(p)
 
     from segd import doctor, install
 
@@ -322,6 +347,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from segd import evaluate
+
+    return evaluate.run_cli(args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from coral_deeplab import train
+
+    return train.run(args)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from segd import doctor
 
@@ -344,6 +381,8 @@ COMMANDS = {
     "models build": cmd_models_build,
     "doctor": cmd_doctor,
     "install-service": cmd_install_service,
+    "eval": cmd_eval,
+    "train": cmd_train,
 }
 
 if __name__ == "__main__":

@@ -89,3 +89,12 @@ class WorkerCrashed(SegdError):
 class RequestTimeout(SegdError):
     code = "timeout"
     http_status = 503
+
+
+# --- datasets (evaluation and training) ----------------------------------------------------
+class DatasetError(SegdError):
+    """A dataset directory is not in a layout segd reads, or an image/mask pair is unusable
+    (missing file, undecodable mask, sizes differ, class id out of range)."""
+
+    code = "bad_dataset"
+    http_status = 422
