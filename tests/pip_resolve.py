@@ -29,6 +29,14 @@ WHEEL = re.compile(
 )
 
 
+def cache_dir(request: pytest.FixtureRequest) -> Path:
+    """pytest's cache (kept between runs), or a temporary directory under -p no:cacheprovider."""
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir("pip-cross-resolve"))
+    return Path(request.getfixturevalue("tmp_path_factory").mktemp("pip-cache"))
+
+
 def aarch64_platforms(glibc_minor: int = BOOKWORM_GLIBC_MINOR) -> list[str]:
     return [f"manylinux_2_{m}_aarch64" for m in range(glibc_minor, 16, -1)] + [
         "manylinux2014_aarch64"

@@ -14,6 +14,7 @@ from packaging.requirements import Requirement
 from pip_resolve import (
     BOOKWORM_GLIBC_MINOR,
     aarch64_platforms,
+    cache_dir,
     installable_on,
     resolve,
     wheel_platforms,
@@ -44,7 +45,7 @@ def as_pip_argument(req: Requirement) -> str:
 
 @pytest.fixture(scope="module")
 def pip_cache(request: pytest.FixtureRequest) -> Path:
-    return Path(request.config.cache.mkdir("pip-cross-resolve"))
+    return cache_dir(request)
 
 
 @pytest.mark.parametrize("python", ["3.11", "3.13"])

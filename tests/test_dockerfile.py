@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from daemon import Daemon, free_port, start_daemon
-from pip_resolve import BOOKWORM_GLIBC_MINOR, aarch64_platforms, installable_on, resolve
+from pip_resolve import BOOKWORM_GLIBC_MINOR, aarch64_platforms, cache_dir, installable_on, resolve
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile.arm64"
@@ -370,7 +370,7 @@ def test_build_stage_pip_install_resolves_to_aarch64_wheels_from_the_copied_file
     for ins in build.all("COPY"):
         _, words = ins.flags()
         docker_copy(context, src, words[:-1], words[-1])
-    cache = Path(request.config.cache.mkdir("pip-cross-resolve"))
+    cache = cache_dir(request)
     resolved = resolve([str(src)], "3.11", aarch64_platforms(), cache_dir=cache, work_dir=tmp_path)
     [project] = [r for r in resolved if r.local]
     assert project.name == "segd"
