@@ -176,9 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     google_index = {m.alpha: i for i, m in enumerate(models) if m.kind == "argmax"}
 
     runtime = runners[0].runtime
+    load = os.getloadavg()[0]
     lines = [
         f"{runtime}, CPU, {args.threads} threads, the same process and run for every row; "
-        f"medians of {args.repeats} invokes, timed round-robin, on `bird_segmentation.bmp` at 513x513.",
+        f"medians of {args.repeats} invokes, timed round-robin, on `bird_segmentation.bmp` at 513x513 "
+        f"(1-minute load average at the end: {load:.1f} on {os.cpu_count()} cores; other work on the "
+        "machine inflates all rows alike, so compare rows, not runs).",
         "",
         "| model | ops | Edge TPU check | output | invoke (ms) | + segd upsample/argmax (ms) | total to a 513x513 mask (ms) | invoke, no XNNPACK (ms) | agreement with Google, bird | agreement, cat | bird pixel-IoU vs reference |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",

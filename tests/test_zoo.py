@@ -419,3 +419,26 @@ def test_export_cache_key_changes_with_every_input() -> None:
     ]
     for change in changes:
         assert zoo.export_cache_key(**{**base, **change}) != key, change
+
+
+@pytest.mark.tf
+def test_v3plus_build_publishes_stride_4_logits_and_says_the_decoder_is_untrained(
+    test_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("tensorflow")
+    monkeypatch.setenv("CORAL_DEEPLAB_CACHE", str(tmp_path / "cache"))  # imported weights land here
+    built, result = zoo.build(
+        variant="v3plus", alpha=0.5, input_size=129, calibration=[read_rgb(test_data / "bird.bmp")],
+        models_dir=tmp_path / "models", mirror=str(test_data), cache=False,
+    )  # fmt: skip
+    variant = load_manifest(models_dir=tmp_path / "models").get("cdl_v3plus_dm05_129_pascal")
+    assert variant.output.shape == (1, 33, 33, 21) and variant.output.stride == 4
+    assert variant.output.align_corners  # 129 = 16 * 8 + 1
+    assert "ONLY THE ENCODER IS PRETRAINED" in variant.description
+    # The decoder's bilinear upsample is the one op the checker cannot vouch for.
+    stop = result.report.stop_index
+    assert stop is not None and result.report.rows[stop].op == "RESIZE_BILINEAR"
+    assert not built.from_cache and built.cache_path is None
+    assert list((tmp_path / "cache").glob("*.npz")) and not (tmp_path / "cache" / "exports").exists()
+    seg = Segmenter.open(variant, models_dir=tmp_path / "models")
+    assert seg.segment((test_data / "cat.bmp").read_bytes()).mask.shape == read_rgb(test_data / "cat.bmp").shape[:2]
