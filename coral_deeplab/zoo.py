@@ -269,9 +269,11 @@ def publish(
     The file must have one ``[1, H, W, 3]`` input and one ``[1, h, w, len(labels)]`` logits
     output (strip a resize/argmax tail first with :mod:`coral_deeplab.tflite.surgery`). Writes
     ``<name>.tflite``, ``<name>_edgetpu.tflite`` when ``compile`` and ``edgetpu_compiler`` is on
-    PATH, and last ``<name>.toml`` — each atomically, so a crash leaves no half-published
-    variant that the manifest would describe. Re-publishing a name replaces its files; a name
-    another manifest already defines (Google's built-in variants, another ``.toml``) is refused.
+    PATH, and last ``<name>.toml`` — each atomically (temporary file, fsync, rename), so no
+    file is ever partial and a new variant only exists once its manifest does. Re-publishing a
+    name replaces its files; a crash between the model and the manifest rename leaves a sha256
+    mismatch that segd refuses to load, never a wrong model. A name another manifest already
+    defines (Google's built-in variants, another ``.toml``) is refused.
 
     ``mean``/``std`` describe the float input the network expects, ``(pixel - mean) / std``;
     the default matches :func:`coral_deeplab.export.to_tflite` (raw bytes, scale 1/128, zero
