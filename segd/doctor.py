@@ -38,7 +38,17 @@ CORAL_APT = (
     'echo "deb [signed-by=/usr/share/keyrings/coral-edgetpu.gpg] https://packages.cloud.google.com/apt coral-edgetpu-stable main" | sudo tee /etc/apt/sources.list.d/coral-edgetpu.list\n'
     "sudo apt-get update && sudo apt-get install libedgetpu1-std"
 )
-INSTALL_RULES = "sudo segd install-service   (installs /etc/udev/rules.d/99-coral-edgetpu.rules), then unplug and replug the Accelerator"
+
+
+def _segd_command() -> str:
+    """How to call this segd in a fix line (it need not be on PATH, e.g. /opt/segd/bin/segd)."""
+    from segd.install import default_exec
+
+    return default_exec()
+
+
+SEGD = _segd_command()
+INSTALL_RULES = f"sudo {SEGD} install-service   (installs /etc/udev/rules.d/99-coral-edgetpu.rules), then unplug and replug the Accelerator"
 
 
 @dataclass(frozen=True)
@@ -299,7 +309,7 @@ def check_pcie(sysfs: Path, dev: Path) -> list[Finding]:
                     "pcie",
                     "warn",
                     problem,
-                    'sudo segd install-service (udev rule: SUBSYSTEM=="apex", MODE="0660", GROUP="apex"), then reboot',
+                    f'sudo {SEGD} install-service (udev rule: SUBSYSTEM=="apex", MODE="0660", GROUP="apex"), then reboot',
                 )
             )
         else:
@@ -372,7 +382,7 @@ def check_udev(dirs: Iterable[Path], accelerator: str) -> list[Finding]:
                 "udev",
                 "info",
                 "no udev rule for PCIe /dev/apex_* (only needed for M.2/PCIe Edge TPUs)",
-                "sudo segd install-service",
+                f"sudo {SEGD} install-service",
             )
         )
     return found
@@ -421,7 +431,7 @@ def check_service(unit: Path, env_file: Path | None) -> list[Finding]:
                 "service",
                 "warn",
                 f"{unit} is not installed",
-                "sudo /opt/segd/bin/segd install-service",
+                f"sudo {SEGD} install-service",
             )
         ]
     found = []
@@ -511,7 +521,7 @@ def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
                     level = "error" if needed else "info"
                 what = "" if needed else " (only used with an Edge TPU)"
                 found.append(Finding("models", level, f"{name}: {spec.name} is not in {mdir}{what}; segd fetches it at start-up from {source}",
-                                     f"to fetch it now: segd models pull {name} --models-dir {mdir}"))  # fmt: skip
+                                     f"to fetch it now: {SEGD} models pull {name} --models-dir {mdir}"))  # fmt: skip
                 continue
             try:
                 digest = sha256_file(path)
@@ -527,7 +537,7 @@ def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
                 continue
             if digest != spec.sha256:
                 found.append(Finding("models", "error", f"{name}: {path} has sha256 {digest[:16]}…, the manifest says {spec.sha256[:16]}… (corrupt or replaced); segd refuses to load it",
-                                     f"segd models pull {name} --force --models-dir {mdir}"))  # fmt: skip
+                                     f"{SEGD} models pull {name} --force --models-dir {mdir}"))  # fmt: skip
             else:
                 found.append(
                     Finding(

@@ -24,6 +24,7 @@ STOCK_VERSION = (
     "BuildLabel(COMPILER=6.3.0 20170516,DATE=redacted,TIME=redacted), RuntimeVersion(14)"
 )
 DM1 = "deeplabv3_mnv2_pascal"
+SEGD = f"{sys.prefix}/bin/segd"  # fix lines name the segd of this installation
 
 
 def run_doctor(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -149,7 +150,7 @@ def test_missing_model_files_are_fetched_at_start_and_a_corrupt_one_is_an_error(
     assert proc.returncode == 0, proc.stdout
     assert (f"[WARN] models     {DM1}: deeplabv3_mnv2_pascal_quant.tflite is not in {empty}; segd fetches it at "
             "start-up from https://github.com/google-coral/test_data/raw/master/deeplabv3_mnv2_pascal_quant.tflite") in proc.stdout  # fmt: skip
-    assert f"fix:  to fetch it now: segd models pull {DM1} --models-dir {empty}" in proc.stdout
+    assert f"fix:  to fetch it now: {SEGD} models pull {DM1} --models-dir {empty}" in proc.stdout
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -161,7 +162,7 @@ def test_missing_model_files_are_fetched_at_start_and_a_corrupt_one_is_an_error(
         f"[FAIL] models     {DM1}: {bad}/deeplabv3_mnv2_pascal_quant.tflite has sha256"
         in proc.stdout
     )
-    assert f"fix:  segd models pull {DM1} --force --models-dir {bad}" in proc.stdout
+    assert f"fix:  {SEGD} models pull {DM1} --force --models-dir {bad}" in proc.stdout
 
     unknown = run_doctor(env={**env, "SEGD_MODELS": "deeplab_nope"})
     assert unknown.returncode == 1
