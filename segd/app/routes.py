@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from segd.app.service import ModelService, Result
 from segd.errors import BadParameter, SegdError, UnknownModel
@@ -26,6 +27,19 @@ class Unauthorized(SegdError):
 class UnsupportedContentType(SegdError):
     code = "unsupported_media_type"
     http_status = 415
+
+
+class ClientGone(SegdError):
+    """The client closed the connection (or timed out) before its upload was complete. Nothing
+    can be answered; 499 (nginx's "client closed request") is what the metrics count."""
+
+    code = "client_disconnected"
+    http_status = 499
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
 
 
 def get_service(request: Request) -> ModelService:
@@ -50,7 +64,10 @@ def require_api_key(request: Request) -> None:
 Service = Annotated[ModelService, Depends(get_service)]
 
 public = APIRouter()
-protected = APIRouter(dependencies=[Depends(require_api_key)])
+protected = APIRouter(
+    dependencies=[Depends(require_api_key)],
+    responses={401: {"model": ErrorBody, "description": "missing or wrong API key (when one is configured)"}},
+)
 
 
 # --- health --------------------------------------------------------------------------------
@@ -59,7 +76,8 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@public.get("/readyz", tags=["health"], summary="Every model loaded, self-tested and its device present")
+@public.get("/readyz", tags=["health"], summary="Every model loaded, self-tested and its device present",
+            responses={503: {"description": "not ready: the same document, naming each model's state and error"}})
 async def readyz(service: Service) -> JSONResponse:
     doc = service.readiness()
     return JSONResponse(doc, status_code=200 if doc["ready"] else 503)
@@ -71,7 +89,8 @@ async def list_models(service: Service) -> dict[str, Any]:
     return {"default": service.default, "models": [s.describe() for s in service.slots.values()]}
 
 
-@protected.get("/models/{name}", tags=["models"], summary="One served model")
+@protected.get("/models/{name}", tags=["models"], summary="One served model",
+               responses={404: {"model": ErrorBody, "description": "unknown model"}})
 async def get_model(name: str, service: Service) -> dict[str, Any]:
     if name not in service.slots:
         known = ", ".join(service.slots)
@@ -79,7 +98,8 @@ async def get_model(name: str, service: Service) -> dict[str, Any]:
     return service.slots[name].describe()
 
 
-@protected.get("/metrics", tags=["health"], summary="Prometheus metrics")
+@protected.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse,
+               responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics.registry
     return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -104,11 +124,6 @@ SEGMENT_BODY: dict[str, Any] = {
 }
 
 
-class ErrorBody(BaseModel):
-    error: str
-    detail: str
-
-
 ERRORS = (
     (400, "corrupt, truncated or empty image"),
     (401, "missing or wrong API key"),
@@ -129,6 +144,13 @@ SEGMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 async def read_image(request: Request) -> bytes:
     """The image from a multipart field ``image`` or from a raw image body."""
+    try:
+        return await _read_image(request)
+    except ClientDisconnect:
+        raise ClientGone("the client closed the connection before the upload was complete") from None
+
+
+async def _read_image(request: Request) -> bytes:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         form = await request.form(max_files=4, max_fields=16)

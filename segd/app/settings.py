@@ -34,6 +34,8 @@ class Settings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     queue_size: int = 8  # requests admitted per variant (in flight + waiting); more -> 503
     request_timeout: float = 30.0  # seconds for the whole pipeline of one request
+    header_timeout: float = 10.0  # seconds for a request's line and headers to arrive (slow clients get 408)
+    body_timeout: float = 60.0  # seconds for a request's body to arrive after its headers (408)
     retry_after: int = 1  # seconds, sent with 503 overloaded
     tpu_isolation: bool = True  # run Edge TPU interpreters in a supervised worker process
     tpu_fallback: str = "cpu"  # when the TPU worker dies: "cpu" (serve on the CPU twin) | "503"
@@ -129,7 +131,8 @@ def validate(s: Settings) -> None:
     for name in ("max_upload_bytes", "max_pixels", "queue_size"):
         if getattr(s, name) < 1:
             raise ValueError(f"{name} must be positive")
-    if s.request_timeout <= 0:
-        raise ValueError("request_timeout must be positive")
+    for name in ("request_timeout", "header_timeout", "body_timeout"):
+        if getattr(s, name) <= 0:
+            raise ValueError(f"{name} must be positive")
     if not 0 <= s.port <= 65535:
         raise ValueError(f"port out of range: {s.port}")
