@@ -54,6 +54,7 @@ __all__ = [
     "output_geometry",
     "pascal_export",
     "publish",
+    "require_tensorflow",
     "toml_dumps",
 ]
 
@@ -413,6 +414,19 @@ def publish(
 
 
 # --- pretrained exports (need TensorFlow) ---------------------------------------------------
+
+TF_HINT = "needs TensorFlow: pip install 'segd[train]'"
+
+
+def require_tensorflow(what: str = "building models") -> None:
+    """Import TensorFlow and tf_keras now, or raise ImportError saying what to install — so
+    a command fails in a second with the fix, not after minutes or with a bare traceback."""
+    try:
+        import tensorflow  # noqa: F401
+        import tf_keras  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"{what} {TF_HINT} ({exc})") from exc
+
 
 
 @dataclass(frozen=True)
