@@ -272,14 +272,14 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     if not args.calibration.is_dir():
         print(f"segd: --calibration {args.calibration} is not a directory", file=sys.stderr)
         return 2
-    try:
-        import tensorflow  # noqa: F401  (only to fail early and clearly; zoo.build imports it)
-        import tf_keras  # noqa: F401
-    except ImportError:
-        print("segd: models build needs TensorFlow: pip install 'segd[train]'", file=sys.stderr)
-        return 2
     from coral_deeplab import zoo
     from coral_deeplab.export import ExportError
+
+    try:
+        zoo.require_tensorflow("segd models build")
+    except ImportError as exc:
+        print(f"segd: {exc}", file=sys.stderr)
+        return 2
 
     if args.variant == "v3plus":
         print("segd: warning: v3+ gets pretrained weights for the encoder only; its decoder and logits "
