@@ -16,6 +16,7 @@ atheris) whose figures are in docs/RELIABILITY.md.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -162,8 +163,14 @@ def structure_offsets(data: bytes) -> list[int]:
     length, SOF dimensions), PNG/RIFF chunk lengths and types, TIFF IFD entries, GIF block
     headers, the BMP headers. Mutating there reaches the parsers' edge cases far more often
     than uniform positions in compressed pixel data."""
+    offs: set[int] = set(range(min(len(data), 64)))
+    with contextlib.suppress(struct.error, IndexError):  # a mutated file's structure may end early
+        _walk(data, offs)
+    return sorted(offs)
+
+
+def _walk(data: bytes, offs: set[int]) -> None:
     n = len(data)
-    offs: set[int] = set(range(min(n, 64)))
     if data.startswith(b"\xff\xd8"):
         pos = 2
         while pos + 4 <= n and data[pos] == 0xFF:
@@ -194,17 +201,24 @@ def structure_offsets(data: bytes) -> list[int]:
             offs.update(range(ifd, min(n, ifd + 2 + 12 * count + 4)))
     elif data.startswith(b"GIF"):
         offs.update(i + k for i in range(n) if data[i] in (0x2C, 0x21) for k in range(10) if i + k < n)
-    return sorted(offs)
 
 
 INTERESTING = (0, 1, 2, 3, 7, 8, 0x7F, 0x80, 0xFF, 0x100, 0x3FFF, 0x4000, 0x7FFF, 0x8000, 0xFFFF, 0x10000,
                0xFFFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF)  # fmt: skip
 
 
-@st.composite
-def mutated_images(draw: Callable[..., Any], corpus: dict[str, bytes]) -> bytes:
+def mutated_images(corpus: dict[str, bytes]) -> st.SearchStrategy[bytes]:
     """A seed file with 1-4 structure-aware mutations."""
     names = sorted(corpus)
+
+    @st.composite
+    def mutated(draw: Callable[..., Any]) -> bytes:
+        return _mutate(draw, corpus, names)
+
+    return mutated()
+
+
+def _mutate(draw: Callable[..., Any], corpus: dict[str, bytes], names: list[str]) -> bytes:
     data = bytearray(corpus[draw(st.sampled_from(names))])
     for _ in range(draw(st.integers(1, 4))):
         if not data:
