@@ -118,6 +118,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     resume: bool = False
+    #: Stop after this step with a checkpoint, as an interrupted run would (no final
+    #: evaluation or export); ``resume=True`` continues it. For training in time-boxed chunks.
+    stop_at: int | None = None
     #: Export + check (+ compile) + publish at the end.
     export: bool = True
     publish: bool = True
@@ -166,6 +169,8 @@ class TrainConfig:
         for what, value in (("steps", self.steps), ("batch_size", self.batch_size)):
             if value < 1:
                 raise ValueError(f"{what} must be >= 1")
+        if self.stop_at is not None and self.stop_at < 1:
+            raise ValueError("stop_at must be >= 1")
         if self.freeze_backbone < -1:
             raise ValueError("freeze_backbone must be -1 (always), 0 (never) or a step count")
         for what, hw in (("input_size", self.input_hw()), ("export_size", self.export_hw())):
@@ -205,6 +210,8 @@ class TrainResult:
     #: coral_deeplab.zoo.PublishResult when published.
     published: Any = None
     seconds: float = 0.0
+    #: True when the run ended at ``stop_at`` (resume it to finish).
+    stopped: bool = False
 
     @property
     def miou_before(self) -> float | None:
@@ -465,7 +472,8 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         step_fn: Any = None
         window_cm = np.zeros((n_classes, n_classes), np.int64)
         window_loss: list[float] = []
-        for step in range(start_step, config.steps):
+        end = config.steps if config.stop_at is None else min(config.steps, config.stop_at)
+        for step in range(start_step, end):
             want_frozen = config.freeze_backbone == -1 or step < config.freeze_backbone
             if want_frozen != frozen:
                 frozen = want_frozen
@@ -488,13 +496,20 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
                 manager.save(checkpoint_number=done)
             if config.eval_every and done % config.eval_every == 0 and done != config.steps:
                 record_eval(done)
-        if start_step < config.steps:
+        if end < config.steps:
+            result.stopped = True
+            if int(step_var.numpy()) > start_step:
+                manager.save(checkpoint_number=end)
+        elif start_step < config.steps:
             manager.save(checkpoint_number=config.steps)
             record_eval(config.steps)
     finally:
         bar.close()
         history_file.close()
 
+    if result.stopped:
+        result.seconds = time.perf_counter() - started
+        return result
     configure(False)
     result.weights_path = out / "weights.h5"
     model.save_weights(str(result.weights_path))
@@ -515,12 +530,12 @@ def _export(
     from coral_deeplab.data import load_pair
     from coral_deeplab.tflite.checker import check_model
 
+    # A fresh model at the export size with the trained weights (all size-independent): the
+    # converter also saves the model it is given, and one that has trained carries traced
+    # training functions that make that save markedly slower.
     export_hw = config.export_hw()
-    if export_hw != config.input_hw():
-        serving = builder((*export_hw, 3), alpha=float(config.alpha), n_classes=len(labels))
-        serving.set_weights(model.get_weights())
-    else:
-        serving = model
+    serving = builder((*export_hw, 3), alpha=float(config.alpha), n_classes=len(labels))
+    serving.set_weights(model.get_weights())
     order = np.random.default_rng(config.seed).permutation(len(samples))[: config.num_calibration]
     calibration = [load_pair(samples[int(i)], len(labels))[0] for i in order]
     tflite = export.to_tflite(serving, calibration, num_calibration=len(calibration))
@@ -581,11 +596,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="checkpoint and stop after STEP (continue later with --resume)")
     p.add_argument("--num-calibration", type=int, default=d.num_calibration)
     p.add_argument("--no-export", action="store_true", help="stop after training (weights.h5)")
     p.add_argument("--no-publish", action="store_true", help="export and check, but do not publish")
     p.add_argument("--no-compile", action="store_true", help="do not run edgetpu_compiler even if on PATH")
-    p.add_argument("--models-dir", type=Path, default=None, help="segd models dir to publish into (SEGD_MODELS_DIR)")
+    p.add_argument("--models-dir", type=Path, default=None, help="segd models dir: publish there, find Google's PASCAL model there (SEGD_MODELS_DIR)")
     p.add_argument("--mirror", default=None, help="where to fetch Google's PASCAL model from (SEGD_MODEL_MIRROR)")
     p.add_argument("--description", default="")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -620,9 +636,11 @@ def run(args: argparse.Namespace) -> int:
         train_batchnorm={"auto": None, "yes": True, "no": False}[args.train_batchnorm],
         min_scale=args.min_scale, max_scale=args.max_scale, flip=not args.no_flip, seed=args.seed,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        stop_at=args.stop_at,
         export=not args.no_export, publish=not args.no_publish, compile=not args.no_compile,
         num_calibration=args.num_calibration,
         models_dir=str(args.models_dir) if args.models_dir else None, mirror=args.mirror,
+        source_models_dir=str(args.models_dir) if args.models_dir else None,
         description=args.description,
     )  # fmt: skip
     try:
@@ -650,6 +668,9 @@ def summary(result: TrainResult) -> str:
             f"{n} {'n/a' if v is None else f'{v:.3f}'}" for n, v in zip(result.labels, per_class, strict=True)
         )
         lines.append(f"val mIoU at step {step}: {miou:.4f} ({shown})")
+    if result.stopped:
+        lines.append(f"stopped at step {result.start_step + len(result.losses)} of {result.config.steps}; "
+                     "continue with --resume")  # fmt: skip
     if result.weights_path:
         lines.append(f"weights: {result.weights_path}")
     if result.tflite_path:
