@@ -33,7 +33,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+# Run as `python bench/x.py`, bench/ comes first on sys.path and bench/http.py would shadow the
+# standard library's `http` package: drop that entry before anything imports it.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+REPO = HERE.parent
 for extra in (REPO, REPO / "tests"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))

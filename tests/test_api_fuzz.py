@@ -186,3 +186,31 @@ def test_mutated_real_images_over_http_give_masks_or_json_errors(
     assert wrong == []
     assert seen.get(200, 0) > 0 and seen.get(400, 0) > 0
     assert "Traceback" not in daemon.output()
+
+
+def test_the_api_key_is_never_logged_even_at_debug_level(tmp_path: Path, models_dir: Path, test_data: Path) -> None:
+    """Right and wrong keys, in both headers, on every kind of route: neither the configured key
+    nor what clients sent appears in the log or in any response."""
+    key = "debug-level-key-9c0d"
+    wrong = "wrong-guess-key-77aa"
+    d = start_daemon(tmp_path, models_dir, "--model", DM05, "--accelerator", "cpu",
+                     env={"SEGD_API_KEY": key, "SEGD_LOG_LEVEL": "debug"},)  # fmt: skip
+    bodies = []
+    try:
+        jpeg = (test_data / "bird.bmp").read_bytes()
+        with httpx.Client(base_url=d.url, timeout=60) as c:
+            for headers in ({"X-API-Key": key}, {"Authorization": f"Bearer {key}"}, {"X-API-Key": wrong},
+                            {"Authorization": f"Bearer {wrong}"}, {}):  # fmt: skip
+                for method, path in (("GET", "/models"), ("GET", f"/models/{DM05}"), ("GET", "/metrics"),
+                                     ("GET", "/readyz"), ("GET", "/nope"), ("POST", "/segment")):  # fmt: skip
+                    r = c.request(method, path, headers={**headers, "content-type": "image/bmp"},
+                                  content=jpeg if method == "POST" else None)  # fmt: skip
+                    bodies.append(r.text + str(r.headers))
+            assert c.post("/segment", content=b"junk", headers={"X-API-Key": key, "content-type": "image/png"}).status_code == 415
+    finally:
+        d.stop()
+    log = d.output()
+    assert "DEBUG" in log or "debug" in log.lower()  # the level really was debug
+    for secret in (key, wrong):
+        assert secret not in log
+        assert not any(secret in b for b in bodies)
