@@ -349,7 +349,10 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         applications.CoralDeepLabV3 if config.architecture == "v3" else applications.CoralDeepLabV3Plus
     )
     model = builder((*crop_hw, 3), alpha=float(config.alpha), n_classes=n_classes, weights=None)
-    if config.weights == "pascal_voc":
+    # Resuming, every weight comes from the checkpoint: the start weights are not needed.
+    restoring = config.resume and tf.train.latest_checkpoint(str(ckpt_dir)) is not None
+    start_weights = None if restoring else config.weights
+    if start_weights == "pascal_voc":
         from coral_deeplab.weights import load_pascal_voc
 
         load_pascal_voc(
@@ -359,8 +362,8 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             mirror=config.mirror,
             cache=Path(config.weights_cache) if config.weights_cache else None,
         )  # fmt: skip
-    elif config.weights is not None:
-        model.load_weights(os.fspath(config.weights))
+    elif start_weights is not None:
+        model.load_weights(os.fspath(start_weights))
 
     schedule = keras.optimizers.schedules.PolynomialDecay(
         config.lr(), decay_steps=config.steps, end_learning_rate=0.0, power=0.9

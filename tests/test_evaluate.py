@@ -340,3 +340,21 @@ def test_evaluate_refuses_masks_with_ids_the_model_does_not_have(bird_voc: Path)
         evaluate(samples, all_background, ["a", "b", "c"])
     result = evaluate(samples, all_background, [f"c{i}" for i in range(21)])
     assert isinstance(result, EvalResult) and result.iou[0] == result.pixel_accuracy
+
+
+def test_segd_eval_never_imports_tensorflow(bird_voc: Path, models_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    google_file = models_dir / "deeplabv3_mnv2_dm05_pascal_quant.tflite"
+    code = (
+        "import sys; from segd import cli; "
+        f"rc = cli.main(['eval', '--model', {str(google_file)!r}, '--data', {str(bird_voc)!r}, "
+        f"'--models-dir', {str(models_dir)!r}, '--out', {str(tmp_path / 'o')!r}, '--json']); "
+        "assert rc == 0; "
+        "leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'keras')); "
+        "assert not leaked, leaked"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["model"] == DM05
