@@ -50,6 +50,8 @@ __all__ = [
     "Augment",
     "Sample",
     "augment_pair",
+    "check_masks",
+    "dataset_error",
     "eval_dataset",
     "infer_num_classes",
     "letterbox_pair",
@@ -154,9 +156,20 @@ def infer_num_classes(samples: Sequence[Sample]) -> int:
     return max(2, top + 1)
 
 
-def load_pair(sample: Sample, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB uint8, mask uint8) with every mask value checked to be a class id or 255."""
-    rgb, mask = read_sample(sample)
+def check_masks(samples: Sequence[Sample], n_classes: int) -> None:
+    """Read every mask once and refuse unreadable ones and ids outside ``0..n_classes-1``
+    (255 allowed) — before training starts rather than at the step that meets them."""
+    for sample in samples:
+        try:
+            mask = read_mask(sample.mask.read_bytes())
+        except OSError as exc:
+            raise DatasetError(f"{sample.id}: cannot read {sample.mask}: {exc.strerror}") from exc
+        except DatasetError as exc:
+            raise DatasetError(f"{sample.id}: {sample.mask.name}: {exc.detail}") from exc
+        _check_ids(sample, mask, n_classes)
+
+
+def _check_ids(sample: Sample, mask: np.ndarray, n_classes: int) -> None:
     bad = (mask >= n_classes) & (mask != IGNORE_LABEL)
     if bad.any():
         values = sorted({int(v) for v in np.unique(mask[bad])})[:5]
@@ -164,6 +177,22 @@ def load_pair(sample: Sample, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
             f"{sample.id}: mask {sample.mask.name} holds class id(s) {values} but the model "
             f"has {n_classes} classes (0..{n_classes - 1}; 255 = ignore)"
         )
+
+
+def dataset_error(exc: Exception) -> DatasetError | None:
+    """The DatasetError a tf.data pipeline raised inside ``tf.numpy_function``, recovered
+    from the TensorFlow error that wraps it (None if it is not one)."""
+    message = getattr(exc, "message", str(exc))
+    marker = "DatasetError: "
+    if marker not in message:
+        return None
+    return DatasetError(message.split(marker, 1)[1].splitlines()[0].strip())
+
+
+def load_pair(sample: Sample, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB uint8, mask uint8) with every mask value checked to be a class id or 255."""
+    rgb, mask = read_sample(sample)
+    _check_ids(sample, mask, n_classes)
     return rgb, mask
 
 

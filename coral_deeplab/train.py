@@ -329,6 +329,7 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         val_samples = val_samples[: config.max_val_images]
     labels = resolve_labels(config, train_samples)
     n_classes = len(labels)
+    data.check_masks([*train_samples, *val_samples], n_classes)
     crop_hw = config.input_hw()
     aligned = losses.align_corners_for(crop_hw[0])
 
@@ -506,6 +507,12 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         elif start_step < config.steps:
             manager.save(checkpoint_number=config.steps)
             record_eval(config.steps)
+    except tf.errors.OpError as exc:
+        # A bad sample met inside the tf.data pipeline: report it like the up-front checks.
+        err = data.dataset_error(exc)
+        if err is None:
+            raise
+        raise err from None
     finally:
         bar.close()
         history_file.close()

@@ -425,3 +425,26 @@ def test_folder_pairs_without_lists_hold_out_a_seeded_validation_share(tmp_path:
     assert not {s.id for s in tr} & {s.id for s in va}
     assert data.split_samples(root, val_fraction=0.2, seed=4) == (tr, va)
     assert data.split_samples(root, val_fraction=0.2, seed=5)[1] != va
+
+
+def test_bad_samples_stop_training_with_a_dataset_error_naming_the_file(
+    shapes: Path, source: dict[str, str], tmp_path: Path
+) -> None:
+    samples, _ = data.split_samples(shapes)
+    with pytest.raises(DatasetError, match=r"mask shape_\d+\.png holds class id\(s\) \[2\]"):
+        data.check_masks(samples, 2)
+    # Inside tf.data the error arrives wrapped in a TensorFlow error; it is recovered.
+    with pytest.raises(tf.errors.OpError) as info:
+        next(iter(data.train_dataset(samples, (65, 65), 4, n_classes=2)))
+    recovered = data.dataset_error(info.value)
+    assert isinstance(recovered, DatasetError) and "holds class id(s) [2]" in recovered.detail
+
+    root = tmp_path / "truncated"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for sample in samples[:4]:
+        (root / "images" / sample.image.name).write_bytes(sample.image.read_bytes()[:600])
+        shutil.copy(sample.mask, root / "masks" / sample.mask.name)
+    with pytest.raises(DatasetError, match=r"shape_\d+: JPEG data ends inside a header segment"):
+        train.train(root, name="broken", out_dir=tmp_path / "run", progress=False, input_size=65,
+                    batch_size=2, steps=2, val_fraction=0, eval_before=False, export=False, **source)  # fmt: skip
