@@ -448,3 +448,19 @@ def test_bad_samples_stop_training_with_a_dataset_error_naming_the_file(
     with pytest.raises(DatasetError, match=r"shape_\d+: JPEG data ends inside a header segment"):
         train.train(root, name="broken", out_dir=tmp_path / "run", progress=False, input_size=65,
                     batch_size=2, steps=2, val_fraction=0, eval_before=False, export=False, **source)  # fmt: skip
+
+
+def test_v3plus_from_scratch_trains_batchnorm_statistics(shapes: Path, tmp_path: Path) -> None:
+    from coral_deeplab.applications import CoralDeepLabV3Plus
+
+    result = train.train(shapes, name="scratch", out_dir=tmp_path / "scratch", progress=False,
+                         architecture="v3plus", weights=None, input_size=65, batch_size=4, steps=2,
+                         eval_before=False, eval_every=0, checkpoint_every=0, export=False)  # fmt: skip
+    assert result.config.batchnorm_trains() and result.config.lr() == 1e-3
+    assert all(np.isfinite(v) for _, v in result.losses) and len(result.losses) == 2
+    model = CoralDeepLabV3Plus((65, 65, 3), alpha=0.5, n_classes=3, weights=str(result.weights_path))
+    assert model.output_shape == (None, 17, 17, 3)
+    fresh = CoralDeepLabV3Plus((65, 65, 3), alpha=0.5, n_classes=3)
+    for name in ("Conv_BN", "decoder_conv0_pointwise_BN"):  # moving means moved off their init
+        assert not np.allclose(model.get_layer(name).get_weights()[2], fresh.get_layer(name).get_weights()[2])
+    assert result.evals and result.evals[-1][0] == 2
