@@ -676,7 +676,10 @@ def run_cli(args: Any) -> int:
     if args.url:
         api_key = args.api_key
         if api_key is None and args.api_key_file is not None:
-            api_key = args.api_key_file.read_text().strip()
+            try:
+                api_key = args.api_key_file.read_text().strip()
+            except OSError as exc:
+                raise BadParameter(f"cannot read {args.api_key_file}: {exc.strerror}") from exc
         remote = HttpPredictor(args.url, args.model, api_key=api_key, keep_aspect=args.keep_aspect)
         predict: Predictor = remote
         names, model_name = remote.names, remote.model
