@@ -555,3 +555,43 @@ def test_concurrent_hostile_mix_leaves_no_error_in_the_log(daemon: Daemon, engin
     assert_serving(daemon)
     assert "Traceback" not in daemon.output() and "unexpected error" not in daemon.output()
 
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_concurrent_large_images_wait_for_each_other_instead_of_exhausting_memory(daemon: Daemon) -> None:
+    """Six 19 MP overlays at once (1.4 MB PNGs, far under the upload limit). Before the pixel
+    budget every one was decoded at the same time: +780 MB here, 1.6 GB for eight 40 MP images at
+    the defaults — past the unit's MemoryMax=1G, an OOM kill. Now they queue for the budget
+    (max_pixels by default): measured +260 MB."""
+    side = 4400
+    img = np.zeros((side, side, 3), np.uint8)
+    img[:, :, 0] = np.linspace(0, 255, side, dtype=np.uint8)[None, :]
+    png = cv_encode(img, ".png")
+    pid = daemon.proc.pid
+    base = rss_mb(pid)
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_mb(pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            rs = list(pool.map(lambda _: httpx.post(daemon.url + "/segment", params={"format": "overlay"}, content=png,
+                                                    headers={"content-type": "image/png"}, timeout=120), range(6)))  # fmt: skip
+    finally:
+        stop.set()
+        sampler.join()
+    assert [r.status_code for r in rs] == [200] * 6
+    assert peak[0] - base < 450, f"RSS grew {peak[0] - base:.0f} MB"
+    assert_serving(daemon)

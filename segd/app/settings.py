@@ -33,6 +33,7 @@ class Settings:
     max_upload_bytes: int = 20 * MiB
     max_pixels: int = DEFAULT_MAX_PIXELS
     queue_size: int = 8  # requests admitted per variant (in flight + waiting); more -> 503
+    pixels_in_flight: int = 0  # image pixels processed at once, all requests (0: max_pixels); more wait
     request_timeout: float = 30.0  # seconds for the whole pipeline of one request
     header_timeout: float = 10.0  # seconds for a request's line and headers to arrive (slow clients get 408)
     body_timeout: float = 60.0  # seconds for a request's body to arrive after its headers (408)
@@ -131,6 +132,8 @@ def validate(s: Settings) -> None:
     for name in ("max_upload_bytes", "max_pixels", "queue_size"):
         if getattr(s, name) < 1:
             raise ValueError(f"{name} must be positive")
+    if s.pixels_in_flight < 0:
+        raise ValueError("pixels_in_flight must be 0 (= max_pixels) or positive")
     for name in ("request_timeout", "header_timeout", "body_timeout"):
         if getattr(s, name) <= 0:
             raise ValueError(f"{name} must be positive")
