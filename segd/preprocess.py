@@ -44,6 +44,7 @@ from segd.errors import BadImage, BadParameter, EmptyImage, ImageTooLarge, Unsup
 __all__ = [
     "ALPHA_BACKGROUND",
     "PAD_VALUE",
+    "PNG_MAX_METADATA_CHUNKS",
     "DecodedImage",
     "ImageHeader",
     "apply_orientation",
@@ -81,6 +82,11 @@ _CV_DEFAULT_LIMITS = {
 # Per-format side limits of the libraries OpenCV uses: libpng's default user limit and
 # libjpeg's JPEG_MAX_DIMENSION (a SOF may declare up to 65535).
 _FORMAT_MAX_SIDE = {"png": 1_000_000, "jpeg": 65_500}
+
+PNG_MAX_METADATA_CHUNKS = 64
+"""PNG chunks other than image data (IDAT, and APNG's fcTL/fdAT) a file may have. Real files
+have a dozen at most; libpng prints a warning line on stderr for each malformed one, so a 1 MB
+upload of 100,000 broken tEXt chunks wrote 100,000 lines into the daemon's log."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,6 +391,7 @@ def _probe_png(data: bytes) -> ImageHeader:
     frames = 1
     seen_idat = False
     seen_exif = False
+    metadata = 0
     defect: str | None = "PNG data has no IEND chunk (truncated)"
     pos = 33
     unpack = struct.unpack_from
@@ -399,6 +406,10 @@ def _probe_png(data: bytes) -> ImageHeader:
         if ctag == b"IEND":
             defect = None if seen_idat else "PNG has no image data (IDAT)"
             break
+        if ctag not in (b"IDAT", b"fcTL", b"fdAT"):
+            metadata += 1
+            if metadata > PNG_MAX_METADATA_CHUNKS:
+                raise BadImage(f"PNG has more than {PNG_MAX_METADATA_CHUNKS} metadata chunks")
         if ctag == b"IDAT":
             seen_idat = True
         elif ctag == b"tRNS":

@@ -20,6 +20,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -594,4 +595,40 @@ def test_concurrent_large_images_wait_for_each_other_instead_of_exhausting_memor
         sampler.join()
     assert [r.status_code for r in rs] == [200] * 6
     assert peak[0] - base < 450, f"RSS grew {peak[0] - base:.0f} MB"
+    assert_serving(daemon)
+
+
+def _tiff_with_unknown_tags(n: int) -> bytes:
+    """An 8x8 grey TIFF whose IFD also holds ``n`` private tags libtiff does not know (each is
+    a warning line from OpenCV's TIFF reader)."""
+    h = w = 8
+    known = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 0),
+             (277, 3, 1, 1), (278, 4, 1, h), (279, 4, 1, h * w)]  # fmt: skip
+    entries = sorted(known + [(40000 + i, 3, 1, 0) for i in range(n)])
+    pix_off = 8 + 2 + 12 * len(entries) + 4
+    out = b"II*\x00" + struct.pack("<IH", 8, len(entries))
+    for tag, typ, cnt, val in entries:
+        out += struct.pack("<HHII", tag, typ, cnt, pix_off if tag == 273 else val)
+    return out + struct.pack("<I", 0) + bytes(range(64))
+
+
+def test_one_upload_cannot_flood_the_log(daemon: Daemon) -> None:
+    """Codec libraries print a line per oddity: 100,000 broken PNG text chunks (1.2 MB) wrote
+    100,000 lines, a TIFF with 3000 unknown tags 3000. Now the PNG is refused from its header
+    (over 64 metadata chunks) and OpenCV's warnings are off in the daemon (errors stay)."""
+    png = cv_encode(_photo(8, 8), ".png")
+    broken_text = struct.pack(">I", 0) + b"tEXt" + struct.pack(">I", zlib.crc32(b"tEXt"))
+    flood_png = png[:33] + broken_text * 100_000 + png[33:]
+    tiff = _tiff_with_unknown_tags(3000)
+    before = len(daemon.output().splitlines())
+    with httpx.Client(base_url=daemon.url, timeout=60) as c:
+        r = c.post("/segment", content=flood_png, headers={"content-type": "image/png"})
+        assert r.status_code == 400 and error_of(r) == "bad_image" and "metadata chunks" in r.json()["detail"]
+        ok = png[:33] + broken_text * 60 + png[33:]  # a few broken chunks: decoded, a few lines
+        assert c.post("/segment", content=ok, headers={"content-type": "image/png"}).status_code == 200
+        r = c.post("/segment", content=tiff, headers={"content-type": "image/tiff"})
+        assert r.status_code == 200, r.text
+    time.sleep(0.3)
+    added = len(daemon.output().splitlines()) - before
+    assert added <= 100, f"{added} log lines for three uploads"
     assert_serving(daemon)
