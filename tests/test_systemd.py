@@ -195,6 +195,30 @@ def test_a_model_that_cannot_load_never_reports_ready_and_status_says_why(
         d.stop()
 
 
+def test_a_failed_model_is_reported_but_the_healthy_one_still_gets_ready_and_watchdog(
+    tmp_path: Path, notify_socket: NotifySocket, models_dir: Path, test_data: Path
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    good = "deeplabv3_mnv2_pascal_quant.tflite"
+    (models / good).write_bytes((models_dir / good).read_bytes())
+    (models / "deeplabv3_mnv2_dm05_pascal_quant.tflite").write_bytes(b"not the model")
+    d = start_daemon(tmp_path, models, "--model", "deeplabv3_mnv2_pascal", "--model", DM05,
+                     "--accelerator", "cpu", env=notify_env(notify_socket), wait="healthy")  # fmt: skip
+    try:
+        notify_socket.wait_for("READY=1", 60)
+        time.sleep(1.0)
+        status = [m for _, m in notify_socket.lines("STATUS=")][-1]
+        assert "deeplabv3_mnv2_pascal=cpu" in status and f"{DM05}=failed (" in status
+        assert len(notify_socket.lines("WATCHDOG=1")) >= 5  # serving: no restart loop
+        assert httpx.get(d.url + "/readyz").status_code == 503  # /readyz still says not all loaded
+        r = httpx.post(d.url + "/segment", content=(test_data / "bird.bmp").read_bytes(),
+                       headers={"content-type": "image/bmp"}, timeout=60)  # fmt: skip
+        assert r.status_code == 200  # the healthy (default) model answers
+    finally:
+        d.stop()
+
+
 def test_no_notify_socket_means_no_notifier_and_the_debug_routes_need_test_hooks(
     tmp_path: Path, models_dir: Path
 ) -> None:

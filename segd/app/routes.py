@@ -203,7 +203,11 @@ async def segment(
 ) -> Response:
     slot = service.slot(model)  # 404 before reading a large body for nothing
     request.state.model = slot.name
-    data = await read_image(request)
-    result = await service.segment(slot.name, data, fmt=format, keep_aspect=keep_aspect, overlay_format=overlay_format)
+    # The upload is read only once the model's queue admits the request (a full queue answers
+    # 503 without holding anyone's body in memory).
+    result = await service.segment(
+        slot.name, lambda: read_image(request), fmt=format, keep_aspect=keep_aspect,
+        overlay_format=overlay_format,
+    )  # fmt: skip
     request.app.state.metrics.observe_stages(result.model, result.timings)
     return result_response(result)

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -310,9 +311,11 @@ class ModelService:
         return self.slots[key]
 
     async def segment(
-        self, name: str | None, data: bytes, *, fmt: str = "png", keep_aspect: bool = False,
-        overlay_format: str = "jpeg",
+        self, name: str | None, body: bytes | Callable[[], Awaitable[bytes]], *, fmt: str = "png",
+        keep_aspect: bool = False, overlay_format: str = "jpeg",
     ) -> Result:  # fmt: skip
+        """Segment ``body`` (the image bytes, or a coroutine function reading them: then the
+        upload is read only once the request is admitted, so a full queue never holds bodies)."""
         if fmt not in FORMATS:
             raise BadParameter(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
         if overlay_format not in ("jpeg", "png"):
@@ -324,6 +327,11 @@ class ModelService:
             raise Overloaded(f"model {slot.name!r} has {slot.queued} requests queued (limit {self.settings.queue_size})")
         slot.queued += 1
         slot.requests += 1
+        try:
+            data = body if isinstance(body, bytes) else await body()
+        except BaseException:
+            slot.queued -= 1
+            raise
         t0 = time.perf_counter()
         try:
             result = await asyncio.wait_for(

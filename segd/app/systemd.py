@@ -4,9 +4,12 @@ AF_UNIX socket named by ``$NOTIFY_SOCKET`` (a path, or ``@name`` in the abstract
 Why in segd and not a library: the protocol is one ``sendto`` per message, and what matters is
 *when* segd sends each one:
 
-- ``READY=1`` only once every served model is loaded and has passed its warm-up / self-test
-  (``ModelService.ready()``), so ``systemctl start segd`` returns when ``/readyz`` is 200, and a
-  unit ordered ``After=segd.service`` finds it able to answer.
+- ``READY=1`` only once loading is over (every served model loaded and warmed up / self-tested,
+  or failed) and at least one model answers (:func:`serving`). Normally that is exactly when
+  ``/readyz`` turns 200. A model that failed to load (a corrupt file, say) keeps ``/readyz`` at
+  503 and is named in ``STATUS=``, but it does not hold the others hostage: a restart would not
+  mend it, and a restart loop would take the healthy models down with it. With no model able to
+  answer there is no READY=1, and systemd's start timeout restarts the service.
 - ``WATCHDOG=1`` every ``WATCHDOG_USEC / 3`` from a task on the event loop that serves HTTP, and
   only while every model can answer (on its device or its CPU twin). A wedged loop sends nothing,
   and neither does a service whose Edge TPU vanished with no CPU fallback; after ``WatchdogSec=``
@@ -27,7 +30,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from segd.app.service import ModelService
+    from segd.app.service import ModelService, ModelSlot
     from segd.app.settings import Settings
 
 log = logging.getLogger("segd")
@@ -79,7 +82,7 @@ class Notifier:
                 self.send("STATUS=" + line)
                 last_status = line
 
-        while not service.ready():
+        while not serving(service):
             status(status_line(service))
             await asyncio.sleep(poll)
         self.send("READY=1\nSTATUS=" + status_line(service))
@@ -111,11 +114,21 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> int | None:
     return int(usec)
 
 
+def can_answer(slot: ModelSlot) -> bool:
+    """The model answers requests, on its device or on its CPU twin."""
+    return slot.ready or (slot.fallback is not None and slot.state == "ready")
+
+
+def serving(service: ModelService) -> bool:
+    """Start-up is over and at least one model answers: the moment for READY=1."""
+    return service.loaded.is_set() and any(can_answer(s) for s in service.slots.values())
+
+
 def healthy(service: ModelService) -> bool:
-    """Serving is healthy when every model can answer (on its device or its CPU twin)."""
-    return all(
-        s.ready or (s.fallback is not None and s.state == "ready") for s in service.slots.values()
-    )
+    """Healthy while every model that loaded can answer (on its device or its CPU twin); a model
+    that failed at start-up is reported, not restarted for."""
+    loaded = [s for s in service.slots.values() if s.state != "failed"]
+    return bool(loaded) and all(can_answer(s) for s in loaded)
 
 
 def status_line(service: ModelService) -> str:
