@@ -53,6 +53,32 @@ class UnknownModel(SegdError):
     http_status = 404
 
 
+# --- HTTP requests ------------------------------------------------------------------------
+class Unauthorized(SegdError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class UnsupportedContentType(SegdError):
+    """The request body is not multipart/form-data, image/* or application/octet-stream."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class UploadTooLarge(SegdError):
+    code = "upload_too_large"
+    http_status = 413
+
+
+class ClientGone(SegdError):
+    """The client closed the connection (or timed out) before its upload was complete. Nothing
+    can be answered; 499 (nginx's "client closed request") is what the metrics count."""
+
+    code = "client_disconnected"
+    http_status = 499
+
+
 # --- models and runtimes ------------------------------------------------------------------
 class ModelError(SegdError):
     """A model file or manifest entry is missing, corrupt or does not match the manifest."""
@@ -73,6 +99,11 @@ class RuntimeUnavailable(SegdError):
     """A runtime or accelerator cannot be used (library missing, no device, delegate failed)."""
 
     code = "runtime_unavailable"
+    http_status = 503
+
+
+class ModelNotReady(SegdError):
+    code = "model_not_ready"
     http_status = 503
 
 

@@ -20,7 +20,7 @@ from segd import __version__
 from segd.app.metrics import Metrics
 from segd.app.service import ModelService
 from segd.app.settings import Settings
-from segd.errors import SegdError
+from segd.errors import SegdError, UploadTooLarge
 from segd.variants import Manifest, load_manifest
 
 log = logging.getLogger("segd")
@@ -34,11 +34,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 RETRY_STATUSES = {503}
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
               413: "upload_too_large", 415: "unsupported_media_type", 422: "bad_parameter"}  # fmt: skip
-
-
-class UploadTooLarge(SegdError):
-    code = "upload_too_large"
-    http_status = 413
 
 
 def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:

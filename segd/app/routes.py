@@ -14,27 +14,9 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from segd.app.service import ModelService, Result
-from segd.errors import BadParameter, SegdError, UnknownModel
+from segd.errors import BadParameter, ClientGone, Unauthorized, UnknownModel, UnsupportedContentType
 
 RAW_TYPES = ("image/", "application/octet-stream")
-
-
-class Unauthorized(SegdError):
-    code = "unauthorized"
-    http_status = 401
-
-
-class UnsupportedContentType(SegdError):
-    code = "unsupported_media_type"
-    http_status = 415
-
-
-class ClientGone(SegdError):
-    """The client closed the connection (or timed out) before its upload was complete. Nothing
-    can be answered; 499 (nginx's "client closed request") is what the metrics count."""
-
-    code = "client_disconnected"
-    http_status = 499
 
 
 class ErrorBody(BaseModel):

@@ -27,11 +27,12 @@ from segd.bench import probe_jpeg
 from segd.engine import Segmentation, Segmenter, open_runner
 from segd.errors import (
     BadParameter,
-    ModelError,
+    ModelNotReady,
     Overloaded,
     RequestTimeout,
     RuntimeUnavailable,
     SegdError,
+    UnknownModel,
     WorkerCrashed,
 )
 from segd.variants import Manifest, Variant
@@ -40,11 +41,6 @@ log = logging.getLogger("segd")
 
 SELFTEST_AGREEMENT = 0.98  # Edge TPU mask vs CPU twin on the probe image (Coral's own bar)
 FORMATS = ("png", "json", "overlay")
-
-
-class ModelNotReady(SegdError):
-    code = "model_not_ready"
-    http_status = 503
 
 
 class PixelBudget:
@@ -307,7 +303,7 @@ class ModelService:
         key = name or self.default
         if key not in self.slots:
             self.manifest.get(key)  # raises UnknownModel listing the known ones
-            raise ModelNotReady(f"model {key!r} is in the manifest but not served here; served: {', '.join(self.slots)}")
+            raise UnknownModel(f"model {key!r} is in the manifest but not served here; served: {', '.join(self.slots)}")
         return self.slots[key]
 
     async def segment(
@@ -435,7 +431,7 @@ class ModelService:
         self.cpu_pool.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["ModelError", "ModelNotReady", "ModelService", "ModelSlot", "Result"]
+__all__ = ["ModelService", "ModelSlot", "Result"]
 
 
 def device_present(wanted: str | None, devices: list[Any]) -> bool:
