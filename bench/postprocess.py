@@ -156,11 +156,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=None, help="coral test data dir")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--no-check", action="store_true", help="skip the float64 reference check")
+    ap.add_argument("--write", action="store_true", help="update docs/PERFORMANCE.md")
     args = ap.parse_args(argv)
     rows = run(args.data, repeats=args.repeats, check=not args.no_check)
-    print(f"numpy {np.__version__}, opencv {cv2.__version__} ({cv2.getNumThreads()} threads), "
-          f"{os.cpu_count()} CPUs; median of up to {args.repeats} runs\n")  # fmt: skip
-    print(markdown(rows))
+    head = (f"numpy {np.__version__}, opencv {cv2.__version__} ({cv2.getNumThreads()} threads), "
+            f"{os.cpu_count()} CPUs; median of up to {args.repeats} runs; logits of Coral's DM1 model "
+            "on each image (stretched to 513x513), upsampled to the output size.")  # fmt: skip
+    text = f"{head}\n\n{markdown(rows)}\n\nReproduce: `.venv/bin/python bench/postprocess.py --write`"
+    print(text)
+    if args.write:
+        from bench.report import write_section
+
+        write_section("Postprocess: exact upsample + argmax vs naive", text)
     return 0 if all(r["exact"] is not False for r in rows) else 1
 
 

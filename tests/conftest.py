@@ -78,6 +78,15 @@ FAKE_EDGETPU_VARS = (
 )
 
 
+@pytest.fixture(autouse=True)
+def no_edgetpu_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts on a machine without libedgetpu, unless it asks for the double
+    (``fake_edgetpu``) or sets the library itself. Needed because the dynamic loader resolves a
+    bare ``libedgetpu.so.1`` to any library of that soname already loaded in the process — the
+    double, once an earlier test in this pytest process has loaded it."""
+    monkeypatch.setenv("SEGD_EDGETPU_LIBRARY", "/nonexistent/libedgetpu.so.1")
+
+
 @pytest.fixture(scope="session")
 def edgetpu_double(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fake libedgetpu (tests/edgetpu_double/fake_edgetpu.c) built with gcc as
