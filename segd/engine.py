@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from segd import postprocess, preprocess
-from segd.errors import ModelError, RuntimeUnavailable
+from segd.errors import ModelError, RequestTimeout, RuntimeUnavailable, WorkerCrashed
 from segd.preprocess import DecodedImage
 from segd.runtime import Runner, open_cpu
 from segd.variants import FileSpec, Variant, check_tensor, read_verified, resolve_file
@@ -117,10 +117,13 @@ def open_runner(
                     runtime=runtime, num_threads=num_threads, mirror=mirror,
                     download=download, factory=edgetpu_factory,
                 )  # fmt: skip
-            except RuntimeUnavailable as exc:
+            except (RuntimeUnavailable, WorkerCrashed, RequestTimeout, ModelError) as exc:
+                # auto: anything wrong on the Edge TPU side (no library or device, a delegate
+                # that fails or a worker that dies while opening, a missing or corrupt TPU file)
+                # leaves the CPU twin, with the reason recorded.
                 if accelerator == "edgetpu":
                     raise
-                reason = exc.detail
+                reason = exc.detail if isinstance(exc, RuntimeUnavailable) else f"Edge TPU unusable: {exc.detail}"
     path = resolve_file(variant.cpu, models_dir, mirror=mirror, download=download)
     runner = open_cpu(model_bytes(variant, variant.cpu, path), runtime=runtime, num_threads=num_threads)
     check_runner(variant, runner, path)

@@ -253,3 +253,41 @@ def test_daemon_reports_why_the_compiled_coral_file_could_not_be_used(
     finally:
         d.stop()
 
+
+
+@pytest.mark.parametrize(
+    ("fake", "reason"),
+    [
+        ({"mode": "crash_on_create"}, "Edge TPU unusable: "),  # libedgetpu aborts while opening
+        ({"mode": "crash_on_invoke", "crash_after": "0"}, "Edge TPU failed its warm-up: "),
+    ],
+)
+def test_an_edgetpu_that_crashes_at_start_up_leaves_the_variant_on_its_cpu_twin(
+    tpu_daemon_factory: object, test_data: Path, fake: dict[str, str], reason: str
+) -> None:
+    d = tpu_daemon_factory(**fake)  # type: ignore[operator]
+    info = httpx.get(d.url + "/models/tpu_dm05").json()
+    assert info["state"] == "ready" and info["backend"] == "cpu"
+    assert info["reason"].startswith(reason) and "SIGABRT" in info["reason"], info["reason"]
+    assert httpx.get(d.url + "/readyz").status_code == 200
+    r = segment(d, (test_data / "bird.bmp").read_bytes())
+    assert r.status_code == 200 and r.headers["x-segd-backend"] == "cpu"
+
+
+def test_a_hung_edgetpu_is_cut_off_after_tpu_timeout_and_the_cpu_twin_answers(
+    tmp_path: Path, tpu_models: Path, edgetpu_double: Path, test_data: Path
+) -> None:
+    env = tpu_env(edgetpu_double, mode="hang_on_invoke", crash_after="2")
+    env.update({"SEGD_TPU_TIMEOUT": "1", "SEGD_WORKER_RESTART_BASE": "0.2"})
+    d = start_daemon(tmp_path, tpu_models, "--model", "tpu_dm05", env=env)
+    try:
+        data = (test_data / "bird.bmp").read_bytes()
+        assert segment(d, data).headers["x-segd-backend"] == "edgetpu"  # invoke 2 of 2 good ones
+        t = time.monotonic()
+        r = segment(d, data)  # the worker hangs: killed after 1 s, the CPU twin answers
+        assert r.status_code == 200 and r.headers["x-segd-backend"] == "cpu"
+        assert 0.9 < time.monotonic() - t < 10
+        wait_for(lambda: httpx.get(d.url + "/models/tpu_dm05").json()["worker"]["state"] == "ready")
+        assert segment(d, data).headers["x-segd-backend"] == "edgetpu"
+    finally:
+        d.stop()

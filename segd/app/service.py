@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -24,7 +25,7 @@ import numpy as np
 from segd import encode, preprocess
 from segd.app.settings import Settings
 from segd.bench import probe_jpeg
-from segd.engine import Segmentation, Segmenter, open_runner
+from segd.engine import Segmentation, Segmenter, open_runner, summary
 from segd.errors import (
     BadParameter,
     ModelNotReady,
@@ -33,14 +34,28 @@ from segd.errors import (
     RuntimeUnavailable,
     SegdError,
     UnknownModel,
-    WorkerCrashed,
 )
+from segd.postprocess import class_pixel_counts
 from segd.variants import Manifest, Variant
 
 log = logging.getLogger("segd")
 
 SELFTEST_AGREEMENT = 0.98  # Edge TPU mask vs CPU twin on the probe image (Coral's own bar)
 FORMATS = ("png", "json", "overlay")
+
+
+async def in_thread(executor: Executor, fn: Any, *args: Any) -> Any:
+    """Run ``fn`` on ``executor``. If the awaiting request is cancelled (timeout, client gone)
+    while the thread runs, wait for the thread before unwinding: its memory stays in use until
+    it returns, so the pixel budget must not be released earlier."""
+    job = executor.submit(fn, *args)
+    try:
+        return await asyncio.shield(asyncio.wrap_future(job))
+    except asyncio.CancelledError:
+        if not job.cancel():  # already running: let it finish
+            with contextlib.suppress(BaseException):
+                await asyncio.wrap_future(job)
+        raise
 
 
 class PixelBudget:
@@ -180,16 +195,17 @@ class ModelService:
         self.pixel_budget = PixelBudget(settings.pixels_in_flight or settings.max_pixels)
         self.loaded = threading.Event()
         self.stopping = threading.Event()
-        self.worker_restarts_seen: dict[str, int] = {}
 
     # --- loading -----------------------------------------------------------------------
     def load_all(self) -> None:
         """Load and self-test every slot (runs in a background thread at start-up)."""
-        for slot in self.slots.values():
-            if self.stopping.is_set():
-                break
-            self.load(slot)
-        self.loaded.set()
+        try:
+            for slot in self.slots.values():
+                if self.stopping.is_set():
+                    break
+                self.load(slot)
+        finally:
+            self.loaded.set()
 
     def _open(self, variant: Variant, accelerator: str) -> Segmenter:
         s = self.settings
@@ -208,41 +224,60 @@ class ModelService:
 
         s = self.settings
         return edgetpu_worker_factory(
-            runtime=s.runtime, num_threads=s.threads, call_timeout=s.request_timeout,
+            runtime=s.runtime, num_threads=s.threads, call_timeout=s.tpu_timeout,
             backoff_base=s.worker_restart_base, backoff_max=s.worker_restart_max,
         )  # fmt: skip
 
     def load(self, slot: ModelSlot) -> None:
+        """Open, warm up and self-test one variant. An Edge TPU that fails any step (opening,
+        warm-up, or agreement with its CPU twin) leaves the variant on the CPU twin, with the
+        reason; only a variant that cannot run at all is marked failed."""
         t0 = time.perf_counter()
+        primary: Segmenter | None = None
+        fallback: Segmenter | None = None
         try:
             primary = self._open(slot.variant, self.settings.accelerator)
-            fallback = None
             if primary.backend == "edgetpu":
                 fallback = self._open(slot.variant, "cpu")
-                agreement = self._compare(primary, fallback)
-                slot.selftest = {"probe": "synthetic", "tpu_vs_cpu_agreement": round(agreement, 5),
-                                 "required": SELFTEST_AGREEMENT, "passed": agreement > SELFTEST_AGREEMENT}  # fmt: skip
-                if agreement <= SELFTEST_AGREEMENT:
-                    log.error("%s: Edge TPU self-test failed (agreement %.4f with the CPU twin); serving on CPU",
-                              slot.name, agreement)  # fmt: skip
+                reason = self._selftest(slot, primary, fallback)
+                if reason is not None:
+                    log.error("%s: %s; serving on the CPU twin", slot.name, reason)
                     primary.close()
-                    primary, fallback = self._retag(fallback, f"Edge TPU self-test failed: mask agreement with the CPU twin {agreement:.4f} <= {SELFTEST_AGREEMENT}"), None
+                    primary, fallback = self._retag(fallback, reason), None
             else:
                 self._warm(primary)
                 slot.selftest = {"probe": "synthetic", "passed": True}
-            slot.primary = primary
-            slot.fallback = fallback if self.settings.tpu_fallback == "cpu" else None
-            if fallback is not None and slot.fallback is None:
+            if fallback is not None and self.settings.tpu_fallback != "cpu":
                 fallback.close()
+                fallback = None
+            slot.primary, slot.fallback = primary, fallback
             slot.state = "ready"
             slot.error = None
             log.info("%s: ready on %s (%s)", slot.name, primary.backend, primary.selection.reason if primary.selection else "")
-        except (SegdError, OSError, ValueError) as exc:
+        except Exception as exc:  # a variant that cannot load must not stop the others
+            for seg in (primary, fallback):
+                if seg is not None:
+                    seg.close()
             slot.state = "failed"
-            slot.error = getattr(exc, "detail", None) or str(exc)
-            log.error("%s: failed to load: %s", slot.name, slot.error)
+            slot.error = getattr(exc, "detail", None) or f"{type(exc).__name__}: {exc}"
+            log.error("%s: failed to load: %s", slot.name, slot.error, exc_info=not isinstance(exc, SegdError))
         finally:
             slot.load_seconds = time.perf_counter() - t0
+
+    def _selftest(self, slot: ModelSlot, tpu: Segmenter, cpu: Segmenter) -> str | None:
+        """Coral's own bar: the Edge TPU mask on a probe image agrees > 0.98 with the CPU twin's.
+        Returns why the TPU must not be used, or None."""
+        try:
+            agreement = self._compare(tpu, cpu)
+        except Exception as exc:  # the worker died or the delegate failed on its first invoke
+            slot.selftest = {"probe": "synthetic", "passed": False, "error": getattr(exc, "detail", str(exc))}
+            return f"Edge TPU failed its warm-up: {slot.selftest['error']}"
+        passed = agreement > SELFTEST_AGREEMENT
+        slot.selftest = {"probe": "synthetic", "tpu_vs_cpu_agreement": round(agreement, 5),
+                         "required": SELFTEST_AGREEMENT, "passed": passed}  # fmt: skip
+        if passed:
+            return None
+        return f"Edge TPU self-test failed: mask agreement with the CPU twin {agreement:.4f} <= {SELFTEST_AGREEMENT}"
 
     @staticmethod
     def _retag(seg: Segmenter, reason: str) -> Segmenter:
@@ -359,7 +394,6 @@ class ModelService:
             await self.pixel_budget.release(held)
 
     async def _pipeline(self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str) -> Result:
-        loop = asyncio.get_running_loop()
         seg = slot.primary
         assert seg is not None
         timings: dict[str, float] = {}
@@ -367,18 +401,20 @@ class ModelService:
 
         async def cpu(name: str, fn: Any, *args: Any) -> Any:
             t = clock()
-            out = await loop.run_in_executor(self.cpu_pool, fn, *args)
+            out = await in_thread(self.cpu_pool, fn, *args)
             timings[name] = (clock() - t) * 1000.0
             return out
 
         image = await cpu("decode", lambda: seg.decode(data, reduce=fmt != "overlay"))
         prepared = await cpu("preprocess", lambda: seg.prepare(image, keep_aspect=keep_aspect))
         used, raw = await self._infer(slot, prepared.tensor, timings)
-        mask = await cpu("postprocess", used.finish, raw, prepared)
-        from segd.postprocess import class_pixel_counts
+        n_classes = slot.variant.n_classes
 
-        counts = class_pixel_counts(mask, slot.variant.n_classes)
-        seg_result = Segmentation(mask, counts, image, timings, slot.name, used.backend)
+        def finish() -> tuple[np.ndarray, np.ndarray]:
+            mask = used.finish(raw, prepared)
+            return mask, class_pixel_counts(mask, n_classes)
+
+        mask, counts = await cpu("postprocess", finish)
         labels = slot.variant.labels
 
         def render() -> tuple[bytes, str]:
@@ -390,30 +426,34 @@ class ModelService:
             return b"", "application/json"
 
         body, media = await cpu("encode", render)
-        from segd.engine import summary
-
-        return Result(body, media, slot.name, used.backend, timings, summary(seg_result, used))
+        document = summary(Segmentation(mask, counts, image, timings, slot.name, used.backend), used)
+        return Result(body, media, slot.name, used.backend, timings, document)
 
     async def _infer(self, slot: ModelSlot, tensor: np.ndarray, timings: dict[str, float]) -> tuple[Segmenter, np.ndarray]:
-        loop = asyncio.get_running_loop()
+        """Run the model; when the Edge TPU fails in any way (worker died or hung, delegate error)
+        the request goes to the CPU twin if there is one, else it is a 503 naming the failure."""
         primary = slot.primary
         assert primary is not None
         t = time.perf_counter()
-        use_fallback = slot.fallback is not None and not slot.ready
-        if not use_fallback:
+        if slot.ready or slot.fallback is None:
             try:
-                raw = await loop.run_in_executor(slot.executor, primary.infer, tensor)
+                raw = await in_thread(slot.executor, primary.infer, tensor)
                 timings["invoke"] = (time.perf_counter() - t) * 1000.0
                 return primary, raw
-            except (WorkerCrashed, RuntimeUnavailable) as exc:
-                if slot.fallback is None:
+            except Exception as exc:
+                if primary.backend != "edgetpu":
                     raise
-                log.warning("%s: Edge TPU failed (%s); serving this request on the CPU twin", slot.name, exc.detail)
+                detail = getattr(exc, "detail", None) or f"{type(exc).__name__}: {exc}"
+                if slot.fallback is None:
+                    if isinstance(exc, SegdError) and exc.http_status == 503:
+                        raise
+                    raise RuntimeUnavailable(f"Edge TPU inference failed: {detail}") from exc
+                log.warning("%s: Edge TPU failed (%s); serving this request on the CPU twin", slot.name, detail)
         fallback = slot.fallback
         if fallback is None:
             raise ModelNotReady(f"model {slot.name!r} is not ready")
         slot.fallbacks += 1
-        raw = await loop.run_in_executor(slot.fallback_executor, fallback.infer, tensor)
+        raw = await in_thread(slot.fallback_executor, fallback.infer, tensor)
         timings["invoke"] = (time.perf_counter() - t) * 1000.0
         return fallback, raw
 

@@ -41,6 +41,7 @@ class Settings:
     tpu_isolation: bool = True  # run Edge TPU interpreters in a supervised worker process
     tpu_fallback: str = "cpu"  # when the TPU worker dies: "cpu" (serve on the CPU twin) | "503"
     device_check_interval: float = 5.0  # seconds between Edge TPU presence checks
+    tpu_timeout: float = 5.0  # seconds for one Edge TPU invoke; a hung TPU worker is killed and restarted
     worker_restart_base: float = 0.5  # seconds, doubled per consecutive crash
     worker_restart_max: float = 30.0
     graceful_timeout: float = 30.0  # seconds to finish in-flight requests on SIGTERM
@@ -134,8 +135,13 @@ def validate(s: Settings) -> None:
             raise ValueError(f"{name} must be positive")
     if s.pixels_in_flight < 0:
         raise ValueError("pixels_in_flight must be 0 (= max_pixels) or positive")
-    for name in ("request_timeout", "header_timeout", "body_timeout"):
+    for name in ("request_timeout", "header_timeout", "body_timeout", "tpu_timeout",
+                 "device_check_interval", "worker_restart_base"):  # fmt: skip
         if getattr(s, name) <= 0:
             raise ValueError(f"{name} must be positive")
+    if s.worker_restart_max < s.worker_restart_base:
+        raise ValueError("worker_restart_max must be at least worker_restart_base")
+    if s.retry_after < 0 or s.graceful_timeout < 0:
+        raise ValueError("retry_after and graceful_timeout must not be negative")
     if not 0 <= s.port <= 65535:
         raise ValueError(f"port out of range: {s.port}")
