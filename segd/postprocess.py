@@ -439,12 +439,23 @@ def nearest_resize_labels(label_map: np.ndarray, grid: SampleGrid | tuple[int, i
     return rows if rows.shape[0] == grid.out_hw[0] else np.repeat(rows, y_len, axis=0)
 
 
+_COUNT_CHUNK = 1 << 20
+
+
 def class_pixel_counts(mask: np.ndarray, n_classes: int) -> np.ndarray:
     """Pixels per class (int64, length ``n_classes``) — the basis of class areas."""
     m = np.asarray(mask)
     if m.dtype.kind not in "iu":
         raise ValueError(f"mask must be an integer array, got {m.dtype}")
-    counts = np.bincount(m.reshape(-1), minlength=n_classes).astype(np.int64, copy=False)
+    flat = m.reshape(-1)
+    # bincount copies its input to intp (8 bytes a pixel): count in chunks so a 40 MP mask
+    # costs 8 MB at a time, not 320 MB.
+    counts = np.zeros(n_classes, dtype=np.int64)
+    for start in range(0, flat.size, _COUNT_CHUNK):
+        part = np.bincount(flat[start : start + _COUNT_CHUNK], minlength=n_classes)
+        if part.shape[0] > counts.shape[0]:
+            counts = np.pad(counts, (0, part.shape[0] - counts.shape[0]))
+        counts[: part.shape[0]] += part
     if counts.shape[0] > n_classes:
         raise ValueError(f"mask holds class {counts.shape[0] - 1} but n_classes={n_classes}")
     return counts

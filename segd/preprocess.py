@@ -741,6 +741,16 @@ def choose_reduce(header: ImageHeader, model_input_hw: tuple[int, int]) -> int:
     return 1
 
 
+def _imdecode_rgb(buf: np.ndarray) -> np.ndarray | None:
+    """Full-size JPEG decode to RGB; OpenCV < 4.11 has no IMREAD_COLOR_RGB (decode BGR + swap)."""
+    flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
+    if flag is not None:
+        out: np.ndarray | None = cv2.imdecode(buf, flag | cv2.IMREAD_IGNORE_ORIENTATION)
+        return out
+    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def decode_image(data: bytes, *, max_pixels: int, reduce: int = 1) -> DecodedImage:
     """Decode image bytes to oriented RGB uint8 (H x W x 3, C-contiguous).
 
@@ -763,7 +773,7 @@ def decode_image(data: bytes, *, max_pixels: int, reduce: int = 1) -> DecodedIma
     try:
         if header.format == "jpeg":
             if r == 1:
-                img = cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+                img = _imdecode_rgb(buf)
             else:
                 img = cv2.imdecode(buf, _REDUCE_FLAGS[r] | cv2.IMREAD_IGNORE_ORIENTATION)
                 if img is not None:

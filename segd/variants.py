@@ -9,6 +9,7 @@ never leaves a partial or corrupt file where a model is expected.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tomllib
 import urllib.parse
@@ -22,6 +23,8 @@ import numpy as np
 
 from segd.errors import ChecksumMismatch, ModelError, ModelNotFound, UnknownModel
 from segd.labels import Labels, palette_from
+
+log = logging.getLogger("segd")
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CHECKOUT_MODELS_DIR = PACKAGE_DIR.parent / "models"
@@ -85,6 +88,7 @@ class Manifest:
     variants: dict[str, Variant] = field(default_factory=dict)
     default: str | None = None
     sources: list[Path] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # user manifests skipped, and why
 
     def get(self, name: str | None) -> Variant:
         key = name or self.default
@@ -94,7 +98,8 @@ class Manifest:
             return self.variants[key]
         except KeyError:
             known = ", ".join(sorted(self.variants)) or "none"
-            raise UnknownModel(f"unknown model {key!r}; known models: {known}") from None
+            skipped = f" (skipped: {'; '.join(self.problems)})" if self.problems else ""
+            raise UnknownModel(f"unknown model {key!r}; known models: {known}{skipped}") from None
 
 
 # --- manifest ------------------------------------------------------------------------------
@@ -125,10 +130,22 @@ def load_manifest(
         mdir = models_dir or default_models_dir()
         extra = sorted(p for p in mdir.glob("*.toml") if p.resolve() != builtin.resolve()) if mdir.is_dir() else []
         paths = [builtin, *extra]
+    paths = [Path(p) for p in paths]
     manifest = Manifest()
     labels: dict[str, Labels] = {}
-    for path in paths:
-        merge_manifest(manifest, labels, Path(path))
+    merge_manifest(manifest, labels, paths[0])  # the built-in one must be right
+    for path in paths[1:]:
+        # A broken user manifest (a half-edited file in the models dir) must not stop the
+        # daemon from serving the other variants: it is skipped and reported.
+        try:
+            trial, trial_labels = Manifest(dict(manifest.variants), manifest.default), dict(labels)
+            merge_manifest(trial, trial_labels, path)
+        except ModelError as exc:
+            manifest.problems.append(exc.detail)
+            log.error("skipping manifest %s", exc.detail)
+            continue
+        manifest.variants, manifest.default, labels = trial.variants, trial.default, trial_labels
+        manifest.sources.append(path)
     return manifest
 
 

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import pytest
 
-from segd.errors import ChecksumMismatch, ModelError, ModelNotFound, UnknownModel
+from segd.errors import ChecksumMismatch, ModelNotFound, UnknownModel
 from segd.variants import FileSpec, load_manifest, resolve_file, sha256_file
 
 DM05_CPU = "deeplabv3_mnv2_dm05_pascal_quant.tflite"
@@ -111,8 +111,11 @@ def test_user_manifests_in_the_models_dir_add_variants(tmp_path: Path) -> None:
     v = load_manifest(models_dir=tmp_path).get("mine")
     assert v.labels.names == ("bg", "thing") and v.input.hw == (257, 257) and v.edgetpu is None
     (tmp_path / "broken.toml").write_text('[variants.bad]\nlabels = "pascal_voc"\n')
-    with pytest.raises(ModelError, match=r"broken\.toml: variants\.bad: missing key 'input'"):
-        load_manifest(models_dir=tmp_path)
+    manifest = load_manifest(models_dir=tmp_path)  # a broken user manifest is skipped, not fatal
+    assert "mine" in manifest.variants and "bad" not in manifest.variants
+    assert any("broken.toml: variants.bad: missing key 'input'" in p for p in manifest.problems)
+    with pytest.raises(UnknownModel, match=r"skipped: .*broken\.toml"):
+        manifest.get("bad")
 
 
 def test_file_in_the_models_dir_is_used_when_its_checksum_matches(tmp_path: Path, test_data: Path) -> None:

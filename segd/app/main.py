@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -181,9 +181,10 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
     if settings.test_hooks:
         from segd.app import debug
 
-        app.include_router(debug.router)
-    app.add_middleware(RecordRequests, metrics=metrics)
+        app.include_router(debug.router, dependencies=[Depends(routes.require_api_key)])
+    # The last added is the outermost: requests refused by the body limit are counted too.
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(RecordRequests, metrics=metrics)
     return app
 
 

@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from segd.app.service import ModelService, Result
-from segd.errors import BadParameter, ClientGone, Unauthorized, UnknownModel, UnsupportedContentType
+from segd.errors import BadParameter, ClientGone, Unauthorized, UnsupportedContentType
 
 RAW_TYPES = ("image/", "application/octet-stream")
 
@@ -74,10 +74,7 @@ async def list_models(service: Service) -> dict[str, Any]:
 @protected.get("/models/{name}", tags=["models"], summary="One served model",
                responses={404: {"model": ErrorBody, "description": "unknown model"}})
 async def get_model(name: str, service: Service) -> dict[str, Any]:
-    if name not in service.slots:
-        known = ", ".join(service.slots)
-        raise UnknownModel(f"unknown model {name!r}; served models: {known}")
-    return service.slots[name].describe()
+    return service.slot(name).describe()
 
 
 @protected.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse,

@@ -118,6 +118,11 @@ class ModelSlot:
     latencies_ms: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=2048))
 
     @property
+    def can_answer(self) -> bool:
+        """Requests get an answer: on its device, or on the CPU twin when the device is gone."""
+        return self.ready or (self.fallback is not None and self.state == "ready")
+
+    @property
     def ready(self) -> bool:
         if self.state != "ready" or self.primary is None:
             return False
@@ -352,7 +357,7 @@ class ModelService:
         if overlay_format not in ("jpeg", "png"):
             raise BadParameter(f"overlay_format must be jpeg or png, not {overlay_format!r}")
         slot = self.slot(name)
-        if not slot.ready and not (slot.fallback is not None and slot.state == "ready"):
+        if not slot.can_answer:
             raise ModelNotReady(f"model {slot.name!r} is not ready ({slot.error or slot.state})")
         if slot.queued >= self.settings.queue_size:
             raise Overloaded(f"model {slot.name!r} has {slot.queued} requests queued (limit {self.settings.queue_size})")

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from segd.app.service import ModelService, ModelSlot
+    from segd.app.service import ModelService
     from segd.app.settings import Settings
 
 log = logging.getLogger("segd")
@@ -114,21 +114,16 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> int | None:
     return int(usec)
 
 
-def can_answer(slot: ModelSlot) -> bool:
-    """The model answers requests, on its device or on its CPU twin."""
-    return slot.ready or (slot.fallback is not None and slot.state == "ready")
-
-
 def serving(service: ModelService) -> bool:
     """Start-up is over and at least one model answers: the moment for READY=1."""
-    return service.loaded.is_set() and any(can_answer(s) for s in service.slots.values())
+    return service.loaded.is_set() and any(s.can_answer for s in service.slots.values())
 
 
 def healthy(service: ModelService) -> bool:
     """Healthy while every model that loaded can answer (on its device or its CPU twin); a model
     that failed at start-up is reported, not restarted for."""
     loaded = [s for s in service.slots.values() if s.state != "failed"]
-    return bool(loaded) and all(can_answer(s) for s in loaded)
+    return bool(loaded) and all(s.can_answer for s in loaded)
 
 
 def status_line(service: ModelService) -> str:
