@@ -112,14 +112,16 @@ class AxisMap:
         """Compose output pixel -> model-input coordinate -> logit coordinate.
 
         The logits relate to the model input as TF's ``resize_bilinear`` from logits to
-        input size would map them, and the output image relates to its content box
-        ``[start, start + size)`` in the model input with the same corner convention:
+        input size would map them (the model's convention):
 
-        * ``align_corners=True``: logit = inp * (n-1)/(N-1); inp = start + y * (size-1)/(M-1)
-        * ``align_corners=False`` (half-pixel centres): logit = (inp + 0.5) * n/N - 0.5;
-          inp = start + (y + 0.5) * size/M - 0.5
+        * ``align_corners=True``: logit = inp * (n-1)/(N-1)
+        * ``align_corners=False`` (half-pixel centres): logit = (inp + 0.5) * n/N - 0.5
 
-        (n logits, N input, M output pixels). A size-1 side of either map has scale 0 (its
+        The output image relates to its content box ``[start, start + size)`` in the model
+        input as the inverse of the resize that put it there (OpenCV's, which uses pixel
+        centres whatever the model's convention): inp = start + (y + 0.5) * size/M - 0.5.
+
+        (n logits, N input, M output pixels). A size-1 logit or input side has scale 0 (its
         single pixel sits at the corner, as TF does). The composition is done in exact
         rational arithmetic and rounded once, so without padding and with M == N it is TF's
         resize_bilinear from logits to input size.
@@ -138,13 +140,11 @@ class AxisMap:
         if align_corners:
             s1 = Fraction(n - 1, big_n - 1) if big_n > 1 else Fraction(0)
             b1 = Fraction(0)
-            s2 = (c - 1) / (m - 1) if m > 1 else Fraction(0)
-            b2 = t
         else:
             s1 = Fraction(n, big_n)
             b1 = s1 * half - half
-            s2 = c / m
-            b2 = t + s2 * half - half
+        s2 = c / m
+        b2 = t + s2 * half - half
         return cls(n_src=n, n_dst=m, scale=float(s1 * s2), offset=float(s1 * b2 + b1))
 
     def coords(self) -> np.ndarray:

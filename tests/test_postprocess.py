@@ -258,13 +258,36 @@ def test_content_box_maps_to_its_own_logit_range() -> None:
         n_logits=33, n_input=513, start=128, size=257, n_out=1000, align_corners=True
     )
     coords = rows.coords()
-    assert coords[0] == 8.0 and coords[-1] == 24.0
+    # pixel centres: the box spans input coordinates 127.5 .. 384.5, i.e. logits 127.5/16 .. 384.5/16
+    assert 127.5 / 16 <= coords[0] < coords[-1] <= 384.5 / 16
     assert np.all(np.diff(coords) > 0)
     half = AxisMap.for_model(
         n_logits=33, n_input=513, start=128, size=256, n_out=256, align_corners=False
     )
     # output pixel y is input pixel 128 + y: logit = (128 + y + 0.5) * 33/513 - 0.5
     np.testing.assert_allclose(half.coords(), (128 + np.arange(256) + 0.5) * 33 / 513 - 0.5)
+
+
+@pytest.mark.parametrize(
+    ("width", "keep_aspect", "tolerance"),
+    [(300, False, 0.15), (250, False, 0.15), (200, True, 0.15), (2000, False, 0.4), (1000, True, 0.4)],
+)
+def test_output_pixels_map_back_to_where_the_resize_put_them(width: int, keep_aspect: bool, tolerance: float) -> None:
+    """Independent of our formulas: a one-pixel vertical line at x0, resized by OpenCV through
+    fit_to_input, lands with its centroid where our map sends output pixel x0. (Enlarging,
+    linear interpolation puts it exactly there; the looser bound is for OpenCV's area
+    shrink. Mapping pixel corners instead of centres misses by 0.3-0.6 input pixels.)"""
+    from segd.preprocess import fit_to_input
+
+    for x0 in (width // 10, width // 2, width - width // 10):
+        img = np.zeros((40, width, 3), np.uint8)
+        img[:, x0] = 255
+        resized, (top, left, h, w) = fit_to_input(img, (513, 513), keep_aspect)
+        row = resized[top + h // 2, :, 0].astype(np.float64)
+        centroid = float((row * np.arange(513)).sum() / row.sum())
+        cols = AxisMap.for_model(n_logits=513, n_input=513, start=left, size=w, n_out=width,
+                                 align_corners=True).coords()  # fmt: skip
+        assert abs(cols[x0] - centroid) <= tolerance, (x0, cols[x0], centroid)
 
 
 def test_size_one_axes_sample_the_corner_without_dividing_by_zero() -> None:
@@ -275,7 +298,8 @@ def test_size_one_axes_sample_the_corner_without_dividing_by_zero() -> None:
         for axis in (one_out, one_logit, one_input):
             assert np.isfinite(axis.coords()).all()
         assert np.all(one_logit.coords() == 0.0)
-    assert AxisMap.for_model(n_logits=33, n_input=513, n_out=1, align_corners=True).coords()[0] == 0
+    # one output pixel stands for the whole image: it reads the middle of it
+    assert AxisMap.for_model(n_logits=33, n_input=513, n_out=1, align_corners=True).coords()[0] == 16
 
 
 def test_content_box_outside_the_input_is_refused() -> None:
