@@ -85,8 +85,8 @@ def check_python(
     version = version or tuple(sys.version_info[:3])
     machine = machine or platform.machine()
     shown = ".".join(str(v) for v in version)
-    if version < (3, 10):
-        return [Finding("python", "error", f"Python {shown} is too old; segd needs 3.10 or newer",
+    if version < (3, 11):
+        return [Finding("python", "error", f"Python {shown} is too old; segd needs 3.11 or newer",
                         "use Raspberry Pi OS bookworm (Python 3.11) or install python3.11")]  # fmt: skip
     found = [Finding("python", "ok", f"Python {shown} on {machine} ({sys.executable})")]
     if machine in ("armv7l", "armv6l"):
