@@ -18,10 +18,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -54,6 +52,8 @@ def jpeg_of(test_data: Path, size: tuple[int, int]) -> bytes:
     """Coral's bird photo as a JPEG of the given (W, H)."""
     src = test_data / ("bird_segmentation.bmp" if size == (513, 513) else "bird.bmp")
     bgr = cv2.imread(str(src))
+    if bgr is None:
+        raise SystemExit(f"cannot read {src}")
     if bgr.shape[1::-1] != size:
         bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_CUBIC)
     return cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()

@@ -8,8 +8,10 @@ in-graph output on bird and cat, and the bird pixel-IoU against Coral's referenc
 
 Our exports take minutes of TensorFlow to build, so they come from coral_deeplab.zoo's export
 cache (``$CORAL_DEEPLAB_CACHE/exports``, default ``~/.cache/coral_deeplab/exports``), keyed on
-the sha256 of Google's source file, the calibration pixels, the builder arguments and a hash of
-the coral_deeplab export code + TensorFlow versions: a stale export is never reused. They are
+the sha256 of Google's source file, the calibration pixels, the builder arguments, a hash of
+the code that shapes an export (``coral_deeplab.zoo._EXPORT_CODE``: builders, layers, weight
+import, flatbuffer reader, export, and segd's decoder/resize used for calibration) and the
+TensorFlow versions — a change to any of those builds a new export. They are
 calibrated on 6 images made from ``bird.bmp`` and ``cityscapes_segmentation.bmp`` (as is,
 mirrored, cropped); the evaluation images ``bird_segmentation.bmp`` and ``cat.bmp`` are held out.
 """
@@ -56,8 +58,15 @@ def test_data_dir() -> Path:
     return Path(os.environ.get("SEGD_TEST_DATA", REPO.parent / "shared" / "coral-test-data"))
 
 
+def read(path: Path, flags: int) -> np.ndarray:
+    image = cv2.imread(str(path), flags)
+    if image is None:
+        raise SystemExit(f"cannot read {path}")
+    return np.asarray(image)
+
+
 def rgb(path: Path) -> np.ndarray:
-    return np.ascontiguousarray(cv2.imread(str(path), cv2.IMREAD_COLOR)[:, :, ::-1])
+    return np.ascontiguousarray(read(path, cv2.IMREAD_COLOR)[:, :, ::-1])
 
 
 def calibration_images(test_data: Path) -> list[np.ndarray]:
@@ -121,6 +130,8 @@ def interleaved_medians(fns: list[Any], repeats: int) -> list[float]:
 
 
 def pixel_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Coral's metric, same / (2N - same) (as tests/conftest.py, which bench cannot import
+    without pytest)."""
     same = int((a == b).sum())
     return same / (2 * a.size - same)
 
@@ -172,10 +183,19 @@ def main(argv: list[str] | None = None) -> int:
 
     # Masks: every model on the same uint8 input; Google's unmodified file is the reference.
     masks = {name: [to_mask(r, r.run(img)) for r in runners] for name, img in inputs.items()}
-    reference = cv2.imread(str(test_data / "bird_segmentation_mask.bmp"), cv2.IMREAD_UNCHANGED)
+    reference = read(test_data / "bird_segmentation_mask.bmp", cv2.IMREAD_UNCHANGED)
     google_index = {m.alpha: i for i, m in enumerate(models) if m.kind == "argmax"}
 
     runtime = runners[0].runtime
+    plain_notes = []
+    for alpha, tag in ((1.0, "DM1"), (0.5, "DM0.5")):
+        by_label = {m.label: invoke_plain[i] for i, m in enumerate(models) if m.alpha == alpha}
+        ours_ms = by_label[f"ours {tag} (coral_deeplab v3)"]
+        vs = [
+            f"{100 * (ours_ms / by_label[f'Google {tag}, {kind}'] - 1):+.1f} % vs the {kind} file"
+            for kind in ("tail stripped", "unmodified")
+        ]
+        plain_notes.append(f"{tag} {' and '.join(vs)}")
     load = os.getloadavg()[0]
     lines = [
         f"{runtime}, CPU, {args.threads} threads, the same process and run for every row; "
@@ -212,11 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         "evaluation images are not among them. " + "; ".join(built_notes) + ".",
         "`invoke` is LiteRT as segd runs it (default XNNPACK delegate); `no XNNPACK` is the same "
         "file on TFLite's built-in kernels. Our int8 (per-channel) exports gain far more from "
-        "XNNPACK than Google's uint8 (per-tensor) files and are slower without it, so the CPU "
-        "speed-up depends on the runtime's kernels: measure on the target (e.g. a Pi) before "
-        "relying on it.",
-        "The Edge TPU column is the static checker's prediction (no device or compiler here): on "
-        "Google's files the TPU segment stops at the image-pooling resize, on ours every op maps.",
+        "XNNPACK than Google's uint8 (per-tensor) files; without it their invoke time is "
+        + "; ".join(plain_notes) + " (Google's files' invoke; the unmodified file's time includes "
+        "its in-graph resize + argmax). So the CPU speed-up depends on the runtime's kernels: "
+        "measure on the target (e.g. a Pi) before relying on it.",
+        "The Edge TPU column is the static checker's prediction (no device and no "
+        "edgetpu_compiler here): on Google's files the TPU segment stops at the image-pooling "
+        "resize, on ours the checker predicts every op maps.",
         "",
         "Reproduce: `.venv/bin/python bench/exports.py --write` (the first run builds the two "
         "exports with TensorFlow, later runs reuse the cache).",

@@ -45,6 +45,8 @@ def probe_image(test_data: Path | None) -> bytes:
     """A 513x513 JPEG: Coral's bird image when available, else a synthetic one."""
     if test_data is not None and (test_data / "bird_segmentation.bmp").is_file():
         bgr = cv2.imread(str(test_data / "bird_segmentation.bmp"))
+        if bgr is None:
+            raise SystemExit(f"cannot read {test_data / 'bird_segmentation.bmp'}")
         return cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
     from segd.bench import probe_jpeg
 

@@ -22,10 +22,8 @@ import argparse
 import functools
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import cv2

@@ -18,16 +18,11 @@ segd engine, or training losses) upsamples to the input size. Layer names are Go
 names with ``/`` replaced by ``_`` (``expanded_conv_14_depthwise``, ``logits_semantic``...),
 which is what :mod:`coral_deeplab.weights` maps on.
 
-Input sizes: TF "SAME" padding gives integer feature maps at any size (``ceil(n / 16)``), but
-the pixel grid only lines up for two families, and only those are accepted:
-
-* ``n = 16k + 1`` (513, 321, 257...) — Google's convention: feature ``i`` sits exactly on pixel
-  ``16 i``, so upsampling with ``align_corners=True`` is exact (v3 logits ``k + 1``, v3+ logits
-  ``4k + 1``). Use this for the pretrained weights.
-* ``n = 16k`` (512, 224...) — every stride-2 stage halves exactly (v3 logits ``k``, v3+ logits
-  ``4k``); upsample with ``align_corners=False``. Fine for training from scratch or fine-tuning.
-
-Each side must be at least 32 pixels (a feature map of at least 2x2).
+Input sizes: each side ``16k + 1`` (513, 321, 257...), at least 33 — Google's convention, where
+feature ``i`` sits exactly on pixel ``16 i`` so upsampling with ``align_corners=True`` is exact
+(v3 logits ``k + 1``, v3+ logits ``4k + 1``). Even sizes are refused: TF "SAME" padding pads
+them only at the bottom/right, which puts logit ``i`` on pixel ``16 i + 15``. The rules live in
+:mod:`coral_deeplab.geometry`.
 """
 
 from __future__ import annotations
@@ -39,19 +34,16 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
+from coral_deeplab.geometry import OUTPUT_STRIDE, SUPPORTED_ALPHAS, check_alpha, check_input_shape
 from coral_deeplab.layers import BroadcastTo2D, DilatedDepthwiseConv2D, ResizeBilinear
 
 __all__ = [
     "SUPPORTED_ALPHAS",
     "CoralDeepLabV3",
     "CoralDeepLabV3Plus",
-    "feature_size",
     "validate_input_shape",
 ]
 
-SUPPORTED_ALPHAS = (1.0, 0.5)
-MIN_SIDE = 32
-OUTPUT_STRIDE = 16
 BN_MOMENTUM = 0.997  # TF-slim MobileNetV2 / DeepLab training scope
 BN_EPSILON = 1e-3
 # TF-slim's l2_regularizer(4e-5) is 4e-5 * sum(w^2) / 2; keras' L2 has no 1/2.
@@ -82,55 +74,19 @@ def _depth(channels: int, alpha: float) -> int:
     return max(1, int(channels * alpha))
 
 
-def feature_size(side: int, stride: int) -> int:
-    """Side of the feature map after ``log2(stride)`` stride-2 "SAME" stages: ``ceil``."""
-    size = side
-    while stride > 1:
-        size = -(-size // 2)
-        stride //= 2
-    return size
-
-
 def validate_input_shape(input_shape: Sequence[Any]) -> tuple[int, int, int]:
-    """Check a channels-last ``(H, W, 3)`` shape; return it as ints or raise ValueError."""
+    """Check a channels-last ``(H, W, 3)`` shape (rules: :mod:`coral_deeplab.geometry`);
+    return it as ints or raise ValueError."""
     if keras.backend.image_data_format() != "channels_last":
         raise ValueError(
             "coral_deeplab builds channels-last models only; "
             "keras.backend.image_data_format() is 'channels_first'"
         )
-    shape = tuple(input_shape)
-    if len(shape) != 3 or any(s is None for s in shape):
-        raise ValueError(f"input_shape must be a fully defined (H, W, 3), got {input_shape!r}")
-    try:
-        height, width, channels = (int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"input_shape must be integers, got {input_shape!r}") from None
-    if channels != 3:
-        if height == 3 and channels > 3:
-            raise ValueError(
-                f"input_shape {shape} looks channels-first; give (H, W, 3) (channels last)"
-            )
-        raise ValueError(f"input_shape must have 3 (RGB) channels last, got {shape}")
-    for name, side in (("height", height), ("width", width)):
-        if side < MIN_SIDE:
-            raise ValueError(f"input {name} {side} is below the minimum of {MIN_SIDE}")
-        if side % OUTPUT_STRIDE not in (0, 1):
-            raise ValueError(
-                f"input {name} {side} is not 16k or 16k+1: with output stride 16 the feature "
-                f"grid only lines up with the pixel grid for those (e.g. 512 or 513, "
-                f"{side - side % 16} or {side - side % 16 + 1})"
-            )
-    if height % OUTPUT_STRIDE != width % OUTPUT_STRIDE:
-        raise ValueError(
-            f"input {height}x{width} mixes a 16k and a 16k+1 side; both sides must be of the "
-            "same kind so one upsampling convention (align_corners) fits both axes"
-        )
-    return height, width, channels
+    return check_input_shape(input_shape)
 
 
 def _check_args(alpha: float, n_classes: int) -> None:
-    if alpha not in SUPPORTED_ALPHAS:
-        raise ValueError(f"alpha must be one of {SUPPORTED_ALPHAS}, got {alpha!r}")
+    check_alpha(alpha)
     if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
         raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
 
@@ -296,7 +252,7 @@ def CoralDeepLabV3(
     """DeepLab v3, MobileNetV2 backbone, output stride 16, Edge-TPU-mappable.
 
     Args:
-        input_shape: ``(H, W, 3)``; each side 16k+1 (like Google's 513) or 16k, >= 32.
+        input_shape: ``(H, W, 3)``; each side 16k+1 (like Google's 513), >= 33.
         alpha: MobileNetV2 depth multiplier, 1.0 or 0.5 (the two Google published).
         n_classes: number of classes (PASCAL VOC: 21, background included).
         weights: None (random init), ``'pascal_voc'`` (Google's Coral PASCAL VOC model,
@@ -304,7 +260,8 @@ def CoralDeepLabV3(
             layer is loaded — the fine-tuning start point), or a path for ``load_weights``.
 
     The model takes float input ``(pixel - 128) / 128`` and returns logits
-    ``(ceil(H/16), ceil(W/16), n_classes)`` — no final upsample.
+    ``((H - 1)/16 + 1, (W - 1)/16 + 1, n_classes)``, logit ``i`` on pixel ``16 i`` — no
+    final upsample.
     """
     height, width, _ = validate_input_shape(input_shape)
     _check_args(alpha, n_classes)
@@ -325,13 +282,15 @@ def CoralDeepLabV3Plus(
     """DeepLab v3+: the v3 encoder plus DeepLab's decoder, logits at output stride 4.
 
     Decoder (DeepLab's): ``feature_projection0`` (1x1, 48 ch) on the stride-4 depthwise output
-    of ``expanded_conv_2``; the encoder output is bilinearly resized to the stride-4 grid
-    (align_corners for 16k+1 inputs, where it is exact), concatenated, then two separable
+    of ``expanded_conv_2``; the encoder output is bilinearly resized to the stride-4 grid with
+    ``align_corners=True`` (exact: on a 16k+1 input encoder feature ``i`` sits on pixel
+    ``16 i`` and skip feature ``j`` on ``4 j``, so corners align), concatenated, then two separable
     3x3 convs (depthwise + BN + ReLU, pointwise + BN + ReLU, 256 ch) and a 1x1 logits conv.
 
     ``weights='pascal_voc'`` loads the encoder only (backbone + ASPP): Google published no
     v3+ mobile PASCAL model, so the decoder and logits start from random initialisation.
-    Arguments are as for :func:`CoralDeepLabV3`. Output: ``(ceil(H/4), ceil(W/4), n_classes)``.
+    Arguments are as for :func:`CoralDeepLabV3`. Output: ``((H - 1)/4 + 1, (W - 1)/4 + 1,
+    n_classes)``, logit ``i`` on pixel ``4 i``.
     """
     height, width, _ = validate_input_shape(input_shape)
     _check_args(alpha, n_classes)
@@ -339,9 +298,8 @@ def CoralDeepLabV3Plus(
     features, skip = _mobilenet_v2_os16(inputs, alpha)
     encoded = _aspp(features)
     skip_size = (int(skip.shape[1]), int(skip.shape[2]))
-    aligned = height % OUTPUT_STRIDE == 1
     skip = _conv_bn(skip, SKIP_DEPTH, "feature_projection0", activation="relu")
-    up = ResizeBilinear(skip_size, align_corners=aligned, name="decoder_upsample")(encoded)
+    up = ResizeBilinear(skip_size, align_corners=True, name="decoder_upsample")(encoded)
     x = keras.layers.Concatenate(name="decoder_concat")([up, skip])
     for i in range(2):
         x = _depthwise_bn(x, f"decoder_conv{i}_depthwise", activation="relu")

@@ -42,6 +42,8 @@ __all__ = [
 INPUT_SCALE = 1.0 / 128.0
 INPUT_ZERO_POINT = 128
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+#: Decoder pixel limit for calibration files (segd eval's default for dataset images).
+MAX_CALIBRATION_PIXELS = 40_000_000
 
 
 class ExportError(RuntimeError):
@@ -51,9 +53,15 @@ class ExportError(RuntimeError):
 def load_calibration_images(
     source: str | os.PathLike[str] | Iterable[np.ndarray],
 ) -> Iterator[np.ndarray]:
-    """Yield HxWx3 uint8 RGB arrays from a directory of image files or an iterable of arrays."""
+    """Yield HxWx3 uint8 RGB arrays from a directory of image files or an iterable of arrays.
+
+    Files are decoded by segd's own decoder (:func:`segd.preprocess.decode_image`: EXIF
+    orientation, alpha composited, 16-bit scaled) so the int8 ranges are measured on the pixels
+    the daemon will feed the model.
+    """
     if isinstance(source, (str, os.PathLike)):
-        import cv2
+        from segd.errors import SegdError
+        from segd.preprocess import decode_image
 
         directory = Path(source)
         if not directory.is_dir():
@@ -62,10 +70,11 @@ def load_calibration_images(
         if not files:
             raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
         for path in files:
-            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise ValueError(f"cannot decode calibration image {path}")
-            yield np.ascontiguousarray(bgr[:, :, ::-1])
+            try:
+                yield decode_image(path.read_bytes(), max_pixels=MAX_CALIBRATION_PIXELS).rgb
+            except (OSError, SegdError) as exc:
+                detail = exc.detail if isinstance(exc, SegdError) else exc.strerror
+                raise ValueError(f"cannot decode calibration image {path}: {detail}") from exc
         return
     for i, image in enumerate(source):
         arr = np.asarray(image)
@@ -79,20 +88,21 @@ def load_calibration_images(
 def calibration_batches(
     images: Iterable[np.ndarray], size: tuple[int, int], limit: int
 ) -> list[np.ndarray]:
-    """Resize (stretch, bilinear) to ``size`` = (h, w), pin the range, normalize to float.
+    """Stretch to ``size`` = (h, w) as segd serves, pin the range, normalize to float.
 
-    Returns up to ``limit`` arrays of shape (1, h, w, 3), float32 ``(pixel - 128) / 128``,
-    each with one pixel at 0 and one at 255 so the input range is exactly [-1, 127/128].
+    The resize is segd's (:func:`segd.preprocess.fit_to_input` without ``keep_aspect``: area
+    averaging when shrinking, bilinear when enlarging), so calibration sees the model inputs
+    the daemon produces. Returns up to ``limit`` arrays of shape (1, h, w, 3), float32
+    ``(pixel - 128) / 128``, each with one pixel at 0 and one at 255 so the input range is
+    exactly [-1, 127/128].
     """
-    import cv2
+    from segd.preprocess import fit_to_input
 
     batches: list[np.ndarray] = []
     for image in images:
         if len(batches) >= limit:
             break
-        if image.shape[:2] != size:
-            image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-        image = image.copy()
+        image = np.array(fit_to_input(image, size, keep_aspect=False)[0], copy=True)
         image[0, 0, 0] = 0
         image[0, 0, 1] = 255
         x = (image.astype(np.float32) - INPUT_ZERO_POINT) * np.float32(INPUT_SCALE)
@@ -115,9 +125,9 @@ def to_tflite(
         model: a tf_keras model taking float ``(pixel - 128) / 128`` input (H, W, 3).
         calibration_images: a directory of images or an iterable of HxWx3 uint8 RGB arrays;
             real images — the activation ranges (and so the int8 accuracy) come from them.
-            Each is stretched to the model input size.
+            Each is decoded and stretched to the model input size as segd does when serving.
         num_calibration: at most this many images are used (conversion time grows with it).
-        output_path: also write the bytes there.
+        output_path: also write the bytes there (atomically).
 
     Returns the flatbuffer: uint8 input (scale 1/128, zero point 128), int8 logits output,
     static batch 1. Raises ExportError when :func:`export_problems` finds anything.
@@ -153,7 +163,9 @@ def to_tflite(
     if problems:
         raise ExportError("the converted model is not Edge-TPU clean: " + "; ".join(problems))
     if output_path is not None:
-        Path(output_path).write_bytes(data)
+        from segd.fsutil import atomic_write
+
+        atomic_write(output_path, data)
     return data
 
 

@@ -18,7 +18,9 @@ tiny layer that pins the TensorFlow op the converter sees:
   ``tf.image.resize`` only do half-pixel centres, while DeepLab's geometry for sizes 16k+1 is
   align-corners.
 
-Everything here is importable only with TensorFlow and tf_keras.
+Every layer is registered with ``keras.utils.register_keras_serializable``, so saved models
+and configs load without a ``custom_objects`` mapping. Everything here is importable only with
+TensorFlow and tf_keras.
 """
 
 from __future__ import annotations
@@ -121,9 +123,3 @@ class ResizeBilinear(keras.layers.Layer):
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "size": self.size, "align_corners": self.align_corners}
 
-
-CUSTOM_OBJECTS: dict[str, type] = {
-    "DilatedDepthwiseConv2D": DilatedDepthwiseConv2D,
-    "BroadcastTo2D": BroadcastTo2D,
-    "ResizeBilinear": ResizeBilinear,
-}

@@ -6,9 +6,9 @@ the labels to the logits grid (nearest), or upsample the logits to the label siz
 does the latter, as DeepLab does by default (``upsample_logits=True``), because:
 
 * it trains exactly what is served: segd's mask is the argmax of the logits bilinearly
-  upsampled with the same geometry (``align_corners=True`` for 16k+1 inputs such as 513,
-  where logit ``i`` sits on pixel ``16 i``; half-pixel for 16k inputs), so the loss scores
-  the very mask the user gets, object borders included;
+  upsampled with the same geometry (``align_corners=True``: coral_deeplab inputs are 16k+1,
+  such as 513, where logit ``i`` sits on pixel ``16 i`` — see :mod:`coral_deeplab.geometry`),
+  so the loss scores the very mask the user gets, object borders included;
 * nearest-downsampled labels keep one pixel in 256 at stride 16 — a 129x129 crop leaves 81
   labels, thin or small objects vanish and the gradient is noisy;
 * the cost is small: the upsampled tensor is (B, H, W, classes) floats, a few MB.
@@ -27,7 +27,6 @@ import tf_keras as keras
 __all__ = [
     "IGNORE_LABEL",
     "SegmentationLoss",
-    "align_corners_for",
     "masked_cross_entropy",
     "upsample_logits",
 ]
@@ -35,12 +34,7 @@ __all__ = [
 IGNORE_LABEL = 255
 
 
-def align_corners_for(input_side: int) -> bool:
-    """The upsampling geometry of a coral_deeplab input side: 16k+1 -> align corners."""
-    return int(input_side) % 16 == 1
-
-
-def upsample_logits(logits: tf.Tensor, size_hw: Any, *, align_corners: bool) -> tf.Tensor:
+def upsample_logits(logits: tf.Tensor, size_hw: Any, *, align_corners: bool = True) -> tf.Tensor:
     """Bilinear resize of (B, h, w, C) logits to ``size_hw`` with TF1 corner semantics
     (the geometry of :class:`segd.postprocess.SampleGrid` and Google's DeepLab files)."""
     return tf.compat.v1.image.resize_bilinear(
@@ -49,7 +43,7 @@ def upsample_logits(logits: tf.Tensor, size_hw: Any, *, align_corners: bool) -> 
 
 
 def masked_cross_entropy(
-    labels: tf.Tensor, logits: tf.Tensor, *, align_corners: bool, ignore_label: int = IGNORE_LABEL
+    labels: tf.Tensor, logits: tf.Tensor, *, align_corners: bool = True, ignore_label: int = IGNORE_LABEL
 ) -> tf.Tensor:
     """Mean cross-entropy over labelled pixels of (B, H, W) labels vs (B, h, w, C) logits."""
     labels = tf.cast(labels, tf.int32)
@@ -67,7 +61,7 @@ class SegmentationLoss(keras.losses.Loss):
     """:func:`masked_cross_entropy` as a keras loss, for ``model.compile(loss=...)``."""
 
     def __init__(
-        self, *, align_corners: bool, ignore_label: int = IGNORE_LABEL, name: str = "segmentation_ce"
+        self, *, align_corners: bool = True, ignore_label: int = IGNORE_LABEL, name: str = "segmentation_ce"
     ) -> None:
         # The function already averages over the batch's labelled pixels.
         super().__init__(name=name, reduction=keras.losses.Reduction.NONE)

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 
-def predict_labels(logits: tf.Tensor, size_hw: Any, *, align_corners: bool) -> tf.Tensor:
+def predict_labels(logits: tf.Tensor, size_hw: Any, *, align_corners: bool = True) -> tf.Tensor:
     """(B, H, W) int32 class map: argmax of the upsampled logits."""
     up = upsample_logits(tf.cast(logits, tf.float32), size_hw, align_corners=align_corners)
     return tf.argmax(up, axis=-1, output_type=tf.int32)
@@ -58,7 +58,7 @@ class SegmentationMeanIoU(keras.metrics.Metric):
         self,
         n_classes: int,
         *,
-        align_corners: bool,
+        align_corners: bool = True,
         ignore_label: int = IGNORE_LABEL,
         name: str = "miou",
         **kwargs: Any,

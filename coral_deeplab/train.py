@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segd.fsutil import atomic_write
+
 __all__ = [
     "DESCRIPTION",
     "TrainConfig",
@@ -66,8 +68,12 @@ Edge TPU op mapping, compiling it when edgetpu_compiler is on PATH, and writing 
 into the models dir, after which `segd serve --model NAME` serves it.
 """
 
-# Config fields that define the network and its data: a resumed run must agree on them.
-_IDENTITY_FIELDS = ("architecture", "alpha", "input_size", "labels", "seed", "batch_size")
+# Config fields that define the network, its data stream and its optimizer: a resumed run must
+# agree on them, or it would continue a different run than the one checkpointed.
+_IDENTITY_FIELDS = (
+    "data", "train_split", "val_fraction", "architecture", "alpha", "input_size", "labels",
+    "seed", "batch_size", "min_scale", "max_scale", "scale_step", "flip", "optimizer",
+)  # fmt: skip
 
 
 @dataclass
@@ -89,7 +95,8 @@ class TrainConfig:
     val_fraction: float = 0.1
     architecture: str = "v3"  # "v3" | "v3plus"
     alpha: float = 0.5
-    #: Crop / model input size: one side or [height, width]; each 16k+1 (e.g. 321) or 16k.
+    #: Crop / model input size: one side or [height, width]; each 16k+1 (e.g. 321), see
+    #: :mod:`coral_deeplab.geometry`.
     input_size: int | list[int] = 321
     #: Input size of the exported model (default: input_size); e.g. train on 321 crops and
     #: serve at 513. All weights are size-independent.
@@ -156,14 +163,14 @@ class TrainConfig:
         return self.weights is None or self.batch_size >= 12
 
     def validate(self) -> None:
+        from coral_deeplab import geometry
         from coral_deeplab.zoo import NAME_PATTERN
 
         if not NAME_PATTERN.fullmatch(self.name):
             raise ValueError(f"name {self.name!r} must match {NAME_PATTERN.pattern} (a file name)")
         if self.architecture not in ("v3", "v3plus"):
             raise ValueError(f"architecture must be v3 or v3plus, not {self.architecture!r}")
-        if float(self.alpha) not in (1.0, 0.5):
-            raise ValueError(f"alpha must be 1.0 or 0.5, not {self.alpha!r}")
+        geometry.check_alpha(self.alpha)
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be adam or sgd, not {self.optimizer!r}")
         for what, value in (("steps", self.steps), ("batch_size", self.batch_size)):
@@ -173,11 +180,8 @@ class TrainConfig:
             raise ValueError("stop_at must be >= 1")
         if self.freeze_backbone < -1:
             raise ValueError("freeze_backbone must be -1 (always), 0 (never) or a step count")
-        for what, hw in (("input_size", self.input_hw()), ("export_size", self.export_hw())):
-            if any(s < 32 or s % 16 not in (0, 1) for s in hw) or hw[0] % 16 != hw[1] % 16:
-                raise ValueError(f"{what} {hw}: each side must be 16k+1 (e.g. 321) or 16k, >= 32, both alike")
-        if self.input_hw()[0] % 16 != self.export_hw()[0] % 16:
-            raise ValueError("input_size and export_size must both be 16k+1 or both 16k")
+        geometry.check_input_hw(self.input_hw(), "input_size")
+        geometry.check_input_hw(self.export_hw(), "export_size")
         if self.labels is not None and len(self.labels) < 2:
             raise ValueError("labels must name at least 2 classes (background included)")
 
@@ -251,7 +255,23 @@ def _is_backbone(layer_name: str) -> bool:
 def _config_json(config: TrainConfig, labels: list[str]) -> dict[str, Any]:
     doc = dataclasses.asdict(config)
     doc["labels"] = labels
+    doc["data"] = str(Path(config.data).resolve())  # the same data however it was spelled
     return doc
+
+
+def _read_history(path: Path, last_step: int) -> list[str]:
+    """Lines of ``history.jsonl`` up to ``last_step``. A line that does not parse (the partial
+    last line of a run killed while writing) is dropped: the log is a record, not state."""
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+            step = int(entry["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if step <= last_step:
+            kept.append(line)
+    return kept
 
 
 def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -331,7 +351,7 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     n_classes = len(labels)
     data.check_masks([*train_samples, *val_samples], n_classes)
     crop_hw = config.input_hw()
-    aligned = losses.align_corners_for(crop_hw[0])
+    aligned = True  # 16k+1 inputs: logit i on pixel 16 i (coral_deeplab.geometry)
 
     config_path = out / "config.json"
     ckpt_dir = out / "checkpoints"
@@ -343,7 +363,7 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             f"{out} already holds checkpoints: pass resume=True (--resume) to continue that run, "
             "or choose another out_dir"
         )
-    config_path.write_text(json.dumps(current, indent=2) + "\n")
+    atomic_write(config_path, json.dumps(current, indent=2) + "\n")
 
     keras.utils.set_random_seed(config.seed)
     builder = (
@@ -437,14 +457,10 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
 
     result = TrainResult(config, out, labels, start_step=start_step)
     history_path = out / "history.jsonl"
-    history = []
-    if config.resume and history_path.is_file():
-        history = [
-            line for line in history_path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= start_step
-        ]  # fmt: skip
-    history_file = history_path.open("w")
-    history_file.writelines(line + "\n" for line in history)
+    history = _read_history(history_path, start_step) if config.resume and history_path.is_file() else []
+    # Rewritten atomically, then appended to: a crash leaves the old log or the new one.
+    atomic_write(history_path, "".join(line + "\n" for line in history))
+    history_file = history_path.open("a")
 
     def log(entry: dict[str, Any]) -> None:
         history_file.write(json.dumps(entry) + "\n")
@@ -522,7 +538,9 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         return result
     configure(False)
     result.weights_path = out / "weights.h5"
-    model.save_weights(str(result.weights_path))
+    partial = out / ".weights.partial.h5"
+    model.save_weights(str(partial))
+    os.replace(partial, result.weights_path)  # never a half-written weights.h5
     if config.export:
         _export(config, model, builder, labels, train_samples, result)
     result.seconds = time.perf_counter() - started
@@ -551,7 +569,7 @@ def _export(
     tflite = export.to_tflite(serving, calibration, num_calibration=len(calibration))
     result.tflite = tflite
     result.tflite_path = result.out_dir / f"{config.name}.tflite"
-    result.tflite_path.write_bytes(tflite)
+    atomic_write(result.tflite_path, tflite)
     result.check = check_model(tflite)
     if not config.publish:
         return
@@ -590,7 +608,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="held out when there is no val list")
     p.add_argument("--architecture", choices=("v3", "v3plus"), default=d.architecture)
     p.add_argument("--alpha", type=float, choices=(1.0, 0.5), default=d.alpha, help="MobileNetV2 depth multiplier")
-    p.add_argument("--input-size", type=int, default=d.input_size, help="square crop / model input side, 16k+1 or 16k")
+    p.add_argument("--input-size", type=int, default=d.input_size, help="square crop / model input side, 16k+1 (e.g. 321, 513)")
     p.add_argument("--export-size", type=int, default=None, help="input side of the exported model (default: --input-size)")
     p.add_argument("--weights", default="pascal_voc", help="pascal_voc (default), none (from scratch) or a .h5 file")
     p.add_argument("--steps", type=int, default=d.steps)

@@ -11,25 +11,31 @@ bias goes into the following BatchNormalization as ``beta`` with the BN made an 
 
 This module needs no TensorFlow until weights are assigned to a model. The extracted arrays are
 cached as ``.npz`` under ``$CORAL_DEEPLAB_CACHE`` (default ``~/.cache/coral_deeplab``), keyed
-on the source file's sha256.
+on the source file's sha256 and on the code that extracts them (:func:`code_version`), so a
+changed extractor never reuses an old entry; an unreadable entry is rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import io
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from segd.fsutil import atomic_write
+
 __all__ = [
     "PASCAL_VARIANTS",
     "WeightImportError",
     "apply_weights",
     "cache_dir",
+    "cache_path",
+    "code_version",
     "extract_weights",
     "keras_layer_name",
     "load_pascal_voc",
@@ -43,6 +49,8 @@ PASCAL_VARIANTS: dict[float, str] = {
     0.5: "deeplabv3_mnv2_dm05_pascal",
 }
 LOGITS = "logits_semantic"
+#: Modules whose code decides the extracted arrays (part of the cache file name).
+_CODE_MODULES = ("coral_deeplab.weights", "coral_deeplab.tflite.model")
 _CONV_SUFFIXES = ("/Conv2D_Fold", "/depthwise_Fold", "/Conv2D", "/depthwise")
 
 
@@ -132,6 +140,37 @@ def source_model(
     return name, variants.read_verified(path, spec)
 
 
+def code_version() -> str:
+    """Short hash of the extraction code (:data:`_CODE_MODULES`, read without importing)."""
+    h = hashlib.sha256()
+    for name in _CODE_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ImportError(f"cannot locate module {name}")
+        h.update(name.encode())
+        h.update(Path(spec.origin).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cache_path(directory: Path, variant: str, source: bytes) -> Path:
+    """Cache entry of ``variant``'s weights: ``<variant>-<source sha256>-<code version>.npz``."""
+    digest = hashlib.sha256(source).hexdigest()
+    return directory / f"{variant}-{digest[:12]}-{code_version()}.npz"
+
+
+def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of a cache entry, or None when it is missing or unreadable in any way
+    (truncated zip, bad CRC, not an npz...): a cache is only ever a shortcut."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            weights = {k: npz[k] for k in npz.files}
+    except Exception:  # zipfile, zlib, OSError, ValueError, EOFError...
+        return None
+    return weights or None
+
+
 def pascal_voc_weights(
     alpha: float,
     *,
@@ -141,35 +180,26 @@ def pascal_voc_weights(
 ) -> dict[str, np.ndarray]:
     """Imported PASCAL VOC weights for ``alpha``, from the cache or extracted and cached."""
     name, data = source_model(alpha, models_dir=models_dir, mirror=mirror)
-    digest = hashlib.sha256(data).hexdigest()
-    directory = cache if cache is not None else cache_dir()
-    path = directory / f"{name}-{digest[:12]}.npz"
-    if path.is_file():
-        try:
-            with np.load(path) as npz:
-                return {k: npz[k] for k in npz.files}
-        except (OSError, ValueError):
-            pass  # unreadable cache entry: rebuild it below
+    path = cache_path(cache if cache is not None else cache_dir(), name, data)
+    cached = _read_cache(path)
+    if cached is not None:
+        return cached
     weights = extract_weights(data)
     _write_cache(path, weights)
     return weights
 
 
 def _write_cache(path: Path, weights: Mapping[str, np.ndarray]) -> None:
-    """Write via a temporary file and rename, so readers never see a partial entry."""
+    """Write the entry atomically (:func:`segd.fsutil.atomic_write`): readers never see a
+    partial file. A cache that cannot be written only costs re-extraction next time."""
+    buf = io.BytesIO()
+    save: Any = np.savez  # numpy's stub types **kwds as the allow_pickle flag
+    save(buf, **weights)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.partial")
+        atomic_write(path, buf.getvalue())
     except OSError:
-        return  # a read-only cache only costs re-extraction next time
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a cache entry is not a secret
-        with os.fdopen(fd, "wb") as f:
-            save: Any = np.savez  # numpy's stub types **kwds as the allow_pickle flag
-            save(f, **weights)
-        os.replace(tmp, path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
+        pass
 
 
 def apply_weights(

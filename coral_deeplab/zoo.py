@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import importlib.metadata
+import importlib.util
 import itertools
 import math
 import os
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from coral_deeplab import geometry
 from coral_deeplab.tflite.checker import CheckReport, check_model
 from coral_deeplab.tflite.compiler import (
     COMPILER,
@@ -38,6 +40,7 @@ from coral_deeplab.tflite.compiler import (
     compile_edgetpu,
 )
 from coral_deeplab.tflite.model import read_model, subgraph_inputs, subgraph_outputs
+from segd.fsutil import atomic_write
 
 if TYPE_CHECKING:
     from segd.engine import Segmenter
@@ -60,8 +63,17 @@ __all__ = [
 
 #: A variant name is also a file stem: letters, digits, '_', '-', '.'; no path separators.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
-#: Modules whose code decides what an export contains (part of the export cache key).
-_EXPORT_CODE = ("applications.py", "layers.py", "weights.py", "export.py")
+#: Modules whose code decides what an export contains (part of the export cache key): the
+#: builders, the weight import and the flatbuffer reader it uses, the converter settings, and
+#: segd's decoder/resize that calibration images go through.
+_EXPORT_CODE = (
+    "coral_deeplab.applications",
+    "coral_deeplab.layers",
+    "coral_deeplab.weights",
+    "coral_deeplab.tflite.model",
+    "coral_deeplab.export",
+    "segd.preprocess",
+)
 _VARIANTS = ("v3", "v3plus")
 
 
@@ -156,29 +168,6 @@ def toml_dumps(data: Mapping[str, Any], *, header: str = "") -> str:
 # --- files ---------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory, fsync, rename: never a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; model files are not secrets
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def _file_entry(name: str, data: bytes) -> dict[str, Any]:
     return {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
@@ -186,36 +175,14 @@ def _file_entry(name: str, data: bytes) -> dict[str, Any]:
 # --- geometry ------------------------------------------------------------------------------
 
 
-def _power_of_two(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
-
-
 def output_geometry(input_hw: tuple[int, int], logits_hw: tuple[int, int]) -> tuple[int, bool]:
-    """(stride, align_corners) relating a logits grid to the model input.
-
-    coral_deeplab's convention (see :mod:`coral_deeplab.applications`): inputs of ``16k + 1``
-    pixels (513, like Google's models) put logit ``i`` exactly on pixel ``stride * i``, i.e.
-    ``(N - 1) = stride * (n - 1)`` — the align-corners geometry of Google's DeepLab, so the
-    upsample must use ``align_corners=True``; inputs of ``16k`` pixels halve exactly
-    (``N = stride * n``), which is the half-pixel geometry (``align_corners=False``). Both axes
-    must agree. Raises PublishError for a grid that fits neither.
-    """
-    found: set[tuple[int, bool]] = set()
-    for big, small in zip(input_hw, logits_hw, strict=True):
-        if small < 2 or big < small:
-            raise PublishError(f"logits side {small} vs input side {big}: not a dense prediction")
-        if (big - 1) % (small - 1) == 0 and _power_of_two((big - 1) // (small - 1)):
-            found.add(((big - 1) // (small - 1), True))
-        elif big % small == 0 and _power_of_two(big // small):
-            found.add((big // small, False))
-        else:
-            raise PublishError(
-                f"logits {logits_hw} do not line up with input {input_hw}: expected "
-                "N - 1 = s (n - 1) (16k+1 inputs) or N = s n (16k inputs) with s a power of two"
-            )
-    if len(found) != 1:
-        raise PublishError(f"height and width disagree on stride/corners: {sorted(found)}")
-    return found.pop()
+    """(stride, align_corners) relating a logits grid to the model input — the rule of
+    :func:`coral_deeplab.geometry.output_geometry` (16k+1 inputs, ``N - 1 = s (n - 1)``, always
+    align-corners), raising PublishError for a grid that does not fit it."""
+    try:
+        return geometry.output_geometry(input_hw, logits_hw)
+    except ValueError as exc:
+        raise PublishError(str(exc)) from None
 
 
 # --- publish -------------------------------------------------------------------------------
@@ -273,8 +240,9 @@ def publish(
     PATH, and last ``<name>.toml`` — each atomically (temporary file, fsync, rename), so no
     file is ever partial and a new variant only exists once its manifest does. Re-publishing a
     name replaces its files; a crash between the model and the manifest rename leaves a sha256
-    mismatch that segd refuses to load, never a wrong model. A name another manifest already
-    defines (Google's built-in variants, another ``.toml``) is refused.
+    mismatch that segd refuses to load, never a wrong model. Re-publishing without an Edge TPU
+    file deletes the old ``<name>_edgetpu.tflite`` (after the new manifest is in place). A name
+    another manifest already defines (Google's built-in variants, another ``.toml``) is refused.
 
     ``mean``/``std`` describe the float input the network expects, ``(pixel - mean) / std``;
     the default matches :func:`coral_deeplab.export.to_tflite` (raw bytes, scale 1/128, zero
@@ -397,19 +365,22 @@ def publish(
     }
     header = (
         "segd model variant written by coral_deeplab.zoo.publish. The sha256 values must match\n"
-        "the files; publish again rather than editing. output.align_corners follows the input\n"
-        "size: 16k+1 inputs (513) put logit i on pixel stride*i (Google's DeepLab geometry,\n"
-        "align_corners = true); 16k inputs use half-pixel geometry (align_corners = false)."
+        "the files; publish again rather than editing. The input is 16k+1 pixels per side (513),\n"
+        "so logit i sits on pixel stride*i: Google's DeepLab geometry, align_corners = true."
     )
     text = toml_dumps({"variants": {name: entry}}, header=header)
 
     cpu_path = mdir / cpu_name
-    _atomic_write(cpu_path, tflite)
+    atomic_write(cpu_path, tflite)
     tpu_path: Path | None = None
     if compiled is not None:
         tpu_path = mdir / tpu_name
-        _atomic_write(tpu_path, compiled)
-    _atomic_write(manifest_path, text.encode())
+        atomic_write(tpu_path, compiled)
+    atomic_write(manifest_path, text.encode())
+    if compiled is None:
+        # A previous publish of this name may have compiled: its Edge TPU file would be a
+        # different network now, and no manifest describes it any more.
+        (mdir / tpu_name).unlink(missing_ok=True)
     return PublishResult(manifest_path, cpu_path, tpu_path, report, compile_log, skipped)
 
 
@@ -441,13 +412,21 @@ class PascalExport:
     n_calibration: int
 
 
+def _module_source(name: str) -> bytes:
+    """Source bytes of module ``name``, found without importing it (no TensorFlow)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"cannot locate module {name}")
+    return Path(spec.origin).read_bytes()
+
+
 def _code_version() -> str:
-    """Hash of the coral_deeplab modules that shape an export, plus the converter versions."""
+    """Hash of the modules that shape an export (:data:`_EXPORT_CODE`) plus the converter
+    versions, read from package metadata (TensorFlow is not imported)."""
     h = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for fname in _EXPORT_CODE:
-        h.update(fname.encode())
-        h.update((here / fname).read_bytes())
+    for name in _EXPORT_CODE:
+        h.update(name.encode())
+        h.update(_module_source(name))
     for dist in ("tensorflow", "tf_keras"):
         try:
             h.update(f"{dist}={importlib.metadata.version(dist)}".encode())
@@ -479,12 +458,8 @@ def export_cache_key(
 def _check_args(variant: str, alpha: float, input_size: int) -> None:
     if variant not in _VARIANTS:
         raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
-    if float(alpha) not in (1.0, 0.5):
-        raise ValueError(
-            f"alpha must be 1.0 or 0.5 (the depth multipliers with PASCAL weights), got {alpha!r}"
-        )
-    if input_size < 32 or input_size % 16 not in (0, 1):
-        raise ValueError(f"input size must be 16k or 16k+1 and >= 32 (e.g. 513), got {input_size}")
+    geometry.check_alpha(alpha)
+    geometry.check_side(input_size, "input size")
 
 
 def pascal_export(
@@ -503,7 +478,9 @@ def pascal_export(
     The cache (``cache=None``: ``<coral_deeplab cache dir>/exports``; a Path: there; False: off)
     is keyed by :func:`export_cache_key`, so a cached file is reused only for the same Google
     source file, the same calibration pixels, the same arguments and the same code and
-    converter versions. A hit needs no TensorFlow. Writes are atomic.
+    converter versions. A hit does not import TensorFlow (its version, part of the key, is read
+    from package metadata, so TensorFlow must still be installed to match a key built with
+    it). Writes are atomic.
     """
     from coral_deeplab import export, weights
 
@@ -536,7 +513,7 @@ def pascal_export(
     if cache_path is not None:
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(cache_path, tflite)
+            atomic_write(cache_path, tflite)
         except OSError:
             cache_path = None  # a read-only cache only costs a rebuild next time
     return PascalExport(tflite, cache_path, False, key, source, len(images))

@@ -221,6 +221,15 @@ def _palette_png_indices(chunks: list[tuple[bytes, bytes]]) -> np.ndarray:
     return np.ascontiguousarray(bgr[:, :, 0])
 
 
+def _voc_greys() -> frozenset[int]:
+    pal = voc_palette(256)
+    return frozenset(int(c[0]) for c in pal if c[0] == c[1] == c[2])
+
+
+#: Grey levels v whose colour (v, v, v) is in the VOC colour map: {0, 64, 128, 192}.
+_VOC_GREYS = _voc_greys()
+
+
 def _colours_to_ids(rgb: np.ndarray) -> np.ndarray:
     """Map an RGB colour mask to class ids through the PASCAL VOC colour map (the colours
     VOC masks and segd's own PNGs use; the map gives 256 distinct colours)."""
@@ -247,7 +256,10 @@ def read_mask(data: bytes) -> np.ndarray:
 
     Indexed PNGs give their palette indices (VOC ``SegmentationClass``, segd's own masks);
     greyscale images give their values (8-bit, or 16-bit with values <= 255); colour images
-    are mapped back through the VOC colour map. DatasetError for anything else.
+    are mapped back through the VOC colour map. A colour image whose channels are all equal is
+    ambiguous — VOC colours 0, 7, 56 and 63 are greys (0, 128, 64 and 192) — and is read
+    through the VOC map when every grey in it is one of those, as grey ids otherwise.
+    DatasetError for anything else.
     """
     if data.startswith(_PNG_SIGNATURE):
         chunks = _png_chunks(data)
@@ -265,7 +277,11 @@ def read_mask(data: bytes) -> np.ndarray:
     if img.ndim == 3:
         img = img[:, :, :3]
         if np.array_equal(img[:, :, 0], img[:, :, 1]) and np.array_equal(img[:, :, 0], img[:, :, 2]):
-            img = img[:, :, 0]
+            grey = img[:, :, 0]
+            if img.dtype == np.uint8 and set(np.unique(grey).tolist()) <= _VOC_GREYS:
+                # Every pixel is also a VOC colour ((128,128,128) is class 7): a VOC colour mask.
+                return _colours_to_ids(np.ascontiguousarray(img[:, :, ::-1]))
+            img = grey
         elif img.dtype == np.uint8:
             return _colours_to_ids(np.ascontiguousarray(img[:, :, ::-1]))
         else:
@@ -482,10 +498,12 @@ def segmenter_for_file(
     """A CPU Segmenter for a ``.tflite`` no manifest describes, described from its tensors.
 
     Assumed, as for every coral_deeplab and Coral DeepLab file: raw RGB input bytes (mean =
-    std = 128); a resize/argmax tail is stripped when present; the logits grid is aligned with
-    the input (align_corners) when ``(H - 1)`` is a multiple of ``(h - 1)`` (16k+1 inputs),
-    half-pixel otherwise; classes are named ``class_<i>``. A model that outputs only a class
-    map cannot say its number of classes and is refused.
+    std = 128); a resize/argmax tail is stripped when present; the logits grid is DeepLab's
+    align-corners grid, checked by :func:`coral_deeplab.geometry.output_geometry` (16k+1
+    input sides such as 513, ``H - 1 = stride (h - 1)`` on both axes — an even input side is
+    refused, as its logit positions cannot be told from the shapes); classes are named
+    ``class_<i>``. A model that outputs only a class map cannot say its number of classes and
+    is refused.
     """
     from segd.engine import Segmenter, Selection, strip_model_tail
     from segd.runtime import open_cpu
@@ -514,9 +532,18 @@ def segmenter_for_file(
             "[1, h, w, classes] logits (a class-map output does not say how many classes "
             "there are: publish the model with its labels and evaluate it by name)"
         )
-    h, n_logits, n_classes = inp.shape[1], out.shape[1], out.shape[3]
-    aligned = n_logits > 1 and (h - 1) % (n_logits - 1) == 0
-    output = OutputSpec("logits", out.shape, out.dtype.name, round(h / n_logits), aligned, strip)
+    from coral_deeplab.geometry import output_geometry
+
+    try:
+        stride, aligned = output_geometry(inp.shape[1:3], out.shape[1:3])
+    except ValueError as exc:
+        runner.close()
+        raise ModelError(
+            f"{path}: cannot tell how its logits map onto the input ({exc}); describe it in a "
+            "<name>.toml manifest (output.stride, output.align_corners) and evaluate it by name"
+        ) from None
+    n_classes = out.shape[3]
+    output = OutputSpec("logits", out.shape, out.dtype.name, stride, aligned, strip)
     spec = FileSpec(name=path.name, sha256=sha256_bytes(data), size=len(data))
     variant = Variant(
         name=path.stem,

@@ -269,6 +269,39 @@ def test_calibration_batches_are_normalised_and_pin_the_input_range():
     assert np.all(batch[0, 1:, 1:] == (200 - 128) / 128)
 
 
+def test_calibration_resizes_images_exactly_as_segd_serves_them(test_data):
+    from segd.preprocess import decode_image, fit_to_input
+
+    image = decode_image((test_data / "bird.bmp").read_bytes(), max_pixels=10**8).rgb
+    assert image.shape[0] > 129 and image.shape[1] > 129  # shrinking: segd uses area averaging
+    (batch,) = export.calibration_batches([image], (129, 129), limit=1)
+    served = fit_to_input(image, (129, 129), keep_aspect=False)[0]
+    expected = (served.astype(np.float32) - 128) / 128
+    expected[0, 0, 0], expected[0, 0, 1] = -1.0, 127 / 128  # the two range-pinning values
+    np.testing.assert_array_equal(batch[0], expected)
+    assert not np.array_equal(cv2.resize(image, (129, 129), interpolation=cv2.INTER_LINEAR), served)
+
+
+def test_calibration_files_are_decoded_by_segds_decoder(tmp_path):
+    from segd.preprocess import decode_image
+
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 256, size=(40, 50, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(np.arange(50) < 25, 40, 255)  # half the image mostly transparent
+    cv2.imwrite(str(tmp_path / "a.png"), rgba[..., [2, 1, 0, 3]])
+    deep = rng.integers(0, 65536, size=(30, 20, 3), dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "b.png"), deep)
+    loaded = list(export.load_calibration_images(tmp_path))
+    for got, name in zip(loaded, ("a.png", "b.png"), strict=True):
+        data = (tmp_path / name).read_bytes()
+        np.testing.assert_array_equal(got, decode_image(data, max_pixels=10**6).rgb)
+    # cv2.imread would have dropped the alpha instead of compositing it as the daemon does.
+    assert not np.array_equal(loaded[0], cv2.imread(str(tmp_path / "a.png"), cv2.IMREAD_COLOR)[:, :, ::-1])
+    (tmp_path / "c.png").write_bytes((tmp_path / "a.png").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cannot decode calibration image .*c\.png"):
+        list(export.load_calibration_images(tmp_path))
+
+
 @pytest.mark.parametrize(
     "bad",
     [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.float32), np.zeros((8, 8, 4), np.uint8)],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,8 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
         ((513, 513, 3), 1.0, (33, 33)),
         ((513, 513, 3), 0.5, (33, 33)),
         ((257, 321, 3), 1.0, (17, 21)),
-        ((512, 512, 3), 0.5, (32, 32)),
-        ((224, 224, 3), 1.0, (14, 14)),
+        ((33, 65, 3), 0.5, (3, 5)),
     ],
 )
 def test_v3_outputs_logits_at_output_stride_16(shape, alpha, logits_hw):
@@ -41,7 +41,7 @@ def test_v3_outputs_logits_at_output_stride_16(shape, alpha, logits_hw):
     [
         ((513, 513, 3), 1.0, (129, 129)),
         ((257, 257, 3), 0.5, (65, 65)),
-        ((512, 384, 3), 1.0, (128, 96)),
+        ((385, 129, 3), 1.0, (97, 33)),
     ],
 )
 def test_v3plus_outputs_logits_at_output_stride_4(shape, alpha, logits_hw):
@@ -82,13 +82,61 @@ def test_output_stride_16_dilates_the_last_three_blocks():
     assert model.get_layer("expanded_conv_13_depthwise").output_shape[1:3] == (33, 33)
 
 
-def test_stride_two_convs_use_tf_same_padding():
-    # 513 -> 257 -> 129 -> 65 -> 33 is TF "SAME" (ceil); keras' MobileNetV2 ZeroPadding + valid
-    # would give the same sizes but shift the sampling grid by a pixel.
-    model = applications.CoralDeepLabV3((513, 513, 3))
-    assert model.get_layer("Conv").padding == "same"
-    assert model.get_layer("Conv").output_shape[1:3] == (257, 257)
-    assert model.get_layer("expanded_conv_1_depthwise").output_shape[1:3] == (129, 129)
+def _centres(layer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Input row/column each output of a spatial conv is centred on: a copy of the layer (same
+    config: kernel, strides, padding, dilation) whose kernel is 1 at its centre tap only, fed the
+    flat pixel index of its input, outputs the index of the pixel its kernel centre sat on."""
+    _, h, w, c = layer.input_shape
+    copy = type(layer).from_config(layer.get_config())
+    copy.build((1, h, w, c))
+    values = []
+    for weight in copy.get_weights():
+        v = np.zeros_like(weight)
+        if v.ndim == 4:
+            kh, kw = v.shape[:2]
+            if isinstance(copy, keras.layers.DepthwiseConv2D):
+                v[kh // 2, kw // 2, :, 0] = 1
+            else:
+                v[kh // 2, kw // 2, 0, 0] = 1  # output channel 0 copies input channel 0
+        values.append(v)
+    copy.set_weights(values)
+    index = np.arange(h * w, dtype=np.float32).reshape(1, h, w, 1)
+    out = copy(np.repeat(index, c, axis=3)).numpy()[0, :, :, 0].astype(np.int64)
+    rows, cols = out // w, out % w
+    assert (rows == rows[:, :1]).all() and (cols == cols[:1, :]).all()
+    return rows[:, 0], cols[0, :]
+
+
+@pytest.mark.parametrize("builder", ["CoralDeepLabV3", "CoralDeepLabV3Plus"])
+def test_every_spatial_conv_is_centred_so_logit_i_sits_on_pixel_stride_times_i(builder):
+    # Follow the pixel each feature map position is centred on through every 3x3 conv of the
+    # real model: TF "SAME" on 16k+1 sides pads 1 pixel on both sides, so a stride-2 output j
+    # sits on input 2 j, stride-1 convs (dilated too) keep positions, and v3 logit i sits on
+    # pixel 16 i (v3+: 4 i) — the align-corners geometry the loss, decoder and segd assume.
+    # (keras' ZeroPadding + "valid", or an even side, would put it on 16 i + 15.)
+    model = getattr(applications, builder)((129, 97, 3), alpha=0.5, n_classes=3)
+    grid = {("h", 129): np.arange(129), ("w", 97): np.arange(97)}
+    seen_strides = []
+    for layer in model.layers:
+        if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            continue
+        if tuple(layer.kernel_size) == (1, 1):
+            continue  # a 1x1 conv cannot move anything
+        _, h, w, _ = layer.input_shape
+        _, oh, ow, _ = layer.output_shape
+        rows, cols = _centres(layer)
+        for axis, size, out_size, sampled in (("h", h, oh, rows), ("w", w, ow, cols)):
+            positions = grid[(axis, size)][sampled]
+            if (axis, out_size) in grid:
+                np.testing.assert_array_equal(positions, grid[(axis, out_size)], err_msg=layer.name)
+            grid[(axis, out_size)] = positions
+        seen_strides.append(layer.strides[0])
+    assert seen_strides.count(2) == 4  # Conv and three depthwise convs: output stride 16
+    stride = 16 if builder == "CoralDeepLabV3" else 4
+    _, lh, lw, _ = model.output_shape
+    assert (lh, lw) == ((129 - 1) // stride + 1, (97 - 1) // stride + 1)
+    np.testing.assert_array_equal(grid[("h", lh)], stride * np.arange(lh))
+    np.testing.assert_array_equal(grid[("w", lw)], stride * np.arange(lw))
 
 
 @pytest.mark.parametrize(
@@ -99,9 +147,11 @@ def test_stride_two_convs_use_tf_same_padding():
         ({"input_shape": (513, 513)}, "fully defined"),
         ({"input_shape": (None, 513, 3)}, "fully defined"),
         ({"input_shape": (16, 16, 3)}, "minimum"),
-        ({"input_shape": (500, 500, 3)}, "16k or 16k\\+1"),
-        ({"input_shape": (513, 515, 3)}, "16k or 16k\\+1"),
-        ({"input_shape": (512, 513, 3)}, "mixes"),
+        ({"input_shape": (17, 17, 3)}, "minimum"),
+        ({"input_shape": (501, 501, 3)}, "not 16k\\+1 \\(use 497 or 513"),
+        ({"input_shape": (513, 515, 3)}, "width 515 is not 16k\\+1"),
+        ({"input_shape": (512, 512, 3)}, "16 i \\+ 15"),
+        ({"input_shape": (513, 256, 3)}, "width 256 is not 16k\\+1.*16 i \\+ 15"),
         ({"alpha": 0.75}, "alpha"),
         ({"alpha": 1.4}, "alpha"),
         ({"n_classes": 1}, "n_classes"),

@@ -8,6 +8,7 @@ image, our logits are upsampled with TF1 align-corners bilinear like Google's gr
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 from pathlib import Path
 
 import numpy as np
@@ -189,18 +190,56 @@ def test_incomplete_source_fails_loudly(imported):
         np.testing.assert_array_equal(a, b)
 
 
-def test_imported_weights_are_cached_under_the_source_checksum(weight_env, imported, test_data):
-    digest = hashlib.sha256((test_data / GOOGLE[1.0]).read_bytes()).hexdigest()
-    path = weight_env["cache"] / f"deeplabv3_mnv2_pascal-{digest[:12]}.npz"
+def test_imported_weights_are_cached_under_the_source_checksum_and_the_code_version(
+    weight_env, imported, test_data
+):
+    source = (test_data / GOOGLE[1.0]).read_bytes()
+    digest = hashlib.sha256(source).hexdigest()
+    path = weights.cache_path(weight_env["cache"], "deeplabv3_mnv2_pascal", source)
+    assert path.name == f"deeplabv3_mnv2_pascal-{digest[:12]}-{weights.code_version()}.npz"
     assert path.is_file()
     with np.load(path) as cached:
         np.testing.assert_array_equal(cached["aspp0/kernel"], imported[1.0]["aspp0/kernel"])
-    # a damaged cache entry is rebuilt, not trusted
-    path.write_bytes(b"not an npz")
-    again = weights.pascal_voc_weights(1.0, **weight_env)
-    np.testing.assert_array_equal(again["aspp0/kernel"], imported[1.0]["aspp0/kernel"])
-    with np.load(path) as cached:
-        assert "logits_semantic/kernel" in cached.files
+    assert sorted(p.name for p in weight_env["cache"].iterdir() if not p.name.endswith(".npz")) == []
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda data: b"not an npz", lambda data: data[: len(data) // 2], lambda data: data[:-30] + bytes(30)],
+    ids=["garbage", "truncated zip", "corrupt zip directory"],
+)
+def test_a_damaged_cache_entry_is_rebuilt_not_trusted(damage, weight_env, imported, test_data):
+    source = (test_data / GOOGLE[0.5]).read_bytes()
+    path = weights.cache_path(weight_env["cache"], "deeplabv3_mnv2_dm05_pascal", source)
+    path.write_bytes(damage(path.read_bytes()))
+    again = weights.pascal_voc_weights(0.5, **weight_env)
+    assert sorted(again) == sorted(imported[0.5])
+    np.testing.assert_array_equal(again["aspp0/kernel"], imported[0.5]["aspp0/kernel"])
+    with np.load(path) as cached:  # rewritten whole
+        assert sorted(cached.files) == sorted(imported[0.5])
+
+
+def test_a_change_to_the_extraction_code_does_not_reuse_old_cache_entries(
+    weight_env, imported, test_data, tmp_path, monkeypatch
+):
+    source = (test_data / GOOGLE[0.5]).read_bytes()
+    before = weights.cache_path(weight_env["cache"], "deeplabv3_mnv2_dm05_pascal", source)
+    assert before.is_file()
+    # The same modules with one changed byte: a new code version, a new entry.
+    edited = tmp_path / "model.py"
+    edited.write_bytes((Path(weights.__file__).parent / "tflite" / "model.py").read_bytes() + b"#")
+    real_find_spec = weights.importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name == "coral_deeplab.tflite.model":
+            return importlib.machinery.ModuleSpec(name, None, origin=str(edited))
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(weights.importlib.util, "find_spec", find_spec)
+    after = weights.cache_path(weight_env["cache"], "deeplabv3_mnv2_dm05_pascal", source)
+    assert after != before and not after.exists()
+    weights.pascal_voc_weights(0.5, **weight_env)
+    assert after.is_file() and before.is_file()
 
 
 def test_corrupt_source_file_is_refused(tmp_path, test_data):

@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -21,7 +22,7 @@ from PIL import Image
 from segd import cli
 from segd.encode import encode_mask_png
 from segd.engine import Segmenter
-from segd.errors import DatasetError
+from segd.errors import DatasetError, ModelError
 from segd.evaluate import (
     EvalResult,
     HttpPredictor,
@@ -34,6 +35,7 @@ from segd.evaluate import (
     mean_iou,
     read_mask,
     read_sample,
+    segmenter_for_file,
 )
 from segd.labels import voc_palette
 from segd.variants import Manifest
@@ -139,6 +141,78 @@ def test_a_model_file_scores_like_its_variant_and_an_unknown_file_is_described_f
     assert [c["iou"] for c in docs[0]["classes"]] == [c["iou"] for c in docs[2]["classes"]]
 
 
+def sampling_model(height: int, width: int, stride: int) -> bytes:
+    """A real one-op ``.tflite``: AVERAGE_POOL_2D with a 1x1 window, stride ``stride``, SAME
+    padding, uint8 in and out — its "logits" (3 classes = R, G, B) are the input pixels at
+    ``(stride i, stride j)``, on a ``ceil(H / stride)`` grid like DeepLab's."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    def tensor(name: str, shape: list[int], buffer: int) -> Any:
+        t = schema.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, shape, schema.TensorType.UINT8, buffer
+        t.quantization = schema.QuantizationParametersT()
+        t.quantization.scale, t.quantization.zeroPoint = [1 / 128], [128]
+        return t
+
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.AVERAGE_POOL_2D
+    code.version = 1
+    options = schema.Pool2DOptionsT()
+    options.padding, options.strideH, options.strideW = schema.Padding.SAME, stride, stride
+    options.filterHeight = options.filterWidth = 1
+    op = schema.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0], [1]
+    op.builtinOptionsType, op.builtinOptions = schema.BuiltinOptions.Pool2DOptions, options
+    graph = schema.SubGraphT()
+    out_hw = [-(-height // stride), -(-width // stride)]
+    graph.tensors = [tensor("image", [1, height, width, 3], 1), tensor("logits", [1, *out_hw, 3], 2)]
+    graph.inputs, graph.outputs, graph.operators = [0], [1], [op]
+    model = schema.ModelT()
+    model.version, model.operatorCodes, model.subgraphs = 3, [code], [graph]
+    model.buffers = [schema.BufferT() for _ in range(3)]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+@pytest.mark.parametrize(("hw", "stride"), [((129, 129), 16), ((257, 321), 16), ((129, 65), 4), ((513, 513), 8)])
+def test_an_unknown_file_gets_its_stride_and_corners_from_the_input_rule(
+    hw: tuple[int, int], stride: int, tmp_path: Path
+) -> None:
+    path = tmp_path / "pool.tflite"
+    path.write_bytes(sampling_model(*hw, stride))
+    seg = segmenter_for_file(path)
+    logits = ((hw[0] - 1) // stride + 1, (hw[1] - 1) // stride + 1)
+    assert tuple(seg.runner.output.shape) == (1, *logits, 3)
+    assert (seg.variant.output.stride, seg.variant.output.align_corners) == (stride, True)
+    # Logit (i, j) is pixel (stride i, stride j). Colour those pixels in a red/blue checkerboard
+    # (green elsewhere, never sampled): with the right stride and corners the served mask is,
+    # at every pixel, the colour of the nearest sampled pixel (ties at half a stride skipped).
+    ii, jj = np.mgrid[0 : logits[0], 0 : logits[1]]
+    image = np.zeros((*hw, 3), np.uint8)
+    image[..., 1] = 120
+    red = ((ii + jj) % 2 == 0)[..., None]
+    image[::stride, ::stride] = np.where(red, np.array([250, 0, 0]), np.array([0, 0, 250]))
+    mask = seg.segment(cv2.imencode(".png", image[:, :, ::-1])[1].tobytes()).mask
+    assert mask.shape == hw
+    y, x = np.mgrid[0 : hw[0], 0 : hw[1]]
+    expected = np.where((np.rint(y / stride) + np.rint(x / stride)) % 2 == 0, 0, 2)
+    valid = (2 * (y % stride) != stride) & (2 * (x % stride) != stride)
+    np.testing.assert_array_equal(mask[valid], expected[valid])
+
+
+@pytest.mark.parametrize(("hw", "stride"), [((256, 256), 16), ((512, 512), 16), ((256, 256), 4), ((128, 129), 16)])
+def test_an_unknown_file_with_an_even_input_side_is_refused(hw: tuple[int, int], stride: int, tmp_path: Path) -> None:
+    # 256 -> 16 logits satisfies (256 - 1) % (16 - 1) == 0, the old "aligned" guess; but with
+    # SAME padding an even side puts logit i on pixel 16 i + 15 (TF) or 16 i (this file): the
+    # shapes cannot say which, and no upsampling convention fits TF's.
+    path = tmp_path / "even.tflite"
+    path.write_bytes(sampling_model(*hw, stride))
+    with pytest.raises(ModelError, match="even"):
+        segmenter_for_file(path)
+
+
 def test_text_report_lists_every_class_and_the_means(
     capsys: pytest.CaptureFixture[str], bird_voc: Path, models_dir: Path, tmp_path: Path
 ) -> None:
@@ -233,6 +307,21 @@ def test_greyscale_and_voc_coloured_masks_give_class_ids() -> None:
     colour = cv2.imencode(".png", voc_palette(256)[mask][:, :, ::-1].copy())[1].tobytes()
     for data in (grey8, grey16, bmp, colour):
         assert np.array_equal(read_mask(data), mask)
+
+
+def test_rgb_masks_of_voc_greys_are_voc_colours_and_other_greys_are_ids() -> None:
+    # VOC's class 7 (cat) is (128, 128, 128), 56 is (64, 64, 64), 63 is (192, 192, 192): a colour
+    # mask of black + cat is VOC, not grey ids 0 and 128.
+    voc = np.array([[0, 7, 7], [56, 63, 0]], dtype=np.uint8)
+    coloured = cv2.imencode(".png", voc_palette(256)[voc][:, :, ::-1].copy())[1].tobytes()
+    assert np.array_equal(read_mask(coloured), voc)
+    # Greys that are not all VOC colours are ids (here 1, 2 and ignore 255), in RGB too.
+    ids = np.array([[0, 1, 2], [128, 255, 0]], dtype=np.uint8)
+    grey_rgb = cv2.imencode(".png", np.repeat(ids[:, :, None], 3, axis=2))[1].tobytes()
+    assert np.array_equal(read_mask(grey_rgb), ids)
+    # A single-channel PNG is ids whatever its values.
+    single = cv2.imencode(".png", np.array([[0, 128]], np.uint8))[1].tobytes()
+    assert read_mask(single).tolist() == [[0, 128]]
 
 
 @pytest.mark.parametrize(

@@ -260,10 +260,24 @@ def test_an_interrupted_run_resumes_exactly_and_the_backbone_stays_frozen_while_
 
     with pytest.raises(ValueError, match=r"different settings \(alpha: 0\.5 -> 1\.0\)"):
         train.train(shapes, name="resumed", out_dir=out, progress=False, resume=True, **{**small, "alpha": 1.0}, **source)
+    # Anything that changes the stream of batches or the optimizer is another run, not this one.
+    copy = shutil.copytree(shapes, tmp_path / "same_images_elsewhere")
+    for data_dir, change, shown in [
+        (shapes, {"flip": False}, "flip: True -> False"), (shapes, {"min_scale": 0.75}, "min_scale: 0.5 -> 0.75"),
+        (shapes, {"scale_step": 0.5}, "scale_step"), (shapes, {"optimizer": "sgd"}, "optimizer: 'adam' -> 'sgd'"),
+        (shapes, {"train_split": "val"}, "train_split"), (copy, {}, "data: "),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"different settings \\({shown}"):
+            train.train(data_dir, name="resumed", out_dir=out, progress=False, resume=True, **{**small, **change}, **source)
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train.train(shapes, name="resumed", out_dir=out, progress=False, **small, **source)
 
+    # A run killed while writing its log leaves a partial last line: resuming drops it.
+    with (out / "history.jsonl").open("a") as log:
+        log.write('{"step": 2, "loss": 0.')
     resumed = train.train(shapes, name="resumed", out_dir=out, progress=False, resume=True, **small, **source)
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [0, 2, 4, 4]  # val before each part, last loss window, val at the end
     # The uninterrupted run also exports at another input size (97 = 16 * 6 + 1) unpublished.
     straight = train.train(shapes, name="straight", out_dir=tmp_path / "straight", progress=False,
                            **{**small, "export": True}, export_size=97, publish=False,

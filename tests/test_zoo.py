@@ -19,7 +19,7 @@ from conftest import REPO, pixel_iou, read_mask_png, read_rgb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coral_deeplab import zoo
+from coral_deeplab import geometry, zoo
 from coral_deeplab.tflite.compiler import EdgeTpuCompileFailed
 from coral_deeplab.tflite.surgery import strip_tail
 from segd.engine import Segmenter
@@ -102,20 +102,46 @@ def test_toml_writer_refuses_values_toml_cannot_hold(bad: Any) -> None:
 
 
 @pytest.mark.parametrize("k", [2, 8, 20, 32, 40])
-def test_output_geometry_follows_the_input_size_family(k: int) -> None:
-    # Logit sides as coral_deeplab's "SAME"-padded builders produce them: ceil(N / stride).
+def test_output_geometry_follows_the_16k_plus_1_input_rule(k: int) -> None:
+    # Logit sides as coral_deeplab's "SAME"-padded builders produce them: (N - 1) / stride + 1.
     for stride in (16, 4):
-        aligned = 16 * k + 1
-        n = -(-aligned // stride)
-        assert zoo.output_geometry((aligned, aligned), (n, n)) == (stride, True)
-        half = 16 * k
-        assert zoo.output_geometry((half, half), (half // stride, half // stride)) == (stride, False)
+        side = 16 * k + 1
+        n = (side - 1) // stride + 1
+        assert zoo.output_geometry((side, side), (n, n)) == (stride, True)
+        assert geometry.logits_hw((side, side), stride) == (n, n)
+        # 16k inputs: SAME padding puts logit i on pixel 16 i + 15; refused with the reason.
+        with pytest.raises(zoo.PublishError, match="even"):
+            zoo.output_geometry((16 * k, 16 * k), (16 * k // stride, 16 * k // stride))
 
 
-@pytest.mark.parametrize(("inp", "logits"), [((513, 513), (32, 32)), ((513, 513), (33, 129)), ((100, 100), (7, 7))])
+@pytest.mark.parametrize(
+    ("inp", "logits"),
+    [((513, 513), (32, 32)), ((513, 513), (33, 129)), ((100, 100), (7, 7)), ((256, 256), (16, 16)),
+     ((129, 129), (9, 1)), ((129, 97), (9, 9))],
+)  # fmt: skip
 def test_output_geometry_refuses_grids_that_do_not_line_up(inp: tuple[int, int], logits: tuple[int, int]) -> None:
     with pytest.raises(zoo.PublishError):
         zoo.output_geometry(inp, logits)
+
+
+@pytest.mark.parametrize(
+    ("side", "message"),
+    [(512, r"not 16k\+1 \(use 497 or 513.*16 i \+ 15"), (500, r"use 497 or 513"), (32, "minimum"),
+     (513.5, "integer"), ("513", "integer"), (True, "integer")],
+)  # fmt: skip
+def test_input_sides_other_than_16k_plus_1_are_refused_with_the_reason(side: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        geometry.check_side(side)
+    assert geometry.check_side(513) == 513 and geometry.check_input_hw((65, 129)) == (65, 129)
+
+
+def test_only_the_published_depth_multipliers_are_accepted() -> None:
+    assert geometry.check_alpha(0.5) == 0.5 and geometry.check_alpha(1) == 1.0
+    for bad in (0.75, 1.4, True, "1.0", None):
+        with pytest.raises(ValueError, match="alpha"):
+            geometry.check_alpha(bad)
+    with pytest.raises(ValueError, match="16k\\+1"):
+        zoo.build(input_size=512, calibration=[])  # refused before any work
 
 
 # --- publish (TF-free, on Google's logits) ------------------------------------------------------
@@ -241,6 +267,45 @@ def test_a_failing_compiler_aborts_the_publish_before_anything_is_written(
     with pytest.raises(EdgeTpuCompileFailed, match="unsupported op"):
         zoo.publish(google_logits_model(test_data), name="c", labels=PASCAL, models_dir=mdir)
     assert list(mdir.iterdir()) == []
+
+
+def test_republishing_without_compiling_removes_the_old_edgetpu_file(
+    test_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _compiler_double(bin_dir)
+    mdir = tmp_path / "models"
+    data = google_logits_model(test_data)
+    with monkeypatch.context() as m:
+        m.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+        assert zoo.publish(data, name="c", labels=PASCAL, models_dir=mdir).edgetpu_path is not None
+    other = strip_tail((test_data / "deeplabv3_mnv2_pascal_quant.tflite").read_bytes()).model_bytes
+    result = zoo.publish(other, name="c", labels=PASCAL, models_dir=mdir, compile=False)
+    assert result.edgetpu_path is None
+    # The old compiled file was another network; no manifest describes it any more.
+    assert sorted(p.name for p in mdir.iterdir()) == ["c.tflite", "c.toml"]
+    assert load_manifest(models_dir=mdir).get("c").edgetpu is None
+
+
+def test_atomic_write_replaces_whole_files_with_the_asked_mode(tmp_path: Path) -> None:
+    from segd.fsutil import atomic_write
+
+    target = tmp_path / "f.bin"
+    old_umask = os.umask(0o077)
+    try:
+        atomic_write(target, b"one")
+        assert target.read_bytes() == b"one" and target.stat().st_mode & 0o777 == 0o644
+        atomic_write(target, "twø", mode=0o600)
+        assert target.read_text() == "twø" and target.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old_umask)
+    with pytest.raises(TypeError):
+        atomic_write(target, None)  # type: ignore[arg-type]
+    assert target.read_text() == "twø"  # a failed write leaves the old file, and no temporary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+    with pytest.raises(FileNotFoundError):
+        atomic_write(tmp_path / "missing" / "f", b"x")
 
 
 # --- from_precompiled ---------------------------------------------------------------------------
@@ -419,6 +484,22 @@ def test_export_cache_key_changes_with_every_input() -> None:
     ]
     for change in changes:
         assert zoo.export_cache_key(**{**base, **change}) != key, change
+
+
+@pytest.mark.parametrize("module", zoo._EXPORT_CODE)
+def test_export_cache_key_changes_with_the_code_of_every_module_that_shapes_an_export(
+    module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base: dict[str, Any] = {"source_sha256": "a" * 64, "calibration": [np.zeros((4, 4, 3), np.uint8)],
+                            "variant": "v3", "alpha": 0.5, "input_size": 513}  # fmt: skip
+    key = zoo.export_cache_key(**base)
+    real = zoo._module_source
+    monkeypatch.setattr(zoo, "_module_source", lambda name: real(name) + (b"#" if name == module else b""))
+    assert zoo.export_cache_key(**base) != key
+
+
+def test_the_export_cache_key_covers_the_flatbuffer_reader_and_calibration_preprocessing() -> None:
+    assert {"coral_deeplab.tflite.model", "coral_deeplab.weights", "segd.preprocess"} <= set(zoo._EXPORT_CODE)
 
 
 @pytest.mark.tf

@@ -164,7 +164,7 @@ def _buffer_has_data(model: schema.ModelT, buffer_index: int) -> bool:
     return int(buf.offset or 0) > 1 and int(buf.size or 0) > 0
 
 
-def _quant(q: schema.QuantizationParametersT | None, shape: tuple[int, ...]) -> QuantParams | None:
+def _quant(q: schema.QuantizationParametersT | None) -> QuantParams | None:
     if q is None or q.scale is None or len(q.scale) == 0:
         return None
     scale = np.asarray(q.scale, dtype=np.float32).reshape(-1)
@@ -191,7 +191,7 @@ def tensor_info(model: schema.ModelT, index: int, subgraph: int = 0) -> TensorIn
         shape=shape,
         shape_signature=sig,
         type_name=TENSOR_TYPE_NAMES.get(int(t.type), f"TYPE_{t.type}"),
-        quantization=_quant(t.quantization, shape),
+        quantization=_quant(t.quantization),
         buffer=int(t.buffer),
         is_constant=_buffer_has_data(model, int(t.buffer)),
     )

@@ -218,7 +218,7 @@ def strip_tail(model_bytes: bytes) -> StripResult:
     model = read_model(model_bytes)
     if any(int(b.offset or 0) > 1 for b in model.buffers or []):
         raise ValueError("model keeps buffers outside the flatbuffer (>2 GB layout); not supported")
-    _chain, logits = find_tail(model)
+    _, logits = find_tail(model)
     sg = model.subgraphs[0]
     sg.outputs = [logits]
 
