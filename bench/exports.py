@@ -191,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     for alpha, tag in ((1.0, "DM1"), (0.5, "DM0.5")):
         by_label = {m.label: invoke_plain[i] for i, m in enumerate(models) if m.alpha == alpha}
         ours_ms = by_label[f"ours {tag} (coral_deeplab v3)"]
-        vs = [
-            f"{100 * (ours_ms / by_label[f'Google {tag}, {kind}'] - 1):+.1f} % vs the {kind} file"
-            for kind in ("tail stripped", "unmodified")
-        ]
-        plain_notes.append(f"{tag} {' and '.join(vs)}")
+        vs = []
+        for kind in ("tail stripped", "unmodified"):
+            change = 100 * (ours_ms / by_label[f"Google {tag}, {kind}"] - 1)
+            vs.append(f"{abs(change):.0f} % {'longer' if change >= 0 else 'shorter'} than Google's {kind} file")
+        plain_notes.append(f"our {tag} takes {' and '.join(vs)}")
     load = os.getloadavg()[0]
     lines = [
         f"{runtime}, CPU, {args.threads} threads, the same process and run for every row; "
@@ -232,10 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         "evaluation images are not among them. " + "; ".join(built_notes) + ".",
         "`invoke` is LiteRT as segd runs it (default XNNPACK delegate); `no XNNPACK` is the same "
         "file on TFLite's built-in kernels. Our int8 (per-channel) exports gain far more from "
-        "XNNPACK than Google's uint8 (per-tensor) files; without it their invoke time is "
-        + "; ".join(plain_notes) + " (Google's files' invoke; the unmodified file's time includes "
-        "its in-graph resize + argmax). So the CPU speed-up depends on the runtime's kernels: "
-        "measure on the target (e.g. a Pi) before relying on it.",
+        "XNNPACK than Google's uint8 (per-tensor) files; without it " + "; ".join(plain_notes)
+        + " (the unmodified file's time includes its in-graph 513x513 resize + argmax). So the "
+        "CPU speed-up depends on the runtime's kernels: measure on the target (e.g. a Pi) "
+        "before relying on it.",
         "The Edge TPU column is the static checker's prediction (no device and no "
         "edgetpu_compiler here): on Google's files the TPU segment stops at the image-pooling "
         "resize, on ours the checker predicts every op maps.",

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coral_deeplab.geometry import SUPPORTED_ALPHAS
 from segd.fsutil import atomic_write
 
 __all__ = [
@@ -607,7 +608,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-data", type=Path, default=None, help="separate validation dataset")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="held out when there is no val list")
     p.add_argument("--architecture", choices=("v3", "v3plus"), default=d.architecture)
-    p.add_argument("--alpha", type=float, choices=(1.0, 0.5), default=d.alpha, help="MobileNetV2 depth multiplier")
+    p.add_argument("--alpha", type=float, choices=SUPPORTED_ALPHAS, default=d.alpha, help="MobileNetV2 depth multiplier")
     p.add_argument("--input-size", type=int, default=d.input_size, help="square crop / model input side, 16k+1 (e.g. 321, 513)")
     p.add_argument("--export-size", type=int, default=None, help="input side of the exported model (default: --input-size)")
     p.add_argument("--weights", default="pascal_voc", help="pascal_voc (default), none (from scratch) or a .h5 file")

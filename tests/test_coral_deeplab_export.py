@@ -154,7 +154,7 @@ def test_output_is_int8_logits_at_stride_16(exports, alpha):
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
-def test_every_op_maps_to_one_edgetpu_segment(exports, alpha):
+def test_checker_predicts_every_op_maps_to_one_edgetpu_segment(exports, alpha):
     report = check_model(exports[alpha])
     assert report.fully_mapped, format_report(report)
     assert report.stop_index is None

@@ -164,7 +164,7 @@ def test_fine_tuning_lowers_the_loss_and_lifts_val_miou_far_above_chance(trained
         "ckpt-100.index", "ckpt-50.index"]  # fmt: skip
 
 
-def test_export_maps_fully_to_the_edge_tpu_and_is_published_for_segd(trained: Any) -> None:
+def test_export_is_predicted_to_map_fully_to_the_edge_tpu_and_is_published_for_segd(trained: Any) -> None:
     assert trained.check.fully_mapped, zoo.describe_report(trained.check)
     assert export.export_problems(trained.tflite) == []
     assert export.input_quantization(trained.tflite) == (1 / 128, 128, "uint8")

@@ -401,7 +401,7 @@ def built(test_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 @pytest.mark.tf
-def test_models_build_publishes_a_fully_mapped_variant(built: dict[str, Any]) -> None:
+def test_models_build_publishes_a_variant_the_checker_predicts_fully_mapped(built: dict[str, Any]) -> None:
     out = built["out"]
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == BUILT
