@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from coral_deeplab.geometry import SUPPORTED_ALPHAS
 from segd.errors import SegdError
 
 
@@ -74,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         "on PATH, and publish it as a variant in the models dir (<name>.tflite + <name>.toml).",
     )  # fmt: skip
     p.add_argument("--variant", choices=("v3", "v3plus"), default="v3", help="v3+: only the encoder is pretrained")
-    p.add_argument("--alpha", type=float, choices=(1.0, 0.5), default=1.0, help="MobileNetV2 depth multiplier")
-    p.add_argument("--input-size", type=int, default=513, help="square input side, 16k+1 (513) or 16k")
+    p.add_argument("--alpha", type=float, choices=SUPPORTED_ALPHAS, default=1.0, help="MobileNetV2 depth multiplier")
+    p.add_argument("--input-size", type=int, default=513, help="square input side, 16k+1 (e.g. 513, 321, 257)")
     p.add_argument("--name", default=None, help="variant name (default cdl_<variant>_dm<alpha>_<size>_pascal)")
     p.add_argument("--calibration", type=Path, default=None, help="directory of real photos like the ones you will segment (required)")
     p.add_argument("--num-calibration", type=int, default=32, help="use at most this many calibration images")

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from segd.fsutil import atomic_write
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 UNIT_NAME = "segd.service"
 ENV_NAME = "segd.env"
@@ -225,7 +227,7 @@ def apply(steps: list[Step], *, dry_run: bool = False, out: TextIO | None = None
             if step.mode is not None:
                 os.chmod(step.target, step.mode)
         elif step.action == "write":
-            _write_atomic(Path(step.target), step.content or "", step.mode or 0o644)
+            atomic_write(Path(step.target), step.content or "", mode=step.mode or 0o644)
         elif step.action == "run":
             argv = shlex.split(step.target)
             if shutil.which(argv[0]) is None:
@@ -237,19 +239,6 @@ def apply(steps: list[Step], *, dry_run: bool = False, out: TextIO | None = None
                 failures += 1
                 print(f"  failed ({proc.returncode}): {proc.stderr.strip()}", file=stream)
     return failures
-
-
-def _write_atomic(path: Path, content: str, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.segd-tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(content)
-        os.chmod(tmp, mode)  # the umask must not widen or narrow what was asked
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def next_steps(user: bool, root: Path, exec_path: str = DEFAULT_EXEC) -> str:
