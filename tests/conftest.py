@@ -109,3 +109,28 @@ def fake_edgetpu(edgetpu_double: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SEGD_EDGETPU_LIBRARY", str(edgetpu_double))
     monkeypatch.setenv("FAKE_EDGETPU_DEVICES", "usb:/sys/bus/usb/devices/2-1")
     return edgetpu_double
+
+
+@pytest.fixture
+def gated_mirror(test_data: Path):  # type: ignore[no-untyped-def]
+    """An HTTP mirror of the test data on 127.0.0.1 that holds every download until the test
+    sets the gate: model loading is exactly as slow as a test wants. Yields (url, gate)."""
+    import http.server
+    import threading
+
+    gate = threading.Event()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            gate.wait(60)
+            super().do_GET()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Handler(*a, directory=str(test_data)))
+    server.handle_error = lambda *a: None  # type: ignore[method-assign]  # a daemon that hung up: expected
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", gate
+    gate.set()
+    server.shutdown()

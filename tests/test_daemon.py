@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import signal
 import threading
@@ -320,39 +319,25 @@ def test_full_queue_answers_503_with_retry_after(tmp_path: Path, models_dir: Pat
 
 
 # --- readiness and shutdown ----------------------------------------------------------------
-class _GatedMirror(http.server.SimpleHTTPRequestHandler):
-    """Serves model files only once the test opens the gate (a slow model download)."""
-
-    gate = threading.Event()
-
-    def do_GET(self) -> None:
-        self.gate.wait(60)
-        super().do_GET()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def test_readyz_is_503_until_models_are_loaded_and_warmed_up(tmp_path: Path, test_data: Path) -> None:
-    handler = type("Gate", (_GatedMirror,), {"gate": threading.Event()})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(test_data)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def test_readyz_is_503_until_models_are_loaded_and_warmed_up(
+    tmp_path: Path, gated_mirror: tuple[str, threading.Event]
+) -> None:
+    url, gate = gated_mirror
     empty = tmp_path / "models"
     empty.mkdir()
     d = start_daemon(tmp_path, empty, "--model", DM05, "--accelerator", "cpu",
-                     "--mirror", f"http://127.0.0.1:{server.server_address[1]}", wait="healthy")  # fmt: skip
+                     "--mirror", url, wait="healthy")  # fmt: skip
     try:
         r = httpx.get(d.url + "/readyz")
         assert r.status_code == 503 and r.json()["models"][DM05]["state"] == "loading"
         r = httpx.post(d.url + "/segment", content=b"x", headers={"content-type": "image/png"})
         assert r.status_code == 503 and error_of(r) == "model_not_ready"
-        handler.gate.set()
+        gate.set()
         d.wait_ready()
         assert (empty / "deeplabv3_mnv2_dm05_pascal_quant.tflite").is_file()
         assert httpx.get(d.url + f"/models/{DM05}").json()["selftest"]["passed"] is True
     finally:
         d.stop()
-        server.shutdown()
 
 
 def test_sigterm_drains_requests_in_flight_then_exits(tmp_path: Path, models_dir: Path, test_data: Path) -> None:

@@ -12,12 +12,10 @@ test_daemon.py — SIGTERM drains requests in flight.
 
 from __future__ import annotations
 
-import http.server
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -129,28 +127,6 @@ def test_model_corrupted_while_serving_keeps_serving_and_is_refused_at_the_next_
 
 
 # --- SIGTERM while loading -------------------------------------------------------------------
-class _Gate(http.server.SimpleHTTPRequestHandler):
-    gate = threading.Event()
-
-    def do_GET(self) -> None:
-        self.gate.wait(60)
-        super().do_GET()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def gated_mirror(test_data: Path) -> Iterator[tuple[str, threading.Event]]:
-    handler = type("Gate", (_Gate,), {"gate": threading.Event()})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(test_data)))
-    server.handle_error = lambda *a: None  # type: ignore[method-assign]  # the daemon hung up: expected
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler.gate
-    handler.gate.set()
-    server.shutdown()
-
-
 def test_sigterm_while_a_model_downloads_exits_promptly_and_cleanly(
     tmp_path: Path, gated_mirror: tuple[str, threading.Event]
 ) -> None:

@@ -3,7 +3,6 @@ real daemon, and the unit file checked by systemd's own tools (``systemd-analyze
 
 from __future__ import annotations
 
-import http.server
 import itertools
 import os
 import re
@@ -94,36 +93,18 @@ def notify_env(listener: NotifySocket, **extra: str) -> dict[str, str]:
             "SEGD_TEST_HOOKS": "1", **extra}  # fmt: skip
 
 
-class _GatedMirror(http.server.SimpleHTTPRequestHandler):
-    """Serves model files only once the test opens the gate: loading is as slow as we want."""
-
-    gate = threading.Event()
-
-    def do_GET(self) -> None:
-        self.gate.wait(60)
-        super().do_GET()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def gaps(stamps: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
 # --- the protocol, end to end --------------------------------------------------------------------
 def test_ready_only_after_warm_up_then_watchdog_pings_that_stop_while_the_loop_is_wedged(
-    tmp_path: Path, test_data: Path, notify_socket: NotifySocket
+    tmp_path: Path, gated_mirror: tuple[str, threading.Event], notify_socket: NotifySocket
 ) -> None:
-    handler = type("Gate", (_GatedMirror,), {"gate": threading.Event()})
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), lambda *a: handler(*a, directory=str(test_data))
-    )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, gate = gated_mirror
     empty = tmp_path / "models"
     empty.mkdir()
-    d = start_daemon(tmp_path, empty, "--model", DM05, "--accelerator", "cpu",
-                     "--mirror", f"http://127.0.0.1:{server.server_address[1]}",
+    d = start_daemon(tmp_path, empty, "--model", DM05, "--accelerator", "cpu", "--mirror", url,
                      env=notify_env(notify_socket), wait="healthy")  # fmt: skip
     try:
         # Loading is held at the gate: the HTTP server answers, the service is not ready, and
@@ -135,7 +116,7 @@ def test_ready_only_after_warm_up_then_watchdog_pings_that_stop_while_the_loop_i
         assert any("loading models" in m for _, m in notify_socket.lines("STATUS="))
 
         gate_opened = time.monotonic()
-        handler.gate.set()
+        gate.set()
         ready_at = notify_socket.wait_for("READY=1", timeout=60)
         assert ready_at > gate_opened
         assert httpx.get(d.url + "/readyz").status_code == 200  # READY=1 implies /readyz is 200
@@ -164,7 +145,6 @@ def test_ready_only_after_warm_up_then_watchdog_pings_that_stop_while_the_loop_i
         assert len([t for t in pings if t > t1]) >= 3  # the loop is back, so are the pings
     finally:
         code = d.stop()
-        server.shutdown()
     assert code == 0
     assert notify_socket.lines("STOPPING=1"), notify_socket.lines()
 
