@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "fsync_dir"]
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, mode: int = 0o644) -> None:
@@ -36,10 +36,10 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, mode: int =
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make a rename in ``directory`` durable; some file systems cannot open a directory."""
     try:
         dfd = os.open(directory, os.O_RDONLY)

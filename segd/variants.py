@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from segd.errors import ChecksumMismatch, ModelError, ModelNotFound, UnknownModel
+from segd.fsutil import fsync_dir
 from segd.labels import Labels, palette_from
 
 log = logging.getLogger("segd")
@@ -350,7 +351,7 @@ def fetch(src: str, target: Path, spec: FileSpec, *, progress: ProgressFn | None
         partial.unlink(missing_ok=True)
         raise ChecksumMismatch(f"{src}: sha256 {digest}, manifest says {spec.sha256}; not installed")
     os.replace(partial, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _copy(fin: Any, fout: Any, total: int, done: int, progress: ProgressFn | None) -> None:
@@ -360,17 +361,6 @@ def _copy(fin: Any, fout: Any, total: int, done: int, progress: ProgressFn | Non
         done += len(chunk)
         if progress:
             progress(done, total)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_tensor(
