@@ -17,8 +17,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import argparse
 import os
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,20 +30,14 @@ if str(REPO) not in sys.path:
 from bench.postprocess import naive_mask
 from bench.report import write_section
 from segd import encode
+from segd.bench import median_ms as _timed
 from segd.engine import Segmenter
 from segd.runtime import open_cpu
 from segd.variants import default_models_dir, load_manifest, read_verified, resolve_file
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+    return _timed(fn, repeats, warmup=3)
 
 
 def jpeg_of(test_data: Path, size: tuple[int, int]) -> bytes:

@@ -116,13 +116,18 @@ def _conv_bn(
         kernel_regularizer=_reg(),
         name=name,
     )(x)
+    return _bn_activation(x, name, activation)
+
+
+def _bn_activation(x: tf.Tensor, name: str, activation: str | None) -> tf.Tensor:
+    """BatchNorm (``<name>_BN``) then ReLU6 / ReLU / nothing, named after the conv."""
     x = keras.layers.BatchNormalization(
         momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_BN"
     )(x)
     if activation == "relu6":
-        x = keras.layers.ReLU(6.0, name=f"{name}_relu6")(x)
-    elif activation == "relu":
-        x = keras.layers.ReLU(name=f"{name}_relu")(x)
+        return keras.layers.ReLU(6.0, name=f"{name}_relu6")(x)
+    if activation == "relu":
+        return keras.layers.ReLU(name=f"{name}_relu")(x)
     return x
 
 
@@ -152,12 +157,7 @@ def _depthwise_bn(
             depthwise_regularizer=_reg(),
             name=name,
         )(x)
-    x = keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_BN"
-    )(x)
-    if activation == "relu6":
-        return keras.layers.ReLU(6.0, name=f"{name}_relu6")(x)
-    return keras.layers.ReLU(name=f"{name}_relu")(x)
+    return _bn_activation(x, name, activation)
 
 
 def _mobilenet_v2_os16(inputs: tf.Tensor, alpha: float) -> tuple[tf.Tensor, tf.Tensor]:

@@ -137,16 +137,21 @@ def split_samples(
     return _holdout(train, val_fraction, seed)
 
 
+def _sample_mask(sample: Sample) -> np.ndarray:
+    """A sample's class-id mask; errors name the sample and the file."""
+    try:
+        return read_mask(sample.mask.read_bytes())
+    except OSError as exc:
+        raise DatasetError(f"{sample.id}: cannot read {sample.mask}: {exc.strerror}") from exc
+    except DatasetError as exc:
+        raise DatasetError(f"{sample.id}: {sample.mask.name}: {exc.detail}") from exc
+
+
 def infer_num_classes(samples: Sequence[Sample]) -> int:
     """1 + the largest class id (255 excluded) found in the masks."""
     top = -1
     for sample in samples:
-        try:
-            mask = read_mask(sample.mask.read_bytes())
-        except OSError as exc:
-            raise DatasetError(f"{sample.id}: cannot read {sample.mask}: {exc.strerror}") from exc
-        except DatasetError as exc:
-            raise DatasetError(f"{sample.id}: {sample.mask.name}: {exc.detail}") from exc
+        mask = _sample_mask(sample)
         ids = np.unique(mask)
         ids = ids[ids != IGNORE_LABEL]
         if ids.size:
@@ -160,12 +165,7 @@ def check_masks(samples: Sequence[Sample], n_classes: int) -> None:
     """Read every mask once and refuse unreadable ones and ids outside ``0..n_classes-1``
     (255 allowed) — before training starts rather than at the step that meets them."""
     for sample in samples:
-        try:
-            mask = read_mask(sample.mask.read_bytes())
-        except OSError as exc:
-            raise DatasetError(f"{sample.id}: cannot read {sample.mask}: {exc.strerror}") from exc
-        except DatasetError as exc:
-            raise DatasetError(f"{sample.id}: {sample.mask.name}: {exc.detail}") from exc
+        mask = _sample_mask(sample)
         _check_ids(sample, mask, n_classes)
 
 

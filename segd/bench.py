@@ -30,7 +30,8 @@ def probe_jpeg(hw: tuple[int, int], seed: int = 0) -> bytes:
     return buf.tobytes()
 
 
-def _median_ms(fn: Any, iterations: int, warmup: int) -> float:
+def median_ms(fn: Any, iterations: int, warmup: int) -> float:
+    """Median wall time of ``fn`` in ms over ``iterations`` runs, after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
     times = []
@@ -43,8 +44,8 @@ def _median_ms(fn: Any, iterations: int, warmup: int) -> float:
 
 def bench_segmenter(seg: Segmenter, image: bytes, *, iterations: int = 50, warmup: int = 5) -> dict[str, Any]:
     prepared = seg.prepare(seg.decode(image))
-    invoke = _median_ms(lambda: seg.infer(prepared.tensor), iterations, warmup)
-    total = _median_ms(lambda: seg.segment(image), iterations, warmup)
+    invoke = median_ms(lambda: seg.infer(prepared.tensor), iterations, warmup)
+    total = median_ms(lambda: seg.segment(image), iterations, warmup)
     return {
         "model": seg.variant.name,
         "backend": seg.backend,
