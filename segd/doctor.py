@@ -479,9 +479,14 @@ def _systemctl_show() -> dict[str, str]:
 
 
 # --- models ----------------------------------------------------------------------------------
-def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
+def check_models(
+    settings: Settings, tpu_usable: bool, env: Mapping[str, str] | None = None, service: bool = False
+) -> list[Finding]:
+    """Model files present and intact, else where they come from. ``env`` is the environment
+    the daemon gets (for the service: with /etc/segd/segd.env applied)."""
     from segd.errors import SegdError
-    from segd.variants import default_models_dir, load_manifest, model_mirror, sha256_file
+    from segd.install import hidden_from_service
+    from segd.variants import default_models_dir, load_manifest, sha256_file
 
     mdir = settings.models_dir or default_models_dir()
     try:
@@ -493,8 +498,17 @@ def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
     names = settings.models or [
         settings.default_model or manifest.default or next(iter(manifest.variants))
     ]
-    mirror = settings.mirror or model_mirror()
+    env = os.environ if env is None else env
+    mirror = settings.mirror or env.get("SEGD_MODEL_MIRROR") or None
     found: list[Finding] = []
+    if service:
+        # ProtectHome=yes: /home, /root and /run/user are empty to the service. A mirror or
+        # models dir there gives "Permission denied" and a unit that never gets ready.
+        for what, where in (("SEGD_MODEL_MIRROR", mirror), ("SEGD_MODELS_DIR", str(mdir))):
+            hidden = hidden_from_service(where) if where and where.startswith("/") else None
+            if hidden is not None:
+                found.append(Finding("models", "error", f"{what}={where} is under {hidden}, which segd.service cannot see (ProtectHome=yes): it cannot read model files there and never gets ready",
+                                     f"move it out of {hidden}, e.g. sudo cp -r {where} /srv/segd-models, and set {what}=/srv/segd-models in {SERVICE_ENV_FILE}"))  # fmt: skip
     if not mdir.is_dir():
         found.append(
             Finding(
@@ -589,7 +603,7 @@ def run_checks(probe: Probe) -> list[Finding]:
     findings += check_groups(probe.service)
     if probe.service:
         findings += check_service(probe.unit, probe.env_file)
-    findings += check_models(s, status.available and s.accelerator != "cpu")
+    findings += check_models(s, status.available and s.accelerator != "cpu", probe.env, probe.service)
     return findings
 
 

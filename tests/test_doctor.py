@@ -354,3 +354,26 @@ def test_exit_code_is_one_exactly_when_there_is_an_error() -> None:
         == 0
     )
     assert doctor.exit_code([Finding("a", "ok", "x"), Finding("b", "error", "y")]) == 1
+
+
+def test_service_check_takes_the_mirror_from_the_env_file_and_flags_one_the_sandbox_hides(
+    tmp_path: Path,
+) -> None:
+    empty = tmp_path / "models"
+    env_file = tmp_path / "segd.env"
+    base = f"SEGD_MODELS_DIR={empty}\nSEGD_MODELS={DM1}\nSEGD_ACCELERATOR=cpu\n"
+    env_file.write_text(base + "SEGD_MODEL_MIRROR=/srv/segd-mirror\n")
+    proc = run_doctor("--service", "--env-file", str(env_file), "--json", env={})
+    models = by_check(findings_of(proc), "models")
+    assert any("fetches it at start-up from /srv/segd-mirror" in f.message for f in models), models
+
+    env_file.write_text(base + "SEGD_MODEL_MIRROR=/root/segd-mirror\n")
+    proc = run_doctor("--service", "--env-file", str(env_file), "--json", env={})
+    assert proc.returncode == 1
+    [hidden] = [f for f in by_check(findings_of(proc), "models") if "ProtectHome" in f.message]
+    assert hidden.level == "error" and "SEGD_MODEL_MIRROR=/root/segd-mirror is under /root" in hidden.message
+    assert hidden.fix is not None and "/srv/segd-models" in hidden.fix
+
+    # The same mirror for `segd serve` run by hand is fine: no sandbox there.
+    proc = run_doctor("--env-file", str(env_file), "--json", env={})
+    assert not any("ProtectHome" in f.message for f in findings_of(proc))
