@@ -98,8 +98,7 @@ def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
             assert len(words) == 3 and words[1].upper() == "AS", (
                 f"line {ins.line}: every stage is named (FROM image AS name)"
             )
-            base = re.sub(r"\$\{(\w+)\}", lambda m: global_args[m.group(1)], words[0])
-            stages.append(Stage(words[2], base, flags.get("platform", "")))
+            stages.append(Stage(words[2], expand(words[0], global_args), expand(flags.get("platform", ""), global_args)))
         elif not stages:
             assert ins.keyword == "ARG", f"line {ins.line}: only ARG may come before the first FROM"
             name, _, default = ins.args.partition("=")
@@ -107,6 +106,13 @@ def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
         else:
             stages[-1].instructions.append(ins)
     return global_args, stages
+
+
+def expand(text: str, args: dict[str, str]) -> str:
+    """``${NAME}`` replaced by the ARG defaults (which may refer to earlier ARGs), as Docker does."""
+    while (expanded := re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], text)) != text:
+        text = expanded
+    return text
 
 
 def env_of(stage: Stage) -> dict[str, str]:
