@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import sys
 from collections.abc import Sequence
@@ -119,7 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def enable_crash_reports() -> None:
+    """A native crash in any thread (a runtime's CPU kernels, a decoder) prints which Python
+    code every thread was running and then ends the process with the signal, so the log says
+    why segd died. Without it a crash in the inference thread leaves no Python-level trace; under
+    qemu-user (an arm64 image tested on x86-64) the process may not even die."""
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    enable_crash_reports()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = COMMANDS[args.command if args.command != "models" else f"models {args.models_command}"]

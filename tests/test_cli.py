@@ -73,3 +73,17 @@ def test_models_check_reports_the_edgetpu_cut_and_exits_nonzero_when_not_fully_m
     r = segd("models", "check", str(test_data / "deeplabv3_mnv2_pascal_quant.tflite"), models_dir=tmp_path)
     assert r.returncode == 1
     assert "64/72 ops mapped" in r.stdout and "Edge TPU segment: ops 0..63" in r.stdout
+
+
+def test_a_native_crash_in_a_worker_thread_names_the_thread_and_ends_the_process() -> None:
+    # What a TFLite kernel crashing in the inference thread looks like: a segfault off the main
+    # thread. segd's CLI turns that into a report on stderr and a process that exits by the signal.
+    code = (
+        "import ctypes, threading, sys; from segd.cli import enable_crash_reports; enable_crash_reports()\n"
+        "def invoke(): ctypes.string_at(0)\n"
+        "t = threading.Thread(target=invoke, name='invoke_0'); t.start(); t.join(); sys.exit(0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == -11, (proc.returncode, proc.stderr)
+    assert "Fatal Python error: Segmentation fault" in proc.stderr
+    assert "in invoke" in proc.stderr
