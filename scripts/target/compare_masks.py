@@ -1,8 +1,11 @@
 """Compare the masks the arm64 target made (scripts/target/suite.py) with this host's.
 
-The same reference images are segmented here, by this checkout's segd on x86-64, and each pair
-of class-id masks must agree on at least ``--min-equal`` of the pixels (ARM and x86 TFLite
-kernels round a few logits differently; what the issue measured was ~0.08 % of pixels).
+The same reference images are segmented here, by this checkout's segd on x86-64. ARM and x86
+XNNPACK int8 kernels round some logits differently, which moves class boundaries by a few
+pixels (measured on bookworm/Cortex-A72: 0.15 % of the bird's pixels, 0.68 % of the cat's,
+0.79 % of the Cityscapes street's). So each pair of masks must (1) agree on at least
+``--min-equal`` of the pixels and (2) differ only within ``--boundary`` pixels of a class
+boundary of the x86 mask (half the output stride of 16): a wrong class inside a region fails.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--arm", type=Path, required=True, help="the target suite's --out directory")
-    ap.add_argument("--min-equal", type=float, default=0.995)
+    ap.add_argument("--min-equal", type=float, default=0.985)
+    ap.add_argument("--boundary", type=int, default=8, help="pixels from a class boundary")
     args = ap.parse_args()
     from segd.engine import Segmenter
     from segd.variants import load_manifest, resolve_file
 
-    worst = 1.0
+    worst, inside = 1.0, 0
     with tempfile.TemporaryDirectory() as tmp:
         mdir = Path(tmp)
         manifest = load_manifest(models_dir=mdir)
@@ -42,11 +46,30 @@ def main() -> int:
             arm = np.asarray(Image.open(args.arm / f"{Path(image).stem}.png"))
             assert arm.shape == x86.shape, (image, arm.shape, x86.shape)
             equal = float((arm == x86).mean())
+            away = int(((arm != x86) & ~near_boundary(x86, args.boundary)).sum())
             worst = min(worst, equal)
-            lines.append(f"{Path(image).stem} {100 * equal:.3f} %")
-            print(f"{image}: {variant_name}: {100 * equal:.4f} % of {x86.size} pixels equal")
-    print(f"equal pixels: {', '.join(lines)} (need >= {100 * args.min_equal:.1f} %)")
-    return 0 if worst >= args.min_equal else 1
+            inside += away
+            lines.append(f"{Path(image).stem} {100 * equal:.2f} %")
+            print(f"{image}: {variant_name}: {100 * equal:.4f} % of {x86.size} pixels equal; "
+                  f"{away} differing pixels farther than {args.boundary} px from a class boundary")  # fmt: skip
+    print(f"equal pixels: {', '.join(lines)} (need >= {100 * args.min_equal:.1f} %); "
+          f"{inside} differ away from boundaries (need 0)")  # fmt: skip
+    return 0 if worst >= args.min_equal and inside == 0 else 1
+
+
+def near_boundary(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels within ``radius`` (Chebyshev distance) of a change of class in ``mask``."""
+    import cv2
+
+    edge = np.zeros(mask.shape, bool)
+    horizontal = mask[:, :-1] != mask[:, 1:]
+    vertical = mask[:-1] != mask[1:]
+    edge[:, :-1] |= horizontal
+    edge[:, 1:] |= horizontal
+    edge[:-1] |= vertical
+    edge[1:] |= vertical
+    kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+    return cv2.dilate(edge.astype(np.uint8), kernel).astype(bool)
 
 
 if __name__ == "__main__":

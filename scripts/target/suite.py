@@ -106,7 +106,10 @@ class Daemon:
     def __init__(self, models: Path, log: Path, *args: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        full_env = dict(os.environ, SEGD_MODELS_DIR=str(models), **(env or {}))
+        # Emulation is 10-30x slower than a Pi: the default 30 s per request and 5 s per Edge TPU
+        # invoke would time out (and be reported as such) on a busy 2-core host.
+        full_env = dict(os.environ, SEGD_MODELS_DIR=str(models), SEGD_REQUEST_TIMEOUT="600",
+                        SEGD_TPU_TIMEOUT="120", **(env or {}))  # fmt: skip
         self.log = log
         self.proc = subprocess.Popen([str(SEGD), "serve", "--port", str(self.port), *args],
                                      env=full_env, stdout=log.open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
