@@ -129,6 +129,39 @@ def enable_crash_reports() -> None:
         faulthandler.enable(all_threads=True)
 
 
+def supervise_if_pid1() -> int | None:
+    """As PID 1 (a container's entrypoint without ``--init``) the kernel drops every signal whose
+    default action would end the process, unless the kernel itself forces it. Under qemu-user
+    (an arm64 image on x86-64) a crash becomes exactly such a self-sent signal, so the daemon
+    printed its crash report and then hung for ever. As PID 1, segd therefore forks: the child
+    serves, this process passes SIGTERM/SIGINT/SIGHUP/SIGQUIT on, reaps orphans and returns the
+    child's exit status (128 + signal number when a signal ended it). Returns None in the child
+    and when not PID 1."""
+    import os
+    import signal
+
+    if os.getpid() != 1:
+        return None
+    passed_on = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
+    # Held back until the handlers are in place: a SIGTERM right after the fork is not lost.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, passed_on)
+    child = os.fork()
+    if child == 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return None
+    for sig in passed_on:
+        signal.signal(sig, lambda signum, _frame: os.kill(child, signum))
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            return 1
+        if pid == child:
+            code = os.waitstatus_to_exitcode(status)
+            return code if code >= 0 else 128 - code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     enable_crash_reports()
     parser = build_parser()
@@ -321,6 +354,9 @@ def cmd_models_build(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
+    supervisor_exit = supervise_if_pid1()
+    if supervisor_exit is not None:
+        return supervisor_exit
     from segd.app.server import InsecureBind, serve
     from segd.app.settings import load_settings
 
