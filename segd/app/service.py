@@ -143,7 +143,7 @@ class ModelSlot:
         info = runner.describe()
         if info.get("isolation") != "process":
             return None
-        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in")
+        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in", "runtime", "python", "pairing")
         return {k: info.get(k) for k in keys}
 
     def describe(self) -> dict[str, Any]:
@@ -220,6 +220,7 @@ class ModelService:
         runner, selection = open_runner(
             variant, models_dir=s.models_dir, accelerator=accelerator, device=s.device,
             runtime=s.runtime, num_threads=s.threads, mirror=s.mirror, edgetpu_factory=factory,
+            edgetpu_pairing=s.edgetpu_pairing, edgetpu_pairings=s.edgetpu_pairings,
         )  # fmt: skip
         return Segmenter(variant, runner, selection, max_pixels=s.max_pixels)
 
@@ -229,7 +230,8 @@ class ModelService:
 
         s = self.settings
         return edgetpu_worker_factory(
-            runtime=s.runtime, num_threads=s.threads, call_timeout=s.tpu_timeout,
+            runtime=s.runtime, num_threads=s.threads, python=s.edgetpu_python,
+            pairing=s.edgetpu_pairing, pairings=s.edgetpu_pairings, call_timeout=s.tpu_timeout,
             backoff_base=s.worker_restart_base, backoff_max=s.worker_restart_max,
         )  # fmt: skip
 

@@ -39,6 +39,9 @@ class Settings:
     body_timeout: float = 60.0  # seconds for a request's body to arrive after its headers (408)
     retry_after: int = 1  # seconds, sent with 503 overloaded
     tpu_isolation: bool = True  # run Edge TPU interpreters in a supervised worker process
+    edgetpu_python: str | None = None  # Python (numpy + TFLite runtime) the Edge TPU worker runs under
+    edgetpu_pairing: str = "check"  # check: only libedgetpu/runtime pairs known good | trust: load anyway
+    edgetpu_pairings: Path | None = None  # extra pairings table (format of segd/data/edgetpu_pairings.toml)
     tpu_fallback: str = "cpu"  # when the TPU worker dies: "cpu" (serve on the CPU twin) | "503"
     device_check_interval: float = 5.0  # seconds between Edge TPU presence checks
     tpu_timeout: float = 5.0  # seconds for one Edge TPU invoke; a hung TPU worker is killed and restarted
@@ -71,7 +74,7 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
             return [str(v) for v in value]
-        if name == "models_dir":
+        if name in ("models_dir", "edgetpu_pairings"):
             return Path(value) if value not in (None, "") else None
         if value is None:
             return None
@@ -128,6 +131,10 @@ def load_settings(
 def validate(s: Settings) -> None:
     if s.accelerator not in ("auto", "cpu", "edgetpu"):
         raise ValueError(f"accelerator must be auto, cpu or edgetpu, not {s.accelerator!r}")
+    if s.edgetpu_pairing not in ("check", "trust"):
+        raise ValueError(f"edgetpu_pairing must be check or trust, not {s.edgetpu_pairing!r}")
+    if s.edgetpu_python is not None and not os.access(s.edgetpu_python, os.X_OK):
+        raise ValueError(f"edgetpu_python {s.edgetpu_python!r} is not an executable file")
     if s.tpu_fallback not in ("cpu", "503"):
         raise ValueError(f"tpu_fallback must be cpu or 503, not {s.tpu_fallback!r}")
     for name in ("max_upload_bytes", "max_pixels", "queue_size"):
