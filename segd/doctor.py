@@ -149,7 +149,8 @@ def check_pairing(decision: Any, accelerator: str, worker: Mapping[str, Any] | N
     package = f"{lib.package} {lib.package_version}" if lib.package else "no Debian package"
     name = decision.build.name if decision.build else "unknown build"
     installed = ", ".join(f"{v.runtime} {v.version}: {v.verdict}" for v in decision.verdicts) or "no TFLite runtime"
-    head = f"libedgetpu {lib.path or lib.library} ({package}; {name}; recognised by {decision.recognised_by}) with {installed}{where}"
+    how = f"recognised by {decision.recognised_by}" if decision.build else f"looked at {decision.recognised_by}"
+    head = f"libedgetpu {lib.path or lib.library} ({package}; {name}; {how}) with {installed}{where}"
     if decision.runtime is not None and decision.known_good:
         return [Finding("pairing", "ok", f"{head} — the Edge TPU worker uses {decision.runtime}: {decision.message}")]
     if decision.runtime is not None:  # edgetpu_pairing = "trust"

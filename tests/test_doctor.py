@@ -112,7 +112,7 @@ def test_without_libedgetpu_the_fix_is_the_known_good_pair(models_dir: Path) -> 
         in out
     )
     assert "segd will run on the CPU" in out
-    assert "curl -fLO https://github.com/feranick/libedgetpu/releases/download/16.0TF2.17.1-1/libedgetpu1-max_16.0tf2.17.1-1.bookworm_" in out
+    assert "curl -fsSL -o ./libedgetpu1-max_16.0tf2.17.1-1.bookworm_" in out
     assert "sudo apt-get install -y ./libedgetpu1-max_16.0tf2.17.1-1.bookworm_" in out
     assert "tflite_runtime-2.17.1-cp311-cp311-linux_" in out and "packages.cloud.google.com" not in out
 

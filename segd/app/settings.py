@@ -133,8 +133,6 @@ def validate(s: Settings) -> None:
         raise ValueError(f"accelerator must be auto, cpu or edgetpu, not {s.accelerator!r}")
     if s.edgetpu_pairing not in ("check", "trust"):
         raise ValueError(f"edgetpu_pairing must be check or trust, not {s.edgetpu_pairing!r}")
-    if s.edgetpu_python is not None and not os.access(s.edgetpu_python, os.X_OK):
-        raise ValueError(f"edgetpu_python {s.edgetpu_python!r} is not an executable file")
     if s.tpu_fallback not in ("cpu", "503"):
         raise ValueError(f"tpu_fallback must be cpu or 503, not {s.tpu_fallback!r}")
     for name in ("max_upload_bytes", "max_pixels", "queue_size"):

@@ -442,17 +442,42 @@ def decide(
     return Decision(lib, build, how, verdicts, None, policy, message, table.recommended)
 
 
-def install_commands(rec: Recommended, machine: str | None = None, venv: str = "/opt/segd/tpu") -> list[str]:
-    """Shell commands that install the known-good pair (the Edge TPU worker in its own venv)."""
+TPU_VENV = "/opt/segd-tpu"
+ENV_FILE = "/etc/segd/segd.env"
+
+
+def install_steps(rec: Recommended, machine: str | None = None, venv: str = TPU_VENV,
+                  download_dir: str = "/tmp") -> list[list[str]]:  # fmt: skip
+    """The known-good pair's installation as commands to run as root (``segd install-service
+    --edgetpu-pair``): the libedgetpu .deb, and the runtime in its own venv for the worker."""
     machine = machine or platform.machine()
     deb, wheel = rec.deb(machine), rec.wheel(machine)
     if deb is None or wheel is None:
         return []
-    name = deb.rsplit("/", 1)[1]
+    local = f"{download_dir}/{deb.rsplit('/', 1)[1]}"
     return [
-        f"curl -fLO {deb}",
-        f"sudo apt-get install -y ./{name}",
-        f"sudo python{rec.python} -m venv {venv}",
-        f"sudo {venv}/bin/pip install '{rec.numpy}' {wheel}",
-        f"echo SEGD_EDGETPU_PYTHON={venv}/bin/python | sudo tee -a /etc/segd/segd.env",
+        ["curl", "-fsSL", "-o", local, deb],
+        # libedgetpu1-max asks to confirm the maximum clock (a USB Accelerator runs hot with it)
+        ["sh", "-c", f"echo '{rec.package} libedgetpu/accepted-eula boolean true' | debconf-set-selections"],
+        ["apt-get", "install", "-y", local],
+        [f"python{rec.python}", "-m", "venv", venv],
+        [f"{venv}/bin/pip", "install", "--no-cache-dir", rec.numpy, wheel],
     ]
+
+
+def install_commands(rec: Recommended, machine: str | None = None, venv: str = TPU_VENV) -> list[str]:
+    """The same as shell lines for a person (``segd doctor``, docs), ending with the setting."""
+    steps = install_steps(rec, machine, venv, download_dir=".")
+    if not steps:
+        return []
+    import shlex
+
+    def line(step: list[str]) -> str:
+        if step[0] == "curl":  # downloads as you, into the current directory
+            return shlex.join(step)
+        if step[0] == "sh":
+            return step[2].replace("| debconf-set-selections", "| sudo debconf-set-selections")
+        return "sudo " + shlex.join(step)
+
+    lines = [line(s) for s in steps]
+    return [*lines, f"echo SEGD_EDGETPU_PYTHON={venv}/bin/python | sudo tee -a {ENV_FILE}"]
