@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from segd.settings import DEFAULT_MAX_PIXELS
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "INPUT_SCALE",
@@ -43,7 +45,7 @@ INPUT_SCALE = 1.0 / 128.0
 INPUT_ZERO_POINT = 128
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: Decoder pixel limit for calibration files (segd eval's default for dataset images).
-MAX_CALIBRATION_PIXELS = 40_000_000
+MAX_CALIBRATION_PIXELS = DEFAULT_MAX_PIXELS
 
 
 class ExportError(RuntimeError):

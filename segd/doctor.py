@@ -25,8 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from segd.settings import ACCELERATORS, config_path, environment
+
 if TYPE_CHECKING:  # the settings module pulls in numpy/OpenCV: not needed to build the CLI parser
-    from segd.app.settings import Settings
+    from segd.settings import Settings
 
 LEVELS = ("ok", "info", "warn", "error")
 SERVICE_ENV_FILE = Path("/etc/segd/segd.env")
@@ -75,7 +77,7 @@ class Probe:
     service: bool = False
     unit: Path = SERVICE_UNIT
     env_file: Path | None = None
-    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    env: Mapping[str, str] = field(default_factory=environment)
 
 
 # --- python and runtimes ---------------------------------------------------------------------
@@ -490,9 +492,7 @@ def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
         return [
             Finding("models", "error", f"cannot read the model manifest: {exc}", "reinstall segd")
         ]
-    names = settings.models or [
-        settings.default_model or manifest.default or next(iter(manifest.variants))
-    ]
+    names, _ = settings.served_models(manifest)
     mirror = settings.mirror or model_mirror()
     found: list[Finding] = []
     if not mdir.is_dir():
@@ -575,7 +575,7 @@ def run_checks(probe: Probe) -> list[Finding]:
         chosen = None
     findings += check_runtime(versions, chosen, status.version, s.accelerator)
     findings += check_libedgetpu(
-        status, s.accelerator, dpkg_packages(probe.dpkg_status), probe.env.get(edgetpu.ENV_LIBRARY)
+        status, s.accelerator, dpkg_packages(probe.dpkg_status), s.edgetpu_library
     )
     usb = usb_tpus(probe.sysfs, probe.dev)
     pcie = check_pcie(probe.sysfs, probe.dev)
@@ -649,7 +649,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--accelerator",
-        choices=("auto", "cpu", "edgetpu"),
+        choices=ACCELERATORS,
         default=None,
         help="check for this accelerator setting (SEGD_ACCELERATOR)",
     )
@@ -658,10 +658,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from segd import __version__
-    from segd.app.settings import load_settings
     from segd.runtime import edgetpu
+    from segd.settings import load_settings
 
-    env = dict(os.environ)
+    env = environment()
     env_file = args.env_file
     if args.service:
         env.setdefault("SEGD_MODELS_DIR", SERVICE_MODELS_DIR)
@@ -674,7 +674,7 @@ def run(args: argparse.Namespace) -> int:
             if not (args.service and args.env_file is None and isinstance(exc, FileNotFoundError)):
                 print(f"segd doctor: cannot read {env_file}: {exc.strerror}", file=sys.stderr)
                 return 2
-    config = args.config or (Path(env["SEGD_CONFIG"]) if env.get("SEGD_CONFIG") else None)
+    config = args.config or config_path(env)
     try:
         settings = load_settings(
             config,
@@ -684,7 +684,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"segd doctor: {exc}", file=sys.stderr)
         return 2
-    probe = Probe(settings, env.get(edgetpu.ENV_LIBRARY) or edgetpu.DEFAULT_LIBRARY,
+    probe = Probe(settings, settings.edgetpu_library or edgetpu.DEFAULT_LIBRARY,
                   service=args.service, env_file=env_file, env=env)  # fmt: skip
     findings = run_checks(probe)
     if args.json:

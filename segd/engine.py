@@ -20,9 +20,8 @@ from segd import postprocess, preprocess
 from segd.errors import ModelError, RequestTimeout, RuntimeUnavailable, WorkerCrashed
 from segd.preprocess import DecodedImage
 from segd.runtime import Runner, open_cpu
+from segd.settings import DEFAULT_MAX_PIXELS, check_accelerator
 from segd.variants import FileSpec, Variant, check_tensor, read_verified, resolve_file
-
-DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7000x5700 photo; decoded RGB is then 120 MB
 
 Box = tuple[int, int, int, int]
 
@@ -102,8 +101,7 @@ def open_runner(
     (fail with the reason instead of falling back) or "cpu". ``edgetpu_factory(model, device)``
     replaces the in-process delegate, e.g. with a crash-isolated worker process.
     """
-    if accelerator not in ("auto", "cpu", "edgetpu"):
-        raise ValueError(f"accelerator must be auto, cpu or edgetpu, not {accelerator!r}")
+    check_accelerator(accelerator)
     reason = "CPU requested"
     if accelerator != "cpu":
         if variant.edgetpu is None:

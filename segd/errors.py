@@ -15,6 +15,15 @@ class SegdError(Exception):
         self.detail = detail
 
 
+# --- configuration ------------------------------------------------------------------------
+class ConfigError(SegdError, ValueError):
+    """A setting (TOML file, ``SEGD_*`` environment, flag) is unknown or out of range. Also a
+    ValueError, as settings errors were before they had a code."""
+
+    code = "bad_setting"
+    http_status = 500
+
+
 # --- client input -------------------------------------------------------------------------
 class BadImage(SegdError):
     """The bytes claim to be an image but cannot be decoded (corrupt, truncated)."""

@@ -19,8 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from segd import __version__
 from segd.app.metrics import Metrics
 from segd.app.service import ModelService
-from segd.app.settings import Settings
 from segd.errors import SegdError, UploadTooLarge
+from segd.settings import Settings
 from segd.variants import Manifest, load_manifest
 
 log = logging.getLogger("segd")

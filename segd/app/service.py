@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from segd import encode, preprocess
-from segd.app.settings import Settings
 from segd.bench import probe_jpeg
 from segd.engine import Segmentation, Segmenter, open_runner, summary
 from segd.errors import (
     BadParameter,
+    ConfigError,
     ModelNotReady,
     Overloaded,
     RequestTimeout,
@@ -36,6 +36,7 @@ from segd.errors import (
     UnknownModel,
 )
 from segd.postprocess import class_pixel_counts
+from segd.settings import Settings
 from segd.variants import Manifest, Variant
 
 log = logging.getLogger("segd")
@@ -188,14 +189,13 @@ class ModelService:
     def __init__(self, settings: Settings, manifest: Manifest) -> None:
         self.settings = settings
         self.manifest = manifest
-        names = settings.models or [settings.default_model or manifest.default or next(iter(manifest.variants))]
+        names, self.default = settings.served_models(manifest)
         self.slots: dict[str, ModelSlot] = {}
         for name in names:
             variant = manifest.get(name)  # unknown configured model: fail at start-up
             self.slots[name] = ModelSlot(name, variant)
-        self.default = settings.default_model or (manifest.default if manifest.default in self.slots else names[0])
         if self.default not in self.slots:
-            raise ValueError(f"default model {self.default!r} is not among the served models {names}")
+            raise ConfigError(f"default model {self.default!r} is not among the served models {names}")
         self.cpu_pool = ThreadPoolExecutor(max(2, (os.cpu_count() or 1) + 1), thread_name_prefix="cpu")
         self.pixel_budget = PixelBudget(settings.pixels_in_flight or settings.max_pixels)
         self.loaded = threading.Event()
