@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from segd.errors import SegdError
 from segd.settings import DEFAULT_MAX_PIXELS
 
 __all__ = [
@@ -48,8 +49,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_CALIBRATION_PIXELS = DEFAULT_MAX_PIXELS
 
 
-class ExportError(RuntimeError):
+class ExportError(SegdError, RuntimeError):
     """The converter produced something the Edge TPU path cannot use."""
+
+    code = "export_failed"
 
 
 def load_calibration_images(

@@ -300,7 +300,6 @@ def cmd_models_build(args: argparse.Namespace) -> int:
         print(f"segd: --calibration {args.calibration} is not a directory", file=sys.stderr)
         return 2
     from coral_deeplab import zoo
-    from coral_deeplab.export import ExportError
 
     try:
         zoo.require_tensorflow("segd models build")
@@ -317,7 +316,7 @@ def cmd_models_build(args: argparse.Namespace) -> int:
             name=args.name, models_dir=args.models_dir, mirror=args.mirror, num_calibration=args.num_calibration,
             compile=not args.no_compile, cache=False if args.no_cache else None,
         )  # fmt: skip
-    except (ValueError, ExportError) as exc:
+    except ValueError as exc:  # keras/TensorFlow's own argument errors; ours are SegdErrors (main)
         print(f"segd: {exc}", file=sys.stderr)
         return 2
     print(f"Edge TPU check: {zoo.describe_report(result.report)}", file=sys.stderr)
@@ -334,7 +333,7 @@ def cmd_models_build(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from segd.app.server import InsecureBind, serve
+    from segd.app.server import serve
     from segd.settings import config_path, load_settings
 
     overrides = {
@@ -351,12 +350,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"segd: cannot read {args.api_key_file}: {exc.strerror}", file=sys.stderr)
             return 2
     config = args.config or config_path()
-    try:
-        settings = load_settings(config, overrides=overrides)
-        serve(settings)
-    except (InsecureBind, ValueError) as exc:
-        print(f"segd: {exc}", file=sys.stderr)
-        return 2
+    serve(load_settings(config, overrides=overrides))  # a SegdError (bad setting, insecure bind) -> main
     return 0
 
 
