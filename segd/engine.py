@@ -80,7 +80,8 @@ def check_runner(variant: Variant, runner: Runner, path: Path) -> None:
                  variant.output.shape, variant.output.dtype)  # fmt: skip
 
 
-RunnerFactory = Callable[[bytes, str | None], Runner]
+#: Opens an Edge TPU runner from (model bytes, device), e.g. through a supervised worker process.
+EdgeTpuOpener = Callable[[bytes, str | None], Runner]
 
 
 def open_runner(
@@ -93,7 +94,7 @@ def open_runner(
     num_threads: int | None = None,
     mirror: str | None = None,
     download: bool = True,
-    edgetpu_factory: RunnerFactory | None = None,
+    edgetpu_factory: EdgeTpuOpener | None = None,
 ) -> tuple[Runner, Selection]:
     """Open the Edge TPU file when a device is there and usable, else the CPU twin.
 
@@ -138,11 +139,11 @@ def _open_edgetpu(
     num_threads: int | None,
     mirror: str | None,
     download: bool,
-    factory: RunnerFactory | None,
+    factory: EdgeTpuOpener | None,
 ) -> tuple[Runner, Selection]:
     from segd.runtime import edgetpu
 
-    status = edgetpu.probe()
+    status = edgetpu.library_status()
     if status.reason is not None:
         raise RuntimeUnavailable(status.reason)
     path = resolve_file(spec, models_dir, mirror=mirror, download=download)

@@ -1,6 +1,6 @@
 """Evaluate any segmentation variant on a labelled dataset: mIoU, per-class IoU, pixel accuracy.
 
-TensorFlow-free on purpose (invariant 1): ``segd eval`` runs where the daemon runs, on a Pi
+TensorFlow-free on purpose (docs/ARCHITECTURE.md, invariant 1): ``segd eval`` runs where the daemon runs, on a Pi
 too, and scores exactly what segd serves — the engine's mask at the original image size
 (a local variant or ``.tflite`` file), or the mask a running daemon returns over HTTP.
 

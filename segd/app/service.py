@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from segd import encode, preprocess
-from segd.bench import probe_jpeg
 from segd.engine import Segmentation, Segmenter, open_runner, summary
 from segd.errors import (
     BadParameter,
@@ -37,11 +36,12 @@ from segd.errors import (
 )
 from segd.postprocess import class_pixel_counts
 from segd.settings import Settings
+from segd.synthetic import synthetic_jpeg
 from segd.variants import Manifest, Variant
 
 log = logging.getLogger("segd")
 
-SELFTEST_AGREEMENT = 0.98  # Edge TPU mask vs CPU twin on the probe image (Coral's own bar)
+SELFTEST_AGREEMENT = 0.98  # Edge TPU mask vs CPU twin on the synthetic image (Coral's own bar)
 FORMATS = ("png", "json", "overlay")
 
 
@@ -270,7 +270,7 @@ class ModelService:
             slot.load_seconds = time.perf_counter() - t0
 
     def _selftest(self, slot: ModelSlot, tpu: Segmenter, cpu: Segmenter) -> str | None:
-        """Coral's own bar: the Edge TPU mask on a probe image agrees > 0.98 with the CPU twin's.
+        """Coral's own bar: the Edge TPU mask on a synthetic image agrees > 0.98 with the CPU twin's.
         Returns why the TPU must not be used, or None."""
         try:
             agreement = self._compare(tpu, cpu)
@@ -293,8 +293,7 @@ class ModelService:
         return seg
 
     def _warm(self, seg: Segmenter) -> np.ndarray:
-        probe = probe_jpeg(seg.input_hw)
-        return seg.segment(probe).mask
+        return seg.segment(synthetic_jpeg(seg.input_hw)).mask
 
     def _compare(self, a: Segmenter, b: Segmenter) -> float:
         return float((self._warm(a) == self._warm(b)).mean())

@@ -154,7 +154,7 @@ def _short_version(version: str | None) -> str:
     return version or "of unknown version"
 
 
-def probe(library: str | None = None) -> EdgeTpuStatus:
+def library_status(library: str | None = None) -> EdgeTpuStatus:
     """Can an Edge TPU be used here, and if not, why (a sentence a person can act on)?"""
     lib = library or library_path()
     try:
@@ -172,6 +172,9 @@ def probe(library: str | None = None) -> EdgeTpuStatus:
         )
         return EdgeTpuStatus(lib, True, version, (), reason)
     return EdgeTpuStatus(lib, True, version, tuple(devices), None)
+
+
+probe = library_status  # the name before "probe" was taken by the image header; use library_status
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
