@@ -39,7 +39,8 @@ USB = "usb:/sys/bus/usb/devices/2-1"
 STOCK_16 = "BuildLabel(COMPILER=6.3.0 20170516,DATE=redacted,TIME=redacted), RuntimeVersion(14)"
 LEGACY_13 = "BuildLabel(COMPILER=5.4.0 20160609,DATE=redacted,TIME=redacted,CL_NUMBER=291256449), RuntimeVersion(13)"
 SOURCE_BUILT = "BuildLabel(COMPILER=14.2.0,DATE=Feb 22 2026,TIME=09:51:57), RuntimeVersion(14)"
-FAST = {"backoff_base": 0.2, "backoff_max": 2.0, "start_timeout": 60.0, "call_timeout": 5.0}
+# tflite_runtime 2.14 runs this model slowly on a busy 2-core machine: generous call timeouts
+FAST = {"backoff_base": 0.2, "backoff_max": 2.0, "start_timeout": 60.0, "call_timeout": 60.0}
 
 
 @pytest.fixture(scope="session")
@@ -266,6 +267,13 @@ def test_known_bad_pairing_never_reaches_load_delegate(
     assert tpu["marker"].read_text().count("tflite_plugin_create_delegate") == 1
 
 
+def test_an_edgetpu_python_that_does_not_run_is_a_clear_start_up_error(tpu: dict[str, Path], model: bytes) -> None:
+    make = edgetpu_worker_factory(python="/nonexistent/bin/python", pairings=tpu["pairings"], **FAST)
+    with pytest.raises(RuntimeUnavailable, match="cannot start the Edge TPU worker with /nonexistent/bin/python"):
+        make(model, None)
+    assert not tpu["marker"].exists()
+
+
 # --- the daemon, its TPU worker under the second Python --------------------------------------------
 @pytest.fixture
 def second_python_daemon(tmp_path: Path, tpu_models: Path, edgetpu_double: Path, second_python: Path) -> Iterator[object]:  # noqa: F811
@@ -273,7 +281,7 @@ def second_python_daemon(tmp_path: Path, tpu_models: Path, edgetpu_double: Path,
 
     def start(double: Path = edgetpu_double, pairings: bool = True, **fake: str) -> Daemon:
         env = {"SEGD_EDGETPU_LIBRARY": str(double), "FAKE_EDGETPU_DEVICES": USB,
-               "SEGD_EDGETPU_PYTHON": str(second_python), "SEGD_WORKER_RESTART_BASE": "0.2",
+               "SEGD_EDGETPU_PYTHON": str(second_python), "SEGD_WORKER_RESTART_BASE": "0.2", "SEGD_TPU_TIMEOUT": "60",
                "FAKE_EDGETPU_MARKER": str(tmp_path / "marker")}  # fmt: skip
         if pairings:
             env["SEGD_EDGETPU_PAIRINGS"] = str(pairings_for(double, tmp_path / "p.toml", "tflite_runtime", "2.14.0"))
@@ -393,3 +401,20 @@ def test_doctor_names_the_pair_says_if_it_is_known_good_and_prints_the_commands(
     assert "unknown build" in pairing_lines(unknown.stdout) and "tflite_runtime 2.14.0: unknown" in unknown.stdout
     none = doctor({**base, "SEGD_EDGETPU_LIBRARY": str(tmp_path / "absent.so")})
     assert pairing_lines(none.stdout).startswith("[info] pairing    no libedgetpu to pair")
+
+
+def test_the_worker_program_imports_only_the_standard_library_and_numpy() -> None:
+    import ast
+
+    from segd.runtime import tpu_worker
+
+    tree = ast.parse(Path(tpu_worker.__file__).read_text())
+    top = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            top |= {a.name.partition(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            top.add(node.module.partition(".")[0])
+    assert top - set(sys.stdlib_module_names) == {"numpy"}, top
+    # the runtimes are imported by name at run time, only the chosen one
+    assert set(tpu_worker.RUNTIMES) == {"litert", "tflite_runtime"}

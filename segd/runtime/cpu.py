@@ -13,11 +13,12 @@ from segd.runtime.tpu_worker import (  # name -> (interpreter module, distributi
     RUNTIMES,
     runtime_label,
 )
+from segd.settings import env_runtime
 
 
 def runtime_module(name: str | None = None) -> tuple[str, ModuleType]:
     """The interpreter module of ``name`` or, by default, ``SEGD_RUNTIME`` or the first installed."""
-    name = name or os.environ.get("SEGD_RUNTIME") or None
+    name = name or env_runtime()
     candidates = [name] if name else list(RUNTIMES)
     errors = []
     for cand in candidates:

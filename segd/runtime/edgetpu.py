@@ -16,7 +16,6 @@ do), so the daemon runs the interpreter in :class:`segd.runtime.worker.WorkerRun
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,8 @@ from typing import Any
 from segd.errors import ModelError, RuntimeUnavailable
 from segd.runtime import pairing, tpu_worker
 from segd.runtime.base import InterpreterRunner
+from segd.settings import env_edgetpu_library
 
-ENV_LIBRARY = "SEGD_EDGETPU_LIBRARY"
 DEFAULT_LIBRARY = tpu_worker.DEFAULT_LIBRARY
 CUSTOM_OP = tpu_worker.CUSTOM_OP
 INSTALL_HINT = tpu_worker.INSTALL_HINT
@@ -67,7 +66,7 @@ class EdgeTpuStatus:
 
 def library_path() -> str:
     """The libedgetpu to load: ``SEGD_EDGETPU_LIBRARY`` or the soname the dynamic loader finds."""
-    return os.environ.get(ENV_LIBRARY) or DEFAULT_LIBRARY
+    return env_edgetpu_library() or DEFAULT_LIBRARY
 
 
 def _typed(exc: tpu_worker.WorkerError) -> RuntimeUnavailable | ModelError:
@@ -90,7 +89,7 @@ def edgetpu_version(library: str | None = None) -> str | None:
         return None
 
 
-def probe(library: str | None = None) -> EdgeTpuStatus:
+def library_status(library: str | None = None) -> EdgeTpuStatus:
     """Can an Edge TPU be used here, and if not, why (a sentence a person can act on)?"""
     lib = library or library_path()
     try:
@@ -106,6 +105,9 @@ def probe(library: str | None = None) -> EdgeTpuStatus:
         reason = f"no Edge TPU found (libedgetpu {tpu_worker.short_version(version)} sees no USB or PCIe device)"
         return EdgeTpuStatus(lib, True, version, (), reason)
     return EdgeTpuStatus(lib, True, version, tuple(devices), None)
+
+
+probe = library_status  # the name before "probe" was taken by the image header; use library_status
 
 
 def device_option(device: str | None, devices: list[EdgeTpuDevice] | None = None) -> str:
