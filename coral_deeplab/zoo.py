@@ -26,22 +26,24 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from segd import geometry
-from segd.errors import SegdError
+from segd.errors import ModelError, SegdError
 from segd.fsutil import atomic_write
+from segd.labels import Labels, palette_from
+from segd.manifest import FileSpec, dump_variant, sha256_bytes
 from segd.tflite.checker import CheckReport, check_model
 from segd.tflite.compiler import (
     COMPILER,
     CompileLog,
     compile_edgetpu,
 )
-from segd.tflite.model import read_model, subgraph_inputs, subgraph_outputs
+from segd.tflite.model import read_model, subgraph_outputs
 
 if TYPE_CHECKING:
     from segd.engine import Segmenter
@@ -59,7 +61,6 @@ __all__ = [
     "pascal_export",
     "publish",
     "require_tensorflow",
-    "toml_dumps",
 ]
 
 #: A variant name is also a file stem: letters, digits, '_', '-', '.'; no path separators.
@@ -98,84 +99,6 @@ class PublishResult:
     compile_skipped_reason: str | None
 
 
-# --- TOML --------------------------------------------------------------------------------
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _toml_string(value: str) -> str:
-    """A TOML basic string: quote, backslash and every control character escaped."""
-    out = ['"']
-    for ch in value:
-        code = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\u{code:04X}")
-        elif 0xD800 <= code <= 0xDFFF:
-            raise ValueError(f"lone surrogate U+{code:04X} cannot be written to TOML")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def _toml_key(key: str) -> str:
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"TOML keys must be non-empty strings, got {key!r}")
-    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        f = float(value)
-        if not math.isfinite(f):
-            raise ValueError(f"cannot write non-finite float {f!r}")
-        return repr(f)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise ValueError(f"cannot write {type(value).__name__} {value!r} as a TOML value")
-
-
-def toml_dumps(data: Mapping[str, Any], *, header: str = "") -> str:
-    """Serialise nested mappings of str/int/float/bool/lists to TOML, every string escaped.
-
-    Mappings become ``[dotted.table]`` sections (scalars of a table first, then its sub-tables);
-    lists of tables are not supported. ``header`` (trusted text) is emitted as ``#`` comments.
-    Round-trips through :func:`tomllib.loads`.
-    """
-    lines = [f"# {line}".rstrip() for line in header.splitlines()] if header else []
-
-    def table(path: list[str], mapping: Mapping[str, Any]) -> None:
-        scalars = [(k, v) for k, v in mapping.items() if not isinstance(v, Mapping)]
-        tables = [(k, v) for k, v in mapping.items() if isinstance(v, Mapping)]
-        if path and (scalars or not tables):
-            if lines:
-                lines.append("")
-            lines.append("[" + ".".join(_toml_key(p) for p in path) + "]")
-        for k, v in scalars:
-            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
-        for k, v in tables:
-            table([*path, k], v)
-
-    table([], data)
-    return "\n".join(lines) + "\n"
-
-
-# --- files ---------------------------------------------------------------------------------
-
-
-def _file_entry(name: str, data: bytes) -> dict[str, Any]:
-    return {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-
-
 # --- geometry ------------------------------------------------------------------------------
 
 
@@ -199,19 +122,6 @@ def _triple(name: str, value: Sequence[float] | float) -> list[float]:
     if name == "std" and any(v == 0 for v in vals):
         raise PublishError("std must not be zero")
     return vals
-
-
-def _palette(palette: str | Sequence[Sequence[int]]) -> str | list[list[int]]:
-    from segd.errors import ModelError
-    from segd.labels import palette_from
-
-    try:
-        palette_from(palette)  # the same validation the manifest loader applies
-    except ModelError as exc:
-        raise PublishError(exc.detail) from None
-    if isinstance(palette, str):
-        return palette.lower()
-    return [[int(c) for c in rgb] for rgb in palette]
 
 
 def describe_report(report: CheckReport) -> str:
@@ -252,7 +162,7 @@ def publish(
     the default matches :func:`coral_deeplab.export.to_tflite` (raw bytes, scale 1/128, zero
     point 128). A compiler error raises ``EdgeTpuCompileFailed`` and nothing is written.
     """
-    from segd.variants import default_models_dir, load_manifest
+    from segd.manifest import default_models_dir, describe_tflite, load_manifest
 
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise PublishError(
@@ -262,34 +172,16 @@ def publish(
     if not names:
         raise PublishError("labels must name at least one class")
     mean_v, std_v = _triple("mean", mean), _triple("std", std)
-    palette_v = _palette(palette)
     mdir = Path(models_dir) if models_dir is not None else default_models_dir()
-
+    cpu_name, tpu_name = f"{name}.tflite", f"{name}_edgetpu.tflite"
     try:
-        model = read_model(tflite)
-    except ValueError as exc:
-        raise PublishError(str(exc)) from None
-    inputs, outputs = subgraph_inputs(model), subgraph_outputs(model)
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise PublishError(f"expected 1 input and 1 output, found {len(inputs)} and {len(outputs)}")
-    inp, out = inputs[0], outputs[0]
-    if len(inp.shape) != 4 or inp.shape[0] != 1 or inp.shape[3] != 3 or inp.is_dynamic:
-        raise PublishError(f"input must be a static [1, H, W, 3] image, got {list(inp.shape)}")
-    if len(out.shape) != 4 or out.shape[0] != 1 or out.is_dynamic:
-        raise PublishError(
-            f"output must be static [1, h, w, classes] logits, got {list(out.shape)}; a model "
-            "ending in RESIZE_BILINEAR/ARG_MAX needs segd.tflite.surgery.strip_tail first"
-        )
-    if out.shape[3] != len(names):
-        raise PublishError(
-            f"the model outputs {out.shape[3]} classes but {len(names)} labels were given"
-        )
-    in_dtype, out_dtype = inp.dtype, out.dtype
-    if in_dtype is None or out_dtype is None:
-        raise PublishError(f"unsupported tensor types {inp.type_name} / {out.type_name}")
-    stride, align_corners = output_geometry(
-        (inp.shape[1], inp.shape[2]), (out.shape[1], out.shape[2])
-    )
+        label_set = Labels(tuple(names), palette_from(palette))  # the manifest loader's validation
+        variant = describe_tflite(
+            tflite, name=name, file_name=cpu_name, labels=label_set, mean=mean_v, std=std_v,
+            description=description,
+        )  # fmt: skip
+    except ModelError as exc:
+        raise PublishError(exc.detail) from None
 
     mdir.mkdir(parents=True, exist_ok=True)
     manifest_path = mdir / f"{name}.toml"
@@ -302,7 +194,6 @@ def publish(
         )
 
     report = check_model(tflite)
-    cpu_name, tpu_name = f"{name}.tflite", f"{name}_edgetpu.tflite"
     compiled: bytes | None = None
     compile_log: CompileLog | None = None
     skipped: str | None = None
@@ -323,8 +214,9 @@ def publish(
         tpu_out = subgraph_outputs(read_model(compiled))
         if (
             len(tpu_out) != 1
-            or tpu_out[0].shape != out.shape
-            or tpu_out[0].type_name != out.type_name
+            or list(tpu_out[0].shape) != list(variant.output.shape)
+            or tpu_out[0].dtype is None
+            or tpu_out[0].dtype.name != variant.output.dtype
         ):
             raise PublishError(
                 f"the compiled model's output differs from the CPU file's: {tpu_out}"
@@ -344,35 +236,15 @@ def publish(
     for k, v in (build_info or {}).items():
         info[str(k)] = v
 
-    files: dict[str, Any] = {"cpu": _file_entry(cpu_name, tflite)}
     if compiled is not None:
-        files["edgetpu"] = _file_entry(tpu_name, compiled)
-    entry = {
-        "description": description,
-        "labels": {"names": names, "palette": palette_v},
-        "input": {
-            "shape": list(inp.shape),
-            "dtype": in_dtype.name,
-            "mean": mean_v,
-            "std": std_v,
-        },
-        "output": {
-            "kind": "logits",
-            "shape": list(out.shape),
-            "dtype": out_dtype.name,
-            "stride": stride,
-            "align_corners": align_corners,
-            "strip_tail": False,
-        },
-        "files": files,
-        "build": info,
-    }
+        variant = replace(variant, edgetpu=FileSpec(tpu_name, sha256_bytes(compiled), len(compiled)))
+    variant = replace(variant, build=info)
     header = (
         "segd model variant written by coral_deeplab.zoo.publish. The sha256 values must match\n"
         "the files; publish again rather than editing. The input is 16k+1 pixels per side (513),\n"
         "so logit i sits on pixel stride*i: Google's DeepLab geometry, align_corners = true."
     )
-    text = toml_dumps({"variants": {name: entry}}, header=header)
+    text = dump_variant(variant, header=header)
 
     cpu_path = mdir / cpu_name
     atomic_write(cpu_path, tflite)

@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 
 from segd.errors import BadParameter, DatasetError, ModelError, RuntimeUnavailable, SegdError
-from segd.labels import Labels, voc_palette
+from segd.labels import voc_palette
 from segd.settings import DEFAULT_MAX_PIXELS, Settings
 
 __all__ = [
@@ -497,19 +497,18 @@ def open_local(
 def segmenter_for_file(
     path: Path, *, runtime: str | None = None, num_threads: int | None = None
 ) -> Any:
-    """A CPU Segmenter for a ``.tflite`` no manifest describes, described from its tensors.
+    """A CPU Segmenter for a ``.tflite`` no manifest describes, described from its tensors by
+    :func:`segd.manifest.describe_tflite`.
 
     Assumed, as for every coral_deeplab and Coral DeepLab file: raw RGB input bytes (mean =
     std = 128); a resize/argmax tail is stripped when present; the logits grid is DeepLab's
-    align-corners grid, checked by :func:`segd.geometry.output_geometry` (16k+1
-    input sides such as 513, ``H - 1 = stride (h - 1)`` on both axes — an even input side is
-    refused, as its logit positions cannot be told from the shapes); classes are named
-    ``class_<i>``. A model that outputs only a class map cannot say its number of classes and
-    is refused.
+    align-corners grid (16k+1 input sides such as 513, ``H - 1 = stride (h - 1)`` on both axes —
+    an even input side is refused, as its logit positions cannot be told from the shapes);
+    classes are named ``class_<i>``. A model that outputs only a class map cannot say its number
+    of classes and is refused.
     """
-    from segd.engine import Segmenter, Selection, strip_model_tail
-    from segd.runtime import open_cpu
-    from segd.variants import FileSpec, InputSpec, OutputSpec, Variant, sha256_bytes
+    from segd.engine import Segmenter
+    from segd.manifest import describe_tflite
 
     try:
         data = path.read_bytes()
@@ -520,42 +519,20 @@ def segmenter_for_file(
             f"{path} is compiled for the Edge TPU and no manifest describes it; evaluate its "
             "published variant by name, or its CPU twin"
         )
-    strip = True
     try:
-        body = strip_model_tail(data)
-    except ModelError:
-        body, strip = data, False
-    runner = open_cpu(body, runtime=runtime, num_threads=num_threads)
-    inp, out = runner.input, runner.output
-    if len(inp.shape) != 4 or inp.shape[3] != 3 or len(out.shape) != 4:
-        runner.close()
+        variant = describe_tflite(
+            data, name=path.stem, file_name=path.name, strip_tail=None,
+            description=f"{path.name} (described from its tensors)",
+        )  # fmt: skip
+    except ModelError as exc:
         raise ModelError(
-            f"{path}: tensors {list(inp.shape)} -> {list(out.shape)} are not [1, H, W, 3] -> "
-            "[1, h, w, classes] logits (a class-map output does not say how many classes "
-            "there are: publish the model with its labels and evaluate it by name)"
-        )
-    from segd.geometry import output_geometry
-
-    try:
-        stride, aligned = output_geometry(inp.shape[1:3], out.shape[1:3])
-    except ValueError as exc:
-        runner.close()
-        raise ModelError(
-            f"{path}: cannot tell how its logits map onto the input ({exc}); describe it in a "
-            "<name>.toml manifest (output.stride, output.align_corners) and evaluate it by name"
+            f"{path}: {exc.detail}; describe it in a <name>.toml manifest (output.stride, "
+            "output.align_corners) or publish it with its labels, and evaluate it by name"
         ) from None
-    n_classes = out.shape[3]
-    output = OutputSpec("logits", out.shape, out.dtype.name, stride, aligned, strip)
-    spec = FileSpec(name=path.name, sha256=sha256_bytes(data), size=len(data))
-    variant = Variant(
-        name=path.stem,
-        description=f"{path.name} (described from its tensors)",
-        labels=Labels(tuple(f"class_{i}" for i in range(n_classes)), voc_palette(256)),
-        input=InputSpec(inp.shape, inp.dtype.name),
-        output=output,
-        cpu=spec,
-    )
-    return Segmenter(variant, runner, Selection("cpu", spec, path, "described from its tensors"))
+    return Segmenter.open(
+        variant, models_dir=path.parent, accelerator="cpu", runtime=runtime,
+        num_threads=num_threads, download=False,
+    )  # fmt: skip
 
 
 class HttpPredictor:

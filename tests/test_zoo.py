@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coral_deeplab import zoo
-from segd import geometry
+from segd import geometry, manifest
 from segd.engine import Segmenter
 from segd.errors import ChecksumMismatch, UnknownModel
 from segd.tflite.compiler import EdgeTpuCompileFailed
@@ -62,7 +62,7 @@ def segd(*args: str, env: dict[str, str] | None = None, timeout: float = 600) ->
     )  # fmt: skip
 
 
-# --- TOML writer -------------------------------------------------------------------------------
+# --- TOML writer (segd.manifest.dumps, which publish uses) -------------------------------------------------------------------------------
 
 NASTY = ['a "quoted" name', "back\\slash", "new\nline", "tab\tand\x00nul\x1f\x7fdel", '"]\n[evil]\nx = 1',
          "ünïcødé 🐦", "'single'", "", "key = value"]  # fmt: skip
@@ -71,7 +71,7 @@ NASTY = ['a "quoted" name', "back\\slash", "new\nline", "tab\tand\x00nul\x1f\x7f
 @pytest.mark.parametrize("text", NASTY)
 def test_toml_writer_escapes_every_string_it_writes(text: str) -> None:
     data = {"variants": {text or "k": {"description": text, "names": [text, "x"], "n": 3, "f": 0.5, "b": True}}}
-    assert tomllib.loads(zoo.toml_dumps(data)) == data
+    assert tomllib.loads(manifest.dumps(data)) == data
 
 
 @settings(max_examples=200, deadline=None)
@@ -90,13 +90,13 @@ def test_toml_writer_escapes_every_string_it_writes(text: str) -> None:
 )
 def test_toml_writer_round_trips_arbitrary_tables(table: dict[str, Any]) -> None:
     data = {"variants": {"v": table}}
-    assert tomllib.loads(zoo.toml_dumps(data)) == data
+    assert tomllib.loads(manifest.dumps(data)) == data
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "\ud800", {1, 2}])
 def test_toml_writer_refuses_values_toml_cannot_hold(bad: Any) -> None:
     with pytest.raises(ValueError):
-        zoo.toml_dumps({"t": {"x": bad}})
+        manifest.dumps({"t": {"x": bad}})
 
 
 # --- geometry ----------------------------------------------------------------------------------
