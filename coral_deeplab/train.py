@@ -336,7 +336,7 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     import tf_keras as keras
 
     from coral_deeplab import applications, data, losses, metrics
-    from segd.evaluate import find_samples
+    from segd.dataset import find_samples
 
     out = config.output_dir()
     out.mkdir(parents=True, exist_ok=True)
