@@ -19,7 +19,7 @@ from conftest import REPO, pixel_iou, read_mask_png, read_rgb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coral_deeplab import zoo
+from coral_deeplab import pretrained, zoo
 from segd import geometry, manifest
 from segd.engine import Segmenter
 from segd.errors import ChecksumMismatch, UnknownModel
@@ -494,8 +494,8 @@ def test_export_cache_key_changes_with_the_code_of_every_module_that_shapes_an_e
     base: dict[str, Any] = {"source_sha256": "a" * 64, "calibration": [np.zeros((4, 4, 3), np.uint8)],
                             "variant": "v3", "alpha": 0.5, "input_size": 513}  # fmt: skip
     key = zoo.export_cache_key(**base)
-    real = zoo._module_source
-    monkeypatch.setattr(zoo, "_module_source", lambda name: real(name) + (b"#" if name == module else b""))
+    real = pretrained._module_source
+    monkeypatch.setattr(pretrained, "_module_source", lambda name: real(name) + (b"#" if name == module else b""))
     assert zoo.export_cache_key(**base) != key
 
 
