@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import math
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -29,6 +28,7 @@ from segd.dataset import Sample, find_samples, read_mask
 from segd.errors import BadParameter, DatasetError, ModelError, RuntimeUnavailable
 from segd.labels import voc_palette
 from segd.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from segd.progress import Progress
 from segd.settings import Settings
 
 __all__ = [
@@ -387,16 +387,9 @@ def run_cli(args: Any, settings: Settings) -> int:
 
         names, model_name = seg.variant.labels.names, seg.variant.name
         palette = seg.variant.labels.palette
-    tty = sys.stderr.isatty()
-
-    def progress(done: int, total: int) -> None:
-        if tty:
-            sys.stderr.write(f"\r{model_name}: {done}/{total} images")
-            sys.stderr.flush()
-
-    result = evaluate(samples, predict, names, model=model_name, progress=progress)
-    if tty:
-        sys.stderr.write("\n")
+    bar = Progress(model_name, unit="images")
+    result = evaluate(samples, predict, names, model=model_name, progress=bar)
+    bar.close()
     out_dir = args.out or Path(f"eval-{Path(model_name).name}")
     paths = write_report(result, out_dir, palette=palette)
     if args.json:
