@@ -26,6 +26,11 @@ class Settings:
     default_model: str | None = None  # default: the manifest's default (or the first served)
     accelerator: str = "auto"  # auto | cpu | edgetpu
     device: str | None = None  # Edge TPU device (usb, usb:0, pci:0, ...)
+    devices: list[str] = field(default_factory=list)  # several Edge TPUs: ["usb:0", "pci:0"] or ["all"]
+    # Bench only: when the loaded libedgetpu is segd's latency simulator (it says so in its
+    # version string), its TPU-vs-CPU self-test disagreement is recorded but not enforced.
+    # No effect with any real libedgetpu.
+    relax_simulated_tpu_selftest: bool = False
     runtime: str | None = None  # litert | tflite_runtime
     threads: int | None = None
     api_key: str | None = None
@@ -67,7 +72,7 @@ def _coerce(name: str, value: Any) -> Any:
     default = _FIELDS[name].default
     kind = type(default) if default is not dataclasses.MISSING and default is not None else None
     try:
-        if name == "models":
+        if name in ("models", "devices"):
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
             return [str(v) for v in value]
@@ -128,6 +133,10 @@ def load_settings(
 def validate(s: Settings) -> None:
     if s.accelerator not in ("auto", "cpu", "edgetpu"):
         raise ValueError(f"accelerator must be auto, cpu or edgetpu, not {s.accelerator!r}")
+    if s.devices and s.device:
+        raise ValueError("set device (one Edge TPU) or devices (several), not both")
+    if "all" in s.devices and s.devices != ["all"]:
+        raise ValueError(f"devices: 'all' cannot be combined with named devices: {s.devices}")
     if s.tpu_fallback not in ("cpu", "503"):
         raise ValueError(f"tpu_fallback must be cpu or 503, not {s.tpu_fallback!r}")
     for name in ("max_upload_bytes", "max_pixels", "queue_size"):
