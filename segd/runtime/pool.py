@@ -107,7 +107,8 @@ class DevicePool:
         self.input: TensorSpec = first.input
         self.output: TensorSpec = first.output
         self.device: str | None = ",".join(d.path for d in self._devices)
-        self.parallelism = len(self._devices)
+        # callers kept busy: every device's worker pipelines its own requests
+        self.parallelism = sum(int(getattr(d.runner, "parallelism", 1)) for d in self._devices)
         self._lock = threading.Lock()
         self._freed = threading.Condition(self._lock)
 
