@@ -84,11 +84,13 @@ def load(url: str, image: bytes, clients: int, seconds: float, pid: int) -> dict
                     latencies.append(dt)
                     errors += r.status_code != 200 or r.headers.get("x-segd-backend") != "edgetpu"
 
-    cpu0, t0, load0 = cpu_seconds(pid), time.perf_counter(), os.getloadavg()[0]
+    cpu0, t0, load0, own0 = cpu_seconds(pid), time.perf_counter(), os.getloadavg()[0], os.times()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     wall = time.perf_counter() - t0
     cpu = cpu_seconds(pid) - cpu0
+    own = os.times()
+    clients_cpu = (own.user - own0.user) + (own.system - own0.system)
     lat = np.array(latencies)
     return {
         "clients": clients,
@@ -98,6 +100,7 @@ def load(url: str, image: bytes, clients: int, seconds: float, pid: int) -> dict
         "p50": float(np.percentile(lat, 50)),
         "p99": float(np.percentile(lat, 99)),
         "cores": cpu / wall,
+        "client_cores": clients_cpu / wall,
         "cpu_ms_per_request": 1000 * cpu / max(1, len(latencies)),
         "loadavg": max(load0, os.getloadavg()[0]),
     }
@@ -133,7 +136,8 @@ def run(models_dir: Path, library: Path, devices: int, clients: list[int], invok
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--invoke-ms", type=float, default=25.0, help="simulated Edge TPU time T per invoke")
+    p.add_argument("--invoke-ms", type=float, nargs="+", default=[25.0, 50.0],
+                   help="simulated Edge TPU times T per invoke (one table block each)")
     p.add_argument("--seconds", type=float, default=15.0, help="load duration per row")
     p.add_argument("--write", action="store_true", help="update docs/PERFORMANCE.md")
     args = p.parse_args(argv)
@@ -143,35 +147,39 @@ def main(argv: list[str] | None = None) -> int:
     for spec in variant.files():
         resolve_file(spec, models_dir)
     image = probe_jpeg((513, 513))
+    lines = [
+        f"Model `{MODEL}` on the simulated Edge TPU (T ms per invoke: at most 1000/T images/s per "
+        f"device); 513x513 JPEG in, indexed PNG mask out; {os.cpu_count()} CPU cores; each row a "
+        f"closed loop of N clients for {args.seconds:g} s. x T = images/s x T / devices (1.0 = every "
+        "TPU always busy). CPU = cores busy in the daemon and its TPU workers (user+system); clients = "
+        "the load generator's own CPU on the same cores.",
+        "",
+        "| T ms | devices | clients | requests | errors | images/s | x T | vs 1 device | p50 ms | p99 ms "
+        "| CPU cores | CPU ms/image | clients' cores | load avg |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = []
     with tempfile.TemporaryDirectory() as build:
         library = build_double(build)
-        one = run(models_dir, library, 1, [4], args.invoke_ms, args.seconds, image)
-        two = run(models_dir, library, 2, [4, 8], args.invoke_ms, args.seconds, image)
-    base = one[0]["throughput"]
-    t = args.invoke_ms / 1000.0
-    lines = [
-        f"Model `{MODEL}` on the simulated Edge TPU (T = {args.invoke_ms:g} ms per invoke, so at most "
-        f"{1 / t:.0f} images/s per device); 513x513 JPEG in, indexed PNG mask out; {os.cpu_count()} CPU "
-        "cores; each row a closed loop of N clients for "
-        f"{args.seconds:g} s. CPU = cores busy in the daemon and its TPU workers (user+system).",
-        "",
-        "| devices | clients | requests | errors | images/s | x T (1.0 = TPU always busy) | vs 1 device | "
-        "p50 ms | p99 ms | CPU cores | CPU ms/image | load avg |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in one + two:
-        lines.append(
-            f"| {r['devices']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['throughput']:.1f} | "
-            f"{r['throughput'] * t / r['devices']:.2f} | {r['throughput'] / base:.2f}x | {r['p50']:.1f} | "
-            f"{r['p99']:.1f} | {r['cores']:.2f} | {r['cpu_ms_per_request']:.1f} | {r['loadavg']:.1f} |"
-        )
+        for invoke_ms in args.invoke_ms:
+            one = run(models_dir, library, 1, [4], invoke_ms, args.seconds, image)
+            two = run(models_dir, library, 2, [4, 8], invoke_ms, args.seconds, image)
+            base, t = one[0]["throughput"], invoke_ms / 1000.0
+            for r in one + two:
+                rows.append(r)
+                lines.append(
+                    f"| {invoke_ms:g} | {r['devices']} | {r['clients']} | {r['requests']} | {r['errors']} | "
+                    f"{r['throughput']:.1f} | {r['throughput'] * t / r['devices']:.2f} | "
+                    f"{r['throughput'] / base:.2f}x | {r['p50']:.1f} | {r['p99']:.1f} | {r['cores']:.2f} | "
+                    f"{r['cpu_ms_per_request']:.1f} | {r['client_cores']:.2f} | {r['loadavg']:.1f} |"
+                )
     lines += ["", "Reproduce: `.venv/bin/python bench/tpu_scale.py --write` (SEGD_MODEL_MIRROR or the "
               "manifest URLs supply the model files)."]  # fmt: skip
     text = "\n".join(lines)
     print(text)
     if args.write:
         write_section("Several Edge TPUs (simulated)", text)
-    return 0 if all(r["errors"] == 0 for r in one + two) else 1
+    return 0 if all(r["errors"] == 0 for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -186,3 +186,14 @@ def test_an_unplugged_device_is_skipped_and_used_again_when_plugged_back(
     assert load.failed() == [], load.failed()
     with daemon.client() as c:
         assert f'segd_tpu_device_up{{device="{gone}",model="{DM05}"}} 1.0' in c.get("/metrics").text
+
+
+def test_a_device_plugged_in_after_start_up_joins_with_devices_all(fleet_of_tpus: tuple[Daemon, Path]) -> None:
+    daemon, plugged = fleet_of_tpus
+    new = "/sys/bus/usb/devices/4-1"
+    with Load(daemon.url) as load:
+        plugged.write_text(",".join(f"usb:{p}" for p in [*PATHS, new]))
+        wait_until(lambda: new in devices_of(daemon) and devices_of(daemon)[new]["state"] == "ready")
+        wait_until(lambda: devices_of(daemon)[new]["requests"] > 0)
+    assert load.failed() == [], load.failed()
+    assert set(devices_of(daemon)) == {*PATHS, new}

@@ -36,6 +36,7 @@ from segd.errors import (
     UnknownModel,
 )
 from segd.postprocess import class_pixel_counts
+from segd.runtime.pool import DevicePool
 from segd.variants import Manifest, Variant
 
 log = logging.getLogger("segd")
@@ -370,11 +371,15 @@ class ModelService:
             devices = []
         for slot in tpu_slots:
             assert slot.primary is not None
-            mark_present = getattr(slot.primary.runner, "mark_present", None)
-            if mark_present is not None:  # several Edge TPUs: each one on its own
-                for path, there in mark_present({d.path for d in devices}):
+            pool = slot.primary.runner
+            if isinstance(pool, DevicePool):  # several Edge TPUs: each one on its own
+                for path, there in pool.mark_present({d.path for d in devices}):
                     log.warning("%s: Edge TPU %s %s", slot.name, path, "is back" if there else "disappeared")
-                slot.device_present = bool(getattr(slot.primary.runner, "any_present", True))
+                if self.settings.devices == ["all"] and pool.adopt([d.path for d in devices]):
+                    log.warning("%s: now serving on Edge TPUs %s", slot.name, pool.device)
+                    old, slot.executor = slot.executor, ThreadPoolExecutor(pool.parallelism, thread_name_prefix="invoke")
+                    old.shutdown(wait=False)  # what it holds still runs
+                slot.device_present = pool.any_present
                 continue
             present = device_present(slot.primary.runner.device, devices)
             if present != slot.device_present:

@@ -98,7 +98,7 @@ class DevicePool:
     backend = "edgetpu"
     thread_safe = True
 
-    def __init__(self, devices: list[tuple[str, Runner]]) -> None:
+    def __init__(self, devices: list[tuple[str, Runner]], open_one: Callable[[str], Runner] | None = None) -> None:
         if not devices:
             raise RuntimeUnavailable("no Edge TPU to serve on")
         self._devices = [_Device(path, runner) for path, runner in devices]
@@ -110,7 +110,7 @@ class DevicePool:
         # callers kept busy: every device's worker pipelines its own requests
         self.parallelism = sum(int(getattr(d.runner, "parallelism", 1)) for d in self._devices)
         self._lock = threading.Lock()
-        self._freed = threading.Condition(self._lock)
+        self._open_one = open_one
 
     @classmethod
     def open(cls, paths: Sequence[str], open_one: Callable[[str], Runner]) -> DevicePool:
@@ -125,7 +125,31 @@ class DevicePool:
                 failures.append(f"{path}: {exc.detail}")
         if not opened:
             raise RuntimeUnavailable("no Edge TPU could be opened: " + "; ".join(failures))
-        return cls(opened)
+        return cls(opened, open_one)
+
+    def adopt(self, listed_paths: Sequence[str]) -> list[str]:
+        """Open a worker on each listed device the pool does not have yet (``devices = all``:
+        a TPU plugged in after start-up); returns the paths added. A device that fails to open
+        is tried again at the next call."""
+        if self._open_one is None:
+            return []
+        with self._lock:
+            known = {d.path for d in self._devices}
+        added = []
+        for path in listed_paths:
+            if path in known:
+                continue
+            try:
+                runner = self._open_one(path)
+                runner.run(np.zeros(self.input.shape, self.input.dtype))  # warm-up
+            except (SegdError, RuntimeError, ValueError):
+                continue
+            with self._lock:
+                self._devices.append(_Device(path, runner))
+                self.device = ",".join(d.path for d in self._devices)
+                self.parallelism += int(getattr(runner, "parallelism", 1))
+            added.append(path)
+        return added
 
     def _pick(self, tried: set[int]) -> int | None:
         """Index of the usable device with the fewest requests in flight (ties: fewest served)."""
@@ -212,12 +236,14 @@ class DevicePool:
             "isolation": "process",
             "state": self.state,
             "devices": self.devices(),
-            "restarts": sum(int(d.runner.describe().get("restarts", 0)) for d in self._devices),
-            "crashes": sum(int(d.runner.describe().get("crashes", 0)) for d in self._devices),
+            "restarts": sum(int(d["restarts"] or 0) for d in self.devices()),
+            "crashes": sum(int(d["crashes"] or 0) for d in self.devices()),
         }
 
     def close(self) -> None:
-        for dev in self._devices:
+        with self._lock:
+            self._open_one = None  # no adoption after close
+        for dev in list(self._devices):
             dev.runner.close()
 
 
