@@ -44,7 +44,7 @@ from daemon import start_daemon  # tests/daemon.py starts the real server
 from edgetpu_double.build import build_double
 
 from bench.report import write_section
-from segd.bench import probe_jpeg
+from segd.synthetic import synthetic_jpeg
 from segd.variants import default_models_dir, load_manifest, resolve_file
 
 MODEL = "deeplabv3_mnv2_pascal"
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     variant = load_manifest(models_dir=models_dir).get(MODEL)
     for spec in variant.files():
         resolve_file(spec, models_dir)
-    image = probe_jpeg((513, 513))
+    image = synthetic_jpeg((513, 513))
     lines = [
         f"Model `{MODEL}` on the simulated Edge TPU (T ms per invoke: at most 1000/T images/s per "
         f"device); 513x513 JPEG in, indexed PNG mask out; {os.cpu_count()} CPU cores; each row a "

@@ -18,10 +18,10 @@ import pytest
 from daemon import Daemon, start_daemon
 
 from segd.app.settings import load_settings
-from segd.bench import probe_jpeg
 from segd.errors import RuntimeUnavailable
 from segd.runtime.edgetpu import EdgeTpuDevice
 from segd.runtime.pool import resolve_devices
+from segd.synthetic import synthetic_jpeg
 
 DM05 = "deeplabv3_mnv2_dm05_pascal"
 PATHS = [f"/sys/bus/usb/devices/2-{i}" for i in (1, 2, 3)]
@@ -81,7 +81,7 @@ class Load:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.image = probe_jpeg((513, 513))
+        self.image = synthetic_jpeg((513, 513))
         self.answers: list[tuple[int, str]] = []
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self.client) for _ in range(4)]

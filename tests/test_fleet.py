@@ -22,7 +22,7 @@ import httpx
 import pytest
 from daemon import Daemon, free_port, start_daemon
 
-from segd.bench import probe_jpeg
+from segd.synthetic import synthetic_jpeg
 
 REPO = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
@@ -117,7 +117,7 @@ def test_haproxy_fleet_survives_a_drained_and_a_killed_instance(
 
 def run_load_with_faults(url: str, daemons: dict[str, Daemon]) -> tuple[list[Answer], dict[str, float]]:
     """4 clients in a closed loop for ~16 s: SIGTERM one instance at 4 s, SIGKILL another at 9 s."""
-    image = probe_jpeg((513, 513))
+    image = synthetic_jpeg((513, 513))
     answers: list[Answer] = []
     lock = threading.Lock()
     stop = threading.Event()
