@@ -78,3 +78,33 @@ def test_a_crash_with_two_requests_in_flight_fails_both_and_the_worker_restarts(
         time.sleep(0.05)
     assert runner.pid != pid and runner.restarts == 1
     assert runner.run(batch[1]).shape == runner.output.shape[1:]
+
+
+def test_in_process_device_pool_serialises_each_interpreter_and_spreads_the_load(
+    fake_edgetpu: Path, manifest: Manifest, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tpu_isolation off: one in-process interpreter per device, never two callers at once on
+    one (the double's answers would be garbled), every device used."""
+    from segd.runtime.edgetpu import open_edgetpu
+    from segd.runtime.pool import DevicePool
+
+    monkeypatch.setenv("FAKE_EDGETPU_MODE", "latency")
+    monkeypatch.setenv("FAKE_EDGETPU_INVOKE_MS", "10")
+    monkeypatch.setenv("FAKE_EDGETPU_DEVICES", "usb:/sys/bus/usb/devices/2-1,pci:/dev/apex_0")
+    variant = manifest.get(DM05)
+    assert variant.edgetpu is not None
+    data = model_bytes(variant, variant.edgetpu, models_dir / variant.edgetpu.name)
+    pool = DevicePool.open(["/sys/bus/usb/devices/2-1", "/dev/apex_0"],
+                           lambda path: open_edgetpu(data, device=path, library=str(fake_edgetpu)))  # fmt: skip
+    try:
+        rng = np.random.default_rng(3)
+        batch = [rng.integers(0, 256, pool.input.shape[1:], dtype=np.uint8) for _ in range(16)]
+        serial = [pool.run(x) for x in batch]
+        with ThreadPoolExecutor(6) as threads:
+            together = list(threads.map(pool.run, batch))
+        for want, got in zip(serial, together, strict=True):
+            np.testing.assert_array_equal(got, want)
+        served = {d["device"]: d["requests"] for d in pool.devices()}
+        assert all(n > 0 for n in served.values()), served
+    finally:
+        pool.close()

@@ -19,6 +19,7 @@ separately compiled files, so each (device, model) pair gets its own worker.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +65,8 @@ class _Device:
         self.errors = 0
         self.present = True
         self.latencies_ms: collections.deque[float] = collections.deque(maxlen=1024)
+        # an in-process interpreter (tpu_isolation off) takes one caller at a time
+        self.serial = contextlib.nullcontext() if getattr(runner, "thread_safe", False) else threading.Lock()
 
     def usable(self) -> bool:
         state = getattr(self.runner, "state", "ready")
@@ -175,7 +178,8 @@ class DevicePool:
                 dev.requests += 1
             t0 = time.perf_counter()
             try:
-                out = dev.runner.run(tensor)
+                with dev.serial:
+                    out = dev.runner.run(tensor)
             except (WorkerCrashed, RequestTimeout, RuntimeUnavailable, RuntimeError) as exc:
                 # this device failed (its worker restarts on its own): try another one
                 with self._lock:
