@@ -120,6 +120,12 @@ def device_option(device: str | None, devices: list[EdgeTpuDevice] | None = None
         raise _typed(exc) from exc
 
 
+def select_device(option: str, devices: list[EdgeTpuDevice]) -> EdgeTpuDevice | None:
+    """The device libedgetpu's plugin picks for a ``device`` option (same rules as the plugin)."""
+    picked = tpu_worker.select_device(option, [(d.type, d.path) for d in devices])
+    return EdgeTpuDevice(*picked) if picked else None
+
+
 def observe_library(library: str | None = None, *, admindir: Path = pairing.DPKG_ADMINDIR,
                     table: pairing.Table | None = None) -> pairing.Library:  # fmt: skip
     """What identifies the libedgetpu that would be loaded: its file, the Debian package that
@@ -152,6 +158,16 @@ def check_pairing(
     if decision.runtime is None:
         raise RuntimeUnavailable(decision.message)
     return decision
+
+
+#: What segd's latency-simulating test double (tests/edgetpu_double, FAKE_EDGETPU_MODE=latency)
+#: puts in its edgetpu_version(); no real libedgetpu does.
+SIMULATOR_MARK = "segd-simulated-edgetpu"
+
+
+def is_simulator(library: str | None = None) -> bool:
+    """Is the libedgetpu that loads the benchmark's simulator (not a real Edge TPU runtime)?"""
+    return SIMULATOR_MARK in (edgetpu_version(library) or "")
 
 
 def open_edgetpu(

@@ -14,9 +14,9 @@ Protocol over the socket FD (``multiprocessing.connection`` framing, pickles of 
     daemon -> worker  ("start", {"model", "library", "runtime", "device", "num_threads"})
                       | ("close",)                       # the daemon refused the pairing
     worker -> daemon  ("ready", info) | ("error", module, type name, message)
-    daemon -> worker  ("shm", input segment name, output segment name)
+    daemon -> worker  ("shm", input segment name, output segment name, input slot bytes, output slot bytes)
     worker -> daemon  ("attached",)
-    daemon -> worker  ("run", seq, shape, dtype str)  ...  ("close",)
+    daemon -> worker  ("run", seq, shape, dtype str, slot)  ...  ("close",)
     worker -> daemon  ("ok", seq, shape, dtype str) | ("error", seq, module, type name, message)
 
 Errors the daemon should see typed are sent with the names of ``segd.errors`` classes.
@@ -345,12 +345,14 @@ class _Segment:
 
 def serve(conn: Any, runner: Any) -> None:
     """Attach the daemon's two segments, then answer run requests until told to stop (or the
-    daemon is gone). ``runner`` has ``run(ndarray) -> ndarray`` and ``close()``."""
+    daemon is gone). ``runner`` has ``run(ndarray) -> ndarray`` and ``close()``. Each request
+    names its slot: the daemon keeps up to its pipelining depth of requests here at once."""
     message = conn.recv()
     if message[0] != "shm":
         runner.close()
         return
     in_seg, out_seg = _Segment(message[1]), _Segment(message[2])
+    in_size, out_size = message[3], message[4]  # bytes per slot
     conn.send(("attached",))
     try:
         while True:
@@ -360,14 +362,14 @@ def serve(conn: Any, runner: Any) -> None:
                 break
             if message[0] != "run":
                 break
-            _, seq, shape, dtype = message
+            _, seq, shape, dtype, slot = message
             try:
-                tensor = np.ndarray(shape, dtype=np.dtype(dtype), buffer=in_seg.buf)
+                tensor = np.ndarray(shape, dtype=np.dtype(dtype), buffer=in_seg.buf, offset=slot * in_size)
                 out = np.ascontiguousarray(runner.run(tensor))
                 del tensor
-                if out.nbytes > out_seg.size:
-                    raise RuntimeError(f"output of {out.nbytes} bytes exceeds the {out_seg.size} reserved")
-                view = np.ndarray(out.shape, dtype=out.dtype, buffer=out_seg.buf)
+                if out.nbytes > out_size:
+                    raise RuntimeError(f"output of {out.nbytes} bytes exceeds the {out_size} reserved")
+                view = np.ndarray(out.shape, dtype=out.dtype, buffer=out_seg.buf, offset=slot * out_size)
                 view[...] = out
                 del view
                 conn.send(("ok", seq, tuple(out.shape), out.dtype.str))
