@@ -229,6 +229,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
+    from segd.progress import Progress
     from segd.variants import load_manifest, resolve_file
 
     s = _settings(args)
@@ -241,34 +242,10 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
         variant = manifest.get(name)
         specs = [variant.cpu] if args.cpu_only else variant.files()
         for spec in specs:
-            bar = _Progress(spec.name)
+            bar = Progress(spec.name, unit="MB")
             path = resolve_file(spec, mdir, mirror=s.mirror, force=args.force, progress=bar)
-            bar.done(f"{path} ok (sha256 {spec.sha256[:12]}…)")
+            bar.close(f"{path} ok (sha256 {spec.sha256[:12]}…)")
     return 0
-
-
-class _Progress:
-    """A one-line progress bar on stderr (only when it is a terminal)."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.tty:
-            return
-        if total:
-            frac = min(1.0, done / total)
-            bar = "#" * int(frac * 30)
-            sys.stderr.write(f"\r{self.label}: [{bar:30}] {frac * 100:5.1f}% {done / 1e6:.1f} MB")
-        else:
-            sys.stderr.write(f"\r{self.label}: {done / 1e6:.1f} MB")
-        sys.stderr.flush()
-
-    def done(self, message: str) -> None:
-        if self.tty:
-            sys.stderr.write("\r\033[K")
-        print(message, file=sys.stderr)
 
 
 def cmd_models_check(args: argparse.Namespace) -> int:
