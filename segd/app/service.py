@@ -234,6 +234,7 @@ class ModelService:
         return edgetpu_worker_factory(
             runtime=s.runtime, num_threads=s.threads, call_timeout=s.tpu_timeout,
             backoff_base=s.worker_restart_base, backoff_max=s.worker_restart_max,
+            depth=s.tpu_pipeline,
         )  # fmt: skip
 
     def _pool_factory(self, one: Any) -> Any:
