@@ -21,6 +21,7 @@ from segd.app.metrics import Metrics
 from segd.app.service import ModelService
 from segd.app.settings import Settings
 from segd.errors import SegdError, UploadTooLarge
+from segd.sources.runner import SourceManager
 from segd.variants import Manifest, load_manifest
 
 log = logging.getLogger("segd")
@@ -117,7 +118,8 @@ class RecordRequests:
 def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
     manifest = manifest or load_manifest(models_dir=settings.models_dir)
     service = ModelService(settings, manifest)
-    metrics = Metrics(service)
+    sources = SourceManager(settings, service) if settings.sources else None
+    metrics = Metrics(service, sources)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -128,9 +130,21 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
 
         notifier = Notifier.from_env()
         heart = asyncio.create_task(notifier.run(service, settings)) if notifier else None
+        publisher = None
+        if sources is not None:
+            sources.start()
+            if settings.mqtt is not None:
+                from segd.mqtt import MqttPublisher
+
+                publisher = MqttPublisher(settings.mqtt, sources)
+                publisher.start()
         try:
             yield
         finally:
+            if sources is not None:
+                await sources.stop()
+            if publisher is not None:
+                await asyncio.to_thread(publisher.stop)
             monitor.cancel()
             if heart is not None:
                 heart.cancel()
@@ -146,6 +160,7 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.service = service
     app.state.metrics = metrics
+    app.state.sources = sources
 
     @app.exception_handler(SegdError)
     async def segd_error(request: Request, exc: SegdError) -> JSONResponse:
@@ -178,6 +193,11 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
     app.include_router(routes.public)
     app.include_router(routes.protected)
     app.include_router(page.router)
+    if sources is not None:
+        from segd.app import sources as source_routes
+
+        app.include_router(source_routes.router)
+        app.include_router(source_routes.ws_router)
     if settings.test_hooks:
         from segd.app import debug
 

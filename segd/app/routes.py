@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -29,16 +31,30 @@ def get_service(request: Request) -> ModelService:
     return service
 
 
+def api_key_of(headers: Mapping[str, str]) -> str | None:
+    """The key a client sent: ``X-API-Key``, ``Authorization: Bearer KEY``, or HTTP Basic with
+    the key as the password (what Home Assistant's MJPEG camera can send)."""
+    given = headers.get("x-api-key")
+    if given is not None:
+        return given
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return token.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(token.strip(), validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return None
+    return None
+
+
 def require_api_key(request: Request) -> None:
-    """Enforce the API key (``X-API-Key`` or ``Authorization: Bearer``), compared in constant
-    time; the key is never logged or echoed."""
+    """Enforce the API key (see :func:`api_key_of`), compared in constant time; the key is
+    never logged or echoed."""
     expected = request.app.state.settings.api_key
     if not expected:
         return
-    given = request.headers.get("x-api-key")
-    if given is None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip() if scheme.lower() == "bearer" else None
+    given = api_key_of(request.headers)
     if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
         raise Unauthorized("missing or wrong API key (send X-API-Key or Authorization: Bearer)")
 
@@ -60,8 +76,10 @@ async def healthz() -> dict[str, str]:
 
 @public.get("/readyz", tags=["health"], summary="Every model loaded, self-tested and its device present",
             responses={503: {"description": "not ready: the same document, naming each model's state and error"}})
-async def readyz(service: Service) -> JSONResponse:
+async def readyz(request: Request, service: Service) -> JSONResponse:
     doc = service.readiness()
+    if request.app.state.sources is not None:  # cameras are reported, not required: an offline
+        doc["sources"] = request.app.state.sources.readiness()  # camera is no reason to restart segd
     return JSONResponse(doc, status_code=200 if doc["ready"] else 503)
 
 

@@ -94,6 +94,7 @@ class Result:
     backend: str
     timings: dict[str, float]
     document: dict[str, Any]  # the JSON summary (the body of format=json, a header otherwise)
+    segmentation: Segmentation | None = None  # mask and decoded image, for the camera sources
 
 
 @dataclass
@@ -431,8 +432,8 @@ class ModelService:
             return b"", "application/json"
 
         body, media = await cpu("encode", render)
-        document = summary(Segmentation(mask, counts, image, timings, slot.name, used.backend), used)
-        return Result(body, media, slot.name, used.backend, timings, document)
+        segmentation = Segmentation(mask, counts, image, timings, slot.name, used.backend)
+        return Result(body, media, slot.name, used.backend, timings, summary(segmentation, used), segmentation)
 
     async def _infer(self, slot: ModelSlot, tensor: np.ndarray, timings: dict[str, float]) -> tuple[Segmenter, np.ndarray]:
         """Run the model; when the Edge TPU fails in any way (worker died or hung, delegate error)

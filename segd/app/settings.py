@@ -14,6 +14,47 @@ from typing import Any
 from segd.engine import DEFAULT_MAX_PIXELS
 
 MiB = 1024 * 1024
+SOURCE_KINDS = ("rtsp", "mjpeg", "snapshot")
+MQTT_MODES = ("change", "interval")
+
+
+@dataclass
+class SourceSettings:
+    """One camera, from a ``[sources.NAME]`` table of the settings file. Only these URLs are
+    ever fetched: no request parameter names a URL."""
+
+    name: str
+    url: str
+    kind: str = ""  # rtsp (an ffmpeg subprocess) | mjpeg (HTTP multipart) | snapshot (HTTP GET, polled)
+    fps: float = 1.0  # frames segmented per second at most; newer frames replace a waiting one
+    model: str | None = None  # default: the default model
+    keep_aspect: bool = False
+    timeout: float = 10.0  # seconds to connect and between two frames before reconnecting
+    reconnect_base: float = 1.0  # seconds before the first reconnect, doubled per failure
+    reconnect_max: float = 30.0
+    thresholds: dict[str, float] = field(default_factory=dict)  # class label -> percent: MQTT binary sensors
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            self.kind = "rtsp" if self.url.lower().startswith(("rtsp://", "rtsps://")) else "mjpeg"
+
+
+@dataclass
+class MqttSettings:
+    """The MQTT broker to publish class areas to (a ``[mqtt]`` table; ``SEGD_MQTT_*`` overrides)."""
+
+    host: str = ""
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    client_id: str = "segd"
+    topic_prefix: str = "segd"
+    discovery: bool = True  # Home Assistant MQTT discovery messages (retained)
+    discovery_prefix: str = "homeassistant"
+    mode: str = "change"  # change: when a class area changed (at precision) | interval: every `interval` s
+    interval: float = 5.0
+    precision: int = 1  # decimals of the published percentages
+    keepalive: int = 60
 
 
 @dataclass
@@ -48,6 +89,8 @@ class Settings:
     watchdog: bool = True  # systemd watchdog pings when NOTIFY_SOCKET/WATCHDOG_USEC are set
     log_level: str = "info"
     test_hooks: bool = False  # enables /debug routes used by the test suite only
+    sources: dict[str, SourceSettings] = field(default_factory=dict)  # [sources.NAME] tables (file only)
+    mqtt: MqttSettings | None = None  # [mqtt] table, or SEGD_MQTT_HOST
 
     def is_loopback(self) -> bool:
         host = self.host.strip("[]")
@@ -60,6 +103,79 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in fields(Settings)}
+_TABLES = ("sources", "mqtt")  # nested tables: from the file (mqtt also from SEGD_MQTT_*)
+_SOURCE_FIELDS = {f.name: f for f in fields(SourceSettings)}
+_MQTT_FIELDS = {f.name: f for f in fields(MqttSettings)}
+
+
+def _typed(where: str, spec: dataclasses.Field[Any], value: Any) -> Any:
+    """A nested table's value as its field's type (str | None, int, float, bool)."""
+    default = spec.default
+    kind = type(default) if default is not dataclasses.MISSING and default is not None else str
+    if value is None or (value == "" and default is None):
+        return None
+    try:
+        if kind is bool:
+            return _coerce_bool(value)
+        if kind is int:
+            return int(value)
+        if kind is float:
+            return float(value)
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"expected a value, not a {type(value).__name__}")
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _coerce_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {value!r}")
+    return bool(value)
+
+
+def _source(name: str, table: Any) -> SourceSettings:
+    where = f"sources.{name}"
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a table ([sources.{name}] with url = ...)")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        fname = key.replace("-", "_")
+        if fname not in _SOURCE_FIELDS or fname == "name":
+            raise ValueError(f"{where}: unknown setting {key!r}")
+        if fname == "thresholds":
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}.thresholds must be a table of class label = percent")
+            try:
+                values[fname] = {str(k): float(v) for k, v in value.items()}
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{where}.thresholds: {exc}") from None
+        else:
+            values[fname] = _typed(f"{where}.{key}", _SOURCE_FIELDS[fname], value)
+    if not values.get("url"):
+        raise ValueError(f"{where} needs a url")
+    return SourceSettings(name=name, **values)
+
+
+def _mqtt(table: Mapping[str, Any], env: Mapping[str, str]) -> MqttSettings | None:
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        fname = key.replace("-", "_")
+        if fname not in _MQTT_FIELDS:
+            raise ValueError(f"mqtt: unknown setting {key!r}")
+        values[fname] = _typed(f"mqtt.{key}", _MQTT_FIELDS[fname], value)
+    for fname, spec in _MQTT_FIELDS.items():
+        raw = env.get("SEGD_MQTT_" + fname.upper())
+        if raw is not None:
+            values[fname] = _typed(f"SEGD_MQTT_{fname.upper()}", spec, raw)
+    if not values.get("host"):
+        return None
+    return MqttSettings(**values)
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -76,14 +192,7 @@ def _coerce(name: str, value: Any) -> Any:
         if value is None:
             return None
         if kind is bool:
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(f"not a boolean: {value!r}")
-            return bool(value)
+            return _coerce_bool(value)
         if kind is int:
             return int(value)
         if kind is float:
@@ -101,6 +210,7 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
     values: dict[str, Any] = {}
+    tables: dict[str, Any] = {}
     if config is not None:
         try:
             data = tomllib.loads(Path(config).read_text())
@@ -111,14 +221,26 @@ def load_settings(
             name = key.replace("-", "_")
             if name not in _FIELDS:
                 raise ValueError(f"{config}: unknown setting {key!r}")
+            if name in _TABLES:
+                if not isinstance(value, dict):
+                    raise ValueError(f"{config}: {key} must be a table ([{key}...])")
+                tables[name] = value
+                continue
             values[name] = _coerce(name, value)
     env = os.environ if env is None else env
+    try:
+        values["sources"] = {str(n): _source(str(n), t) for n, t in tables.get("sources", {}).items()}
+        values["mqtt"] = _mqtt(tables.get("mqtt", {}), env)
+    except ValueError as exc:
+        raise ValueError(f"{config}: {exc}" if config is not None else str(exc)) from None
     for name in _FIELDS:
+        if name in _TABLES:
+            continue
         raw = env.get("SEGD_" + name.upper())
         if raw is not None:
             values[name] = _coerce(name, raw)
     for name, value in (overrides or {}).items():
-        if value is not None:
+        if value is not None and name not in _TABLES:
             values[name] = _coerce(name, value)
     settings = Settings(**values)
     validate(settings)
@@ -145,3 +267,28 @@ def validate(s: Settings) -> None:
         raise ValueError("retry_after and graceful_timeout must not be negative")
     if not 0 <= s.port <= 65535:
         raise ValueError(f"port out of range: {s.port}")
+    for src in s.sources.values():
+        where = f"sources.{src.name}"
+        if not src.name or not all(c.isalnum() or c in "-_" for c in src.name):
+            raise ValueError(f"{where}: a source name may hold letters, digits, - and _ only")
+        if src.kind not in SOURCE_KINDS:
+            raise ValueError(f"{where}: kind must be one of {', '.join(SOURCE_KINDS)}, not {src.kind!r}")
+        scheme = src.url.partition("://")[0].lower()
+        allowed = ("rtsp", "rtsps", "http", "https") if src.kind == "rtsp" else ("http", "https")
+        if scheme not in allowed:
+            raise ValueError(f"{where}: a {src.kind} source needs a {' or '.join(allowed)} URL")
+        if not 0 < src.fps <= 60:
+            raise ValueError(f"{where}: fps must be within (0, 60]")
+        for name in ("timeout", "reconnect_base"):
+            if getattr(src, name) <= 0:
+                raise ValueError(f"{where}: {name} must be positive")
+        if src.reconnect_max < src.reconnect_base:
+            raise ValueError(f"{where}: reconnect_max must be at least reconnect_base")
+        for label, percent in src.thresholds.items():
+            if not 0 <= percent < 100:
+                raise ValueError(f"{where}.thresholds.{label}: a percent within [0, 100)")
+    if s.mqtt is not None:
+        if s.mqtt.mode not in MQTT_MODES:
+            raise ValueError(f"mqtt.mode must be change or interval, not {s.mqtt.mode!r}")
+        if not 0 < s.mqtt.port <= 65535 or s.mqtt.interval <= 0 or not 0 <= s.mqtt.precision <= 4:
+            raise ValueError("mqtt: port within 1..65535, interval positive, precision within 0..4")

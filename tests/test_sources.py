@@ -1,0 +1,259 @@
+"""Cameras configured in the settings file, against real streams on 127.0.0.1: an HTTP MJPEG
+camera served by the test, and the ffmpeg-subprocess reader on a stream served by ffmpeg.
+Frames go through the real daemon and the real models; outputs are read the way their users
+read them (OpenCV for the MJPEG stream, a WebSocket client for the events)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from camera import Camera
+from conftest import read_mask_png
+from daemon import Daemon, start_daemon
+
+from segd import encode
+from segd.app.settings import load_settings
+from segd.labels import voc_palette
+
+DM05 = "deeplabv3_mnv2_dm05_pascal"
+
+
+def jpeg(path: Path, quality: int = 90, size: tuple[int, int] | None = None) -> bytes:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if size is not None:
+        bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_LINEAR)
+    return cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)
+
+
+def write_config(tmp_path: Path, sources: dict[str, dict[str, Any]], extra: str = "") -> Path:
+    lines = [extra]
+    for name, table in sources.items():
+        lines.append(f"[sources.{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    path = tmp_path / "segd.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}; last: {last}")
+
+
+def source(d: Daemon, name: str) -> dict[str, Any]:
+    r = httpx.get(f"{d.url}/sources/{name}", timeout=10)
+    assert r.status_code == 200, r.text
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def frames(test_data: Path) -> list[bytes]:
+    return [jpeg(test_data / "bird.bmp"), jpeg(test_data / "cat.bmp")]
+
+
+@pytest.fixture(scope="module")
+def camera(frames: list[bytes]) -> Iterator[Camera]:
+    cam = Camera(frames, fps=8)
+    yield cam
+    cam.stop()
+
+
+@pytest.fixture(scope="module")
+def still_camera(test_data: Path) -> Iterator[Camera]:
+    """Sends one image over and over: every overlay of its stream must be the same picture."""
+    cam = Camera([jpeg(test_data / "bird.bmp")], fps=8)
+    yield cam
+    cam.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, camera: Camera, still_camera: Camera) -> Iterator[Daemon]:
+    tmp = tmp_path_factory.mktemp("sources")
+    config = write_config(tmp, {
+        "door": {"url": camera.url + "/stream", "fps": 4, "model": DM05, "reconnect_base": 0.2, "reconnect_max": 0.5, "timeout": 3},
+        "still": {"url": still_camera.url + "/stream", "fps": 4, "model": DM05},
+        "porch": {"url": camera.url + "/snapshot.jpg", "kind": "snapshot", "fps": 2, "model": DM05},
+    })  # fmt: skip
+    d = start_daemon(tmp, models_dir, "--config", str(config), "--model", DM05, "--accelerator", "cpu")
+    yield d
+    d.stop()
+
+
+# --- frames are segmented like POST /segment ------------------------------------------------
+@pytest.mark.parametrize("name", ["door", "porch"])
+def test_camera_frames_are_segmented_with_the_masks_of_post_segment(daemon: Daemon, name: str) -> None:
+    wait_for(lambda: source(daemon, name)["frames"]["segmented"] >= 2, what=f"{name} frames")
+    with daemon.client() as c:
+        for _ in range(20):  # the three reads must see the same frame (a new one may land between)
+            frame = c.get(f"/sources/{name}/latest", params={"format": "frame"})
+            png = c.get(f"/sources/{name}/latest", params={"format": "png"})
+            doc = c.get(f"/sources/{name}/latest", params={"format": "json"})
+            seqs = {r.headers["x-segd-frame"] for r in (frame, png, doc)}
+            if len(seqs) == 1:
+                break
+        assert len(seqs) == 1, seqs
+        assert frame.headers["content-type"] == "image/jpeg"
+        posted = c.post("/segment", params={"model": DM05}, content=frame.content, headers={"content-type": "image/jpeg"})
+        assert posted.status_code == 200, posted.text
+    mask = read_mask_png(png.content)
+    assert np.array_equal(mask, read_mask_png(posted.content))
+    summary = json.loads(posted.headers["x-segd-summary"])
+    body = doc.json()
+    assert body["classes"] == summary["classes"]
+    h, w = cv2.imdecode(np.frombuffer(frame.content, np.uint8), cv2.IMREAD_COLOR).shape[:2]
+    assert (body["source"], body["model"], body["width"], body["height"]) == (name, DM05, w, h)
+    assert {c["label"] for c in body["classes"]} & {"bird", "cat"}
+
+
+def test_sources_report_state_counters_in_sources_readyz_and_metrics(daemon: Daemon) -> None:
+    wait_for(lambda: source(daemon, "door")["frames"]["segmented"] >= 1, what="door frames")
+    with daemon.client() as c:
+        listed = {s["name"]: s for s in c.get("/sources").json()["sources"]}
+        ready = c.get("/readyz").json()
+        metrics = c.get("/metrics").text
+    assert set(listed) == {"door", "still", "porch"}
+    door = listed["door"]
+    assert (door["kind"], door["state"], door["model"]) == ("mjpeg", "streaming", DM05)
+    assert listed["porch"]["kind"] == "snapshot"
+    assert door["frames"]["received"] >= door["frames"]["segmented"] >= 1
+    assert ready["sources"]["door"]["state"] == "streaming"
+    assert ready["ready"] is True
+    assert 'segd_source_up{source="door"} 1.0' in metrics
+    assert 'segd_source_frames_total{outcome="segmented",source="door"}' in metrics
+
+
+def test_unknown_source_is_404_and_no_request_names_a_url(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        r = c.get("/sources/nope/latest")
+        assert r.status_code == 404 and r.json()["error"] == "unknown_source"
+        schema = c.get("/openapi.json").json()
+    for path, ops in schema["paths"].items():
+        if path.startswith("/sources"):
+            for op in ops.values():
+                names = {p["name"] for p in op.get("parameters", [])}
+                assert names <= {"name", "format"}, (path, names)
+
+
+# --- outputs --------------------------------------------------------------------------------
+def test_mjpeg_stream_read_by_opencv_shows_the_overlay_of_each_frame(daemon: Daemon, still_camera: Camera) -> None:
+    wait_for(lambda: source(daemon, "still")["frames"]["segmented"] >= 1, what="still frames")
+    with daemon.client() as c:
+        raw = c.get("/sources/still/latest", params={"format": "frame"}).content
+        mask = read_mask_png(c.get("/sources/still/latest", params={"format": "png"}).content)
+    rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    expected = encode.overlay(rgb, mask, voc_palette())
+    tinted = mask != 0
+    assert 0.02 < tinted.mean() < 0.98
+    cap = cv2.VideoCapture(f"{daemon.url}/sources/still/stream", cv2.CAP_FFMPEG)
+    try:
+        assert cap.isOpened()
+        for _ in range(3):
+            ok, bgr = cap.read()
+            assert ok
+            got = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            assert got.shape == expected.shape
+            diff = np.abs(got.astype(np.int16) - expected.astype(np.int16)).mean(axis=2)
+            assert diff.mean() < 4.0  # JPEG at quality 80
+            # tinted where the mask has a class, the photo itself elsewhere
+            away = np.abs(got.astype(np.int16) - rgb.astype(np.int16)).mean(axis=2)
+            assert away[tinted].mean() > 4 * away[~tinted].mean()
+    finally:
+        cap.release()
+
+
+def test_websocket_sends_a_json_summary_per_frame(daemon: Daemon) -> None:
+    from websockets.sync.client import connect
+
+    ws_url = daemon.url.replace("http://", "ws://") + "/sources/door/events"
+    with connect(ws_url, open_timeout=10) as ws:
+        docs = [json.loads(ws.recv(timeout=15)) for _ in range(3)]
+    seqs = [d["frame"] for d in docs]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 3
+    for d in docs:
+        assert d["source"] == "door" and d["model"] == DM05
+        assert d["classes"] and abs(sum(c["fraction"] for c in d["classes"]) - 1) < 1e-9
+
+
+# --- failures -------------------------------------------------------------------------------
+def test_camera_that_goes_away_is_reconnected_when_it_comes_back(daemon: Daemon, camera: Camera) -> None:
+    wait_for(lambda: source(daemon, "door")["state"] == "streaming", what="streaming")
+    camera.stop()
+    down = wait_for(lambda: (s := source(daemon, "door"))["state"] == "reconnecting" and s, what="reconnecting")
+    assert down["error"]
+    time.sleep(1.0)  # a few failed attempts against a closed port
+    before = source(daemon, "door")
+    camera.start()
+    wait_for(lambda: source(daemon, "door")["frames"]["segmented"] > before["frames"]["segmented"] + 1,
+             what="frames after the camera came back")  # fmt: skip
+    after = source(daemon, "door")
+    assert after["state"] == "streaming" and after["error"] is None
+    assert after["reconnects"] >= 2
+
+
+def test_settings_file_sources_are_validated(tmp_path: Path) -> None:
+    good = write_config(tmp_path, {"gate": {"url": "rtsp://user:pw@10.0.0.2/stream1", "fps": 2, "thresholds": {"person": 5}}})
+    s = load_settings(good, env={})
+    assert s.sources["gate"].kind == "rtsp" and s.sources["gate"].thresholds == {"person": 5.0}
+    for table, message in (
+        ({"url": "file:///etc/passwd"}, "needs a http or https URL"),
+        ({"url": "http://x/", "kind": "ftp"}, "kind must be one of"),
+        ({"url": "http://x/", "fps": 0}, "fps must be within"),
+        ({"url": "http://x/", "colour": 1}, "unknown setting 'colour'"),
+        ({"fps": 1}, "needs a url"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load_settings(write_config(tmp_path, {"gate": table}), env={})
+
+
+def test_camera_faster_than_segmentation_drops_frames_in_bounded_memory(
+    tmp_path: Path, models_dir: Path, test_data: Path
+) -> None:
+    """A 1080p camera sending as fast as the socket goes while segmentation runs at 2 fps:
+    the frames not segmented are dropped (counted), the daemon's memory stays flat."""
+    big = [jpeg(test_data / "bird.bmp", 95, (1920, 1080)), jpeg(test_data / "cat.bmp", 95, (1920, 1080))]
+    cam = Camera(big, fps=None)
+    config = write_config(tmp_path, {"fast": {"url": cam.url + "/stream", "fps": 2, "model": DM05}})
+    d = start_daemon(tmp_path, models_dir, "--config", str(config), "--model", DM05, "--accelerator", "cpu")
+    try:
+        wait_for(lambda: source(d, "fast")["frames"]["segmented"] >= 2, what="first frames")
+        start_rss, start = rss_bytes(d.proc.pid), source(d, "fast")["frames"]
+        time.sleep(6)
+        end_rss, end = rss_bytes(d.proc.pid), source(d, "fast")["frames"]
+    finally:
+        d.stop()
+        cam.stop()
+    received = end["received"] - start["received"]
+    segmented = end["segmented"] - start["segmented"]
+    bytes_in = received * min(len(b) for b in big)
+    assert received > 10 * segmented > 0, (received, segmented)
+    assert end["dropped"] >= end["received"] - end["segmented"] - 1
+    assert bytes_in > 200 * 2**20, bytes_in  # a queue of them would have grown by this much
+    assert end_rss - start_rss < 40 * 2**20, (start_rss, end_rss)
