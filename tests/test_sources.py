@@ -6,6 +6,7 @@ read them (OpenCV for the MJPEG stream, a WebSocket client for the events)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -257,3 +258,97 @@ def test_camera_faster_than_segmentation_drops_frames_in_bounded_memory(
     assert end["dropped"] >= end["received"] - end["segmented"] - 1
     assert bytes_in > 200 * 2**20, bytes_in  # a queue of them would have grown by this much
     assert end_rss - start_rss < 40 * 2**20, (start_rss, end_rss)
+
+
+# --- RTSP: ffmpeg reads a real RTSP server --------------------------------------------------
+RTSP_SERVER = Path(__file__).resolve().parent / "rtsp_server.py"
+
+
+class RtspServer:
+    """tests/rtsp_server.py (GStreamer's RTSP server) in a child process; stop() and start()
+    again on the same port, like a camera that reboots."""
+
+    def __init__(self, video: Path) -> None:
+        self.video = video
+        self.port = 0
+        self.proc: subprocess.Popen[str] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"rtsp://127.0.0.1:{self.port}/cam"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["/usr/bin/python3", str(RTSP_SERVER), str(self.video), str(self.port)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.proc.kill()
+            raise RuntimeError(f"RTSP server did not start: {line}{self.proc.stderr.read() if self.proc.stderr else ''}")
+        self.port = int(line)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def rtsp_camera(tmp_path_factory: pytest.TempPathFactory, test_data: Path) -> Iterator[RtspServer]:
+    if not Path("/usr/bin/python3").is_file() or subprocess.run(
+        ["/usr/bin/python3", "-c", "import gi; gi.require_version('GstRtspServer', '1.0')"], capture_output=True
+    ).returncode != 0:  # fmt: skip
+        pytest.fail("GStreamer's RTSP server is not installed (scripts/setup test: gir1.2-gst-rtsp-server-1.0 python3-gi)")
+    tmp = tmp_path_factory.mktemp("rtsp")
+    for i, name in enumerate(("bird.bmp", "cat.bmp")):
+        cv2.imwrite(str(tmp / f"f{i}.png"), cv2.resize(cv2.imread(str(test_data / name)), (512, 336)))  # RTP/JPEG sizes are multiples of 8
+    video = tmp / "camera.avi"
+    # RTP/JPEG (RFC 2435) carries baseline JPEG with the standard Huffman tables
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-loop", "1", "-framerate", "4",
+                    "-i", str(tmp / "f%d.png"), "-t", "120", "-c:v", "mjpeg", "-huffman", "default", "-q:v", "3",
+                    "-pix_fmt", "yuvj420p", str(video)], check=True)  # fmt: skip
+    server = RtspServer(video)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def rtsp_daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, rtsp_camera: RtspServer) -> Iterator[Daemon]:
+    tmp = tmp_path_factory.mktemp("rtsp-daemon")
+    config = write_config(tmp, {"gate": {"url": rtsp_camera.url, "fps": 3, "model": DM05, "reconnect_base": 0.2,
+                                         "reconnect_max": 0.5, "timeout": 3}})  # fmt: skip
+    d = start_daemon(tmp, models_dir, "--config", str(config), "--model", DM05, "--accelerator", "cpu")
+    yield d
+    d.stop()
+
+
+def test_rtsp_camera_frames_are_segmented_with_the_masks_of_post_segment(rtsp_daemon: Daemon) -> None:
+    wait_for(lambda: source(rtsp_daemon, "gate")["frames"]["segmented"] >= 2, what="RTSP frames")
+    assert source(rtsp_daemon, "gate")["kind"] == "rtsp"
+    with rtsp_daemon.client() as c:
+        for _ in range(20):
+            frame = c.get("/sources/gate/latest", params={"format": "frame"})
+            png = c.get("/sources/gate/latest", params={"format": "png"})
+            if frame.headers["x-segd-frame"] == png.headers["x-segd-frame"]:
+                break
+        posted = c.post("/segment", params={"model": DM05}, content=frame.content, headers={"content-type": "image/jpeg"})
+    assert frame.headers["x-segd-frame"] == png.headers["x-segd-frame"]
+    assert posted.status_code == 200, posted.text
+    mask = read_mask_png(png.content)
+    assert mask.shape == (336, 512)
+    assert np.array_equal(mask, read_mask_png(posted.content))
+    labels = {c["label"] for c in json.loads(posted.headers["x-segd-summary"])["classes"]}
+    assert labels & {"bird", "cat"}
+
+
+def test_rtsp_camera_is_reconnected_after_a_restart(rtsp_daemon: Daemon, rtsp_camera: RtspServer) -> None:
+    wait_for(lambda: source(rtsp_daemon, "gate")["state"] == "streaming", what="streaming")
+    rtsp_camera.stop()
+    wait_for(lambda: source(rtsp_daemon, "gate")["state"] == "reconnecting", what="reconnecting")
+    time.sleep(1.0)
+    before = source(rtsp_daemon, "gate")["frames"]["segmented"]
+    rtsp_camera.start()
+    wait_for(lambda: source(rtsp_daemon, "gate")["frames"]["segmented"] > before + 1, what="frames after restart")
+    after = source(rtsp_daemon, "gate")
+    assert after["state"] == "streaming" and after["reconnects"] >= 1
