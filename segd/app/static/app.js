@@ -5,6 +5,8 @@
 //                                                 -> indexed PNG, pixel value = class id, PLTE = the class colours;
 //                                                    header X-Segd-Summary = the format=json document:
 //                                                    {width, height, model, backend, classes: [{id, label, pixels, fraction}], timings_ms}
+//   GET  sources                                  -> {sources: [{name, state, error, frames, ...}]} (404: no cameras configured)
+//   GET  sources/NAME/latest?format=overlay       -> JPEG of the camera's last frame with its mask; X-Segd-Summary as above
 //   errors                                        -> {"error": code, "detail": message} with the HTTP status
 //
 // With an API key configured, every call carries it as X-API-Key; a 401 asks the user for it.
@@ -21,7 +23,10 @@ const state = {
   maskLayer: null,   // canvas: class colours, class 0 transparent
   request: 0,        // id of the newest request; answers to older ones are dropped
   stream: null,      // camera MediaStream while the camera is open
+  sourceTimer: 0,    // the next poll of the shown camera's latest overlay
+  sourceUrl: "",     // object URL of the overlay on screen (revoked when replaced)
 };
+const SOURCE_POLL_MS = 700;
 
 // --- talking to the API ------------------------------------------------------------------------
 
@@ -140,6 +145,10 @@ async function segment(file) {
     render();
     showResult(doc, palette, performance.now() - started);
     setStatus(state.photo ? "" : "Your browser cannot display this image format; showing the mask only.");
+    // On a phone the result is below the controls: bring it into view.
+    if (window.matchMedia("(max-width: 760px)").matches) {
+      $("result-heading").scrollIntoView({ block: "start", behavior: "smooth" });
+    }
   } catch (err) {
     if (id !== state.request) return;
     setStatus("");
@@ -287,6 +296,7 @@ async function useKey(event) {
   $("forget-key").hidden = false;
   if (await loadModels()) {
     $("auth").hidden = true;
+    if ($("sources").hidden) loadSources();
     if (state.file) segment(state.file);
   }
 }
@@ -355,6 +365,48 @@ function snapshot() {
   canvas.toBlob((blob) => segment(new File([blob], "snapshot.jpg", { type: "image/jpeg" })), "image/jpeg", 0.92);
 }
 
+// --- configured cameras: the live overlay ------------------------------------------------------
+
+async function loadSources() {
+  let doc;
+  try {
+    doc = await (await api("sources")).json();
+  } catch {
+    return; // 404: no cameras configured (or no key yet): the section stays hidden
+  }
+  if (!doc.sources.length) return;
+  const select = $("source");
+  select.replaceChildren(...doc.sources.map((s) => new Option(`${s.name} (${s.kind})`, s.name)));
+  $("sources").hidden = false;
+  select.addEventListener("change", () => pollSource());
+  pollSource();
+}
+
+/** Show the selected camera's newest overlay, then poll again (only while the tab is visible). */
+async function pollSource() {
+  clearTimeout(state.sourceTimer);
+  const name = $("source").value;
+  if (name && document.visibilityState === "visible") {
+    try {
+      const response = await api(`sources/${encodeURIComponent(name)}/latest?format=overlay`);
+      const doc = JSON.parse(response.headers.get("X-Segd-Summary"));
+      const blob = await response.blob();
+      if (name === $("source").value) {
+        if (state.sourceUrl) URL.revokeObjectURL(state.sourceUrl);
+        state.sourceUrl = URL.createObjectURL(blob);
+        const view = $("source-view");
+        view.src = state.sourceUrl;
+        const summary = doc.classes.map((c) => `${c.label} ${formatPercent(c.fraction)}`).join(", ");
+        view.alt = `Live overlay of ${name}: ${summary}`;
+        $("source-info").textContent = `Frame ${doc.frame} · ${doc.model} on ${doc.backend} · ${summary}`;
+      }
+    } catch (err) {
+      $("source-info").textContent = err.message; // e.g. no frame yet: the camera is connecting
+    }
+  }
+  state.sourceTimer = setTimeout(pollSource, SOURCE_POLL_MS);
+}
+
 // --- start -------------------------------------------------------------------------------------
 
 function start() {
@@ -377,7 +429,7 @@ function start() {
   $("forget-key").hidden = !apiKey();
   setUpDrop();
   setUpCamera();
-  loadModels();
+  loadModels().then((ok) => ok && loadSources());
 }
 
 start();
