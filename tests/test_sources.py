@@ -352,3 +352,48 @@ def test_rtsp_camera_is_reconnected_after_a_restart(rtsp_daemon: Daemon, rtsp_ca
     wait_for(lambda: source(rtsp_daemon, "gate")["frames"]["segmented"] > before + 1, what="frames after restart")
     after = source(rtsp_daemon, "gate")
     assert after["state"] == "streaming" and after["reconnects"] >= 1
+
+
+# --- API key, shutdown ----------------------------------------------------------------------
+def test_api_key_guards_cameras_basic_auth_for_mjpeg_and_first_message_for_websocket(
+    tmp_path: Path, models_dir: Path, still_camera: Camera
+) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    key = "camera-test-key"
+    config = write_config(tmp_path, {"cam": {"url": still_camera.url + "/stream", "fps": 4, "model": DM05}})
+    d = start_daemon(tmp_path, models_dir, "--config", str(config), "--model", DM05, "--accelerator", "cpu",
+                     env={"SEGD_API_KEY": key})  # fmt: skip
+    try:
+        assert httpx.get(d.url + "/sources").status_code == 401
+        assert httpx.get(d.url + "/sources/cam/stream", auth=("ha", "wrong")).status_code == 401
+        wait_for(lambda: httpx.get(d.url + "/sources/cam", headers={"X-API-Key": key}).json()["frames"]["segmented"] >= 1)
+        # Home Assistant's MJPEG camera: HTTP Basic, the key as the password
+        with httpx.stream("GET", d.url + "/sources/cam/stream", auth=("ha", key), timeout=20) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"] == "multipart/x-mixed-replace; boundary=segdframe"
+            head = next(r.iter_bytes())
+            assert head.startswith(b"--segdframe\r\nContent-Type: image/jpeg\r\n")
+            # SIGTERM while the endless response is open: it ends, the daemon exits promptly
+            t0 = time.monotonic()
+            assert d.stop() == 0
+            assert time.monotonic() - t0 < 15
+    finally:
+        d.stop()
+    d = start_daemon(tmp_path, models_dir, "--config", str(config), "--model", DM05, "--accelerator", "cpu",
+                     env={"SEGD_API_KEY": key})  # fmt: skip
+    try:
+        ws_url = d.url.replace("http://", "ws://") + "/sources/cam/events"
+        with connect(ws_url, open_timeout=10) as ws:
+            ws.send("wrong")
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        with connect(ws_url, open_timeout=10) as ws:  # a browser cannot set headers: key first
+            ws.send(key)
+            assert json.loads(ws.recv(timeout=15))["source"] == "cam"
+        with connect(ws_url, open_timeout=10, additional_headers={"X-API-Key": key}) as ws:
+            assert json.loads(ws.recv(timeout=15))["source"] == "cam"
+    finally:
+        d.stop()
