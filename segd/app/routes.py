@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect
 
 from segd.app.service import ModelService, Result
 from segd.errors import BadParameter, ClientGone, Unauthorized, UnsupportedContentType
+from segd.regions import Shape
 
 RAW_TYPES = ("image/", "application/octet-stream")
 
@@ -197,14 +198,24 @@ async def segment(
     format: Annotated[Literal["png", "json", "overlay"], Query(description="response format")] = "png",
     keep_aspect: Annotated[bool, Query(description="letterbox instead of stretching")] = False,
     overlay_format: Annotated[Literal["jpeg", "png"], Query(description="image format of an overlay")] = "jpeg",
+    classes: Annotated[str | None, Query(description="keep only these classes (labels or ids, comma-separated); the others become background", max_length=2000)] = None,
+    min_area: Annotated[int, Query(description="connected regions smaller than this many pixels become background", ge=0)] = 0,
+    polygons: Annotated[bool, Query(description="format=json: each class's outer contours as COCO polygons [[x0, y0, x1, y1, ...]]")] = False,
+    rle: Annotated[Literal["none", "compressed", "uncompressed"], Query(description="format=json: each class's mask as COCO RLE (pycocotools)")] = "none",
 ) -> Response:
     slot = service.slot(model)  # 404 before reading a large body for nothing
     request.state.model = slot.name
+    if (polygons or rle != "none") and format != "json":
+        raise BadParameter("polygons and rle are parts of the JSON answer: use format=json")
+    wanted = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes is not None else None
+    shape = None
+    if wanted is not None or min_area or polygons or rle != "none":
+        shape = Shape(wanted, min_area, polygons, None if rle == "none" else rle)
     # The upload is read only once the model's queue admits the request (a full queue answers
     # 503 without holding anyone's body in memory).
     result = await service.segment(
         slot.name, lambda: read_image(request), fmt=format, keep_aspect=keep_aspect,
-        overlay_format=overlay_format,
+        overlay_format=overlay_format, shape=shape,
     )  # fmt: skip
     request.app.state.metrics.observe_stages(result.model, result.timings)
     return result_response(result)

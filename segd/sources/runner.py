@@ -39,6 +39,7 @@ class Frame:
     rgb: np.ndarray  # the decoded frame (JPEG DCT-scaled when large: what was decoded)
     document: dict[str, Any]  # the JSON summary, as POST /segment?format=json
     palette: np.ndarray
+    background: int | None  # the class left untinted in the overlay
     _cache: dict[str, bytes] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -54,7 +55,7 @@ class Frame:
                     mask = self.mask
                     if mask.shape != (h, w):
                         mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
-                    self._cache[kind] = encode.encode_image(encode.overlay(self.rgb, mask, self.palette), "jpeg", 80)
+                    self._cache[kind] = encode.encode_image(encode.overlay(self.rgb, mask, self.palette, background=self.background), "jpeg", 80)
             return self._cache[kind]
 
 
@@ -210,8 +211,8 @@ class Source:
         doc = dict(result.document)
         doc["timings_ms"] = {k: round(v, 3) for k, v in result.timings.items()}
         doc.update(source=self.name, frame=self.segmented + 1, time=round(time.time(), 3))
-        palette = self.service.slot(self.model).variant.labels.palette
-        frame = Frame(self.segmented + 1, doc["time"], data, seg.mask, seg.image.rgb, doc, palette)
+        labels = self.service.slot(self.model).variant.labels
+        frame = Frame(self.segmented + 1, doc["time"], data, seg.mask, seg.image.rgb, doc, labels.palette, labels.background)
         self.latest = frame
         self.segmented += 1
         if self.state == "streaming":

@@ -139,7 +139,7 @@ async function segment(file) {
     const pngResponse = await segmentRequest(file, "png");
     const doc = JSON.parse(pngResponse.headers.get("X-Segd-Summary"));
     const png = await pngResponse.blob();
-    const { layer, palette } = await maskLayerFromPng(png);
+    const { layer, palette } = await maskLayerFromPng(png, doc.background);
     if (id !== state.request) return;
     state.maskLayer = layer;
     render();
@@ -173,9 +173,10 @@ function pngPalette(bytes) {
   return [];
 }
 
-/** The mask as a canvas layer: class colours, with class 0 (background) left transparent so the
+/** The mask as a canvas layer: class colours, with the background class (doc.background: the
+ *  class named "background", none for Cityscapes whose class 0 is road) left transparent so the
  *  photo shows through untinted — the same convention as the daemon's own format=overlay. */
-async function maskLayerFromPng(png) {
+async function maskLayerFromPng(png, background) {
   const palette = pngPalette(await png.arrayBuffer());
   const bitmap = await createImageBitmap(png, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
   const canvas = document.createElement("canvas");
@@ -184,13 +185,15 @@ async function maskLayerFromPng(png) {
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   ctx.drawImage(bitmap, 0, 0);
   bitmap.close();
-  const [r0, g0, b0] = palette[0] || [0, 0, 0];
-  const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
-  const p = pixels.data;
-  for (let i = 0; i < p.length; i += 4) {
-    if (p[i] === r0 && p[i + 1] === g0 && p[i + 2] === b0) p[i + 3] = 0;
+  if (background !== null && background !== undefined && palette[background]) {
+    const [r0, g0, b0] = palette[background];
+    const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
+    const p = pixels.data;
+    for (let i = 0; i < p.length; i += 4) {
+      if (p[i] === r0 && p[i + 1] === g0 && p[i + 2] === b0) p[i + 3] = 0;
+    }
+    ctx.putImageData(pixels, 0, 0);
   }
-  ctx.putImageData(pixels, 0, 0);
   return { layer: canvas, palette };
 }
 
@@ -225,7 +228,7 @@ function showResult(doc, palette, roundTripMs) {
     swatch.className = "swatch";
     const [r, g, b] = palette[c.id] || [128, 128, 128];
     swatch.style.backgroundColor = `rgb(${r}, ${g}, ${b})`;
-    const label = c.id === 0 ? `${c.label} (not tinted)` : c.label;
+    const label = c.id === doc.background ? `${c.label} (not tinted)` : c.label;
     return tableRow([swatch, label, formatPercent(c.fraction)], { "data-label": c.label });
   });
   $("legend").tBodies[0].replaceChildren(...rows);
