@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from coral_deeplab.geometry import SUPPORTED_ALPHAS
 from segd import __version__
 from segd.errors import SegdError
+from segd.geometry import SUPPORTED_ALPHAS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 
@@ -302,7 +302,7 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_models_check(args: argparse.Namespace) -> int:
-    from coral_deeplab.tflite.checker import check_model, format_report
+    from segd.tflite.checker import check_model, format_report
 
     try:
         data = args.file.read_bytes()
