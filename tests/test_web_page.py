@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -165,6 +166,26 @@ def test_page_loads_nothing_from_other_hosts() -> None:
         text = (STATIC / name).read_text()
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), name
         assert "@import" not in text and "url(" not in text, name
+
+
+def test_api_docs_render_offline(daemon: Daemon, context: BrowserContext) -> None:
+    """/docs (Swagger UI) loads its script and styles from the daemon itself: with every other
+    host unreachable, the operations still show."""
+    elsewhere: list[str] = []
+
+    def only_loopback(route: Any) -> None:
+        if route.request.url.startswith(daemon.url):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_loopback)
+    page = context.new_page()
+    page.goto(daemon.url + "/docs")
+    expect(page.get_by_text("/segment", exact=True).first).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Segment an image").first).to_be_visible()
+    assert elsewhere == []
 
 
 # --- a result ------------------------------------------------------------------------------

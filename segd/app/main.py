@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from segd import __version__
@@ -25,6 +26,7 @@ from segd.sources.runner import SourceManager
 from segd.variants import Manifest, load_manifest
 
 log = logging.getLogger("segd")
+access = logging.getLogger("segd.access")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -86,11 +88,13 @@ async def _no_receive() -> Message:
 
 
 class RecordRequests:
-    """Count requests by route template, status and model; time them."""
+    """Count requests by route template, status and model; time them; with ``access_log``, log
+    one line per request: client, method, path, status, milliseconds, model."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: bool = True) -> None:
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,8 +115,15 @@ class RecordRequests:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             model = (scope.get("state") or {}).get("model", "")
+            elapsed = time.perf_counter() - t0
             self.metrics.requests.labels(template, str(status), model).inc()
-            self.metrics.latency.labels(template).observe(time.perf_counter() - t0)
+            self.metrics.latency.labels(template).observe(elapsed)
+            if self.access_log and access.isEnabledFor(logging.INFO):
+                client = scope.get("client") or ("-", 0)
+                query = scope.get("query_string", b"").decode("latin-1")
+                target = scope.get("path", "") + (f"?{query}" if query else "")
+                access.info('%s "%s %s" %d %.1fms%s', client[0], scope.get("method", "-"), target[:300],
+                            status, elapsed * 1000, f" model={model}" if model else "")  # fmt: skip
 
 
 def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
@@ -151,7 +162,11 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
                 notifier.send("STOPPING=1") if notifier else None
             service.close()
 
-    app = FastAPI(
+    # /docs with the Swagger UI files shipped in the fastapi-offline package: a Pi on a LAN
+    # without internet shows it too (FastAPI's default page loads them from a CDN). No /redoc:
+    # ReDoc still fetches its logo from its CDN.
+    app = FastAPIOffline(
+        redoc_url=None,
         title="segd",
         version=__version__,
         description="Semantic segmentation on a Raspberry Pi with a Coral Edge TPU (DeepLab v3).",
@@ -204,7 +219,7 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
         app.include_router(debug.router, dependencies=[Depends(routes.require_api_key)])
     # The last added is the outermost: requests refused by the body limit are counted too.
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
-    app.add_middleware(RecordRequests, metrics=metrics)
+    app.add_middleware(RecordRequests, metrics=metrics, access_log=settings.access_log)
     return app
 
 

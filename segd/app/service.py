@@ -175,7 +175,7 @@ class ModelSlot:
             doc.update(
                 backend=seg["backend"], reason=seg["reason"], device=seg["device"],
                 runtime=seg["runtime"], file=seg["file"], sha256=seg["sha256"],
-                device_present=self.device_present,
+                device_present=self.device_present if seg["backend"] == "edgetpu" else None,
             )  # fmt: skip
             worker = self.worker_info()
             if worker is not None:
@@ -314,7 +314,8 @@ class ModelService:
                     "ready": s.ready,
                     "backend": s.primary.backend if s.primary else None,
                     "error": s.error,
-                    "device_present": s.device_present,
+                    # null for a model served on the CPU: there is no device to be present
+                    "device_present": s.device_present if s.primary is not None and s.primary.backend == "edgetpu" else None,
                 }
                 for n, s in self.slots.items()
             },

@@ -88,6 +88,7 @@ class Settings:
     graceful_timeout: float = 30.0  # seconds to finish in-flight requests on SIGTERM
     watchdog: bool = True  # systemd watchdog pings when NOTIFY_SOCKET/WATCHDOG_USEC are set
     log_level: str = "info"
+    access_log: bool = True  # one line per HTTP request (logger segd.access, level info)
     test_hooks: bool = False  # enables /debug routes used by the test suite only
     sources: dict[str, SourceSettings] = field(default_factory=dict)  # [sources.NAME] tables (file only)
     mqtt: MqttSettings | None = None  # [mqtt] table, or SEGD_MQTT_HOST
