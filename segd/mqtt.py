@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from segd import __version__
-from segd.app.settings import MqttSettings
+from segd.settings import MqttSettings
 
 if TYPE_CHECKING:
     from segd.sources.runner import Frame, Source, SourceManager

@@ -21,8 +21,8 @@ from conftest import read_mask_png
 from daemon import Daemon, start_daemon
 
 from segd import encode
-from segd.app.settings import load_settings
 from segd.labels import voc_palette
+from segd.settings import load_settings
 
 DM05 = "deeplabv3_mnv2_dm05_pascal"
 

@@ -44,7 +44,7 @@ class Metrics:
 
 
 class ServiceCollector(Collector):
-    def __init__(self, service: ModelService, sources: SourceManager | None = None) -> None:
+    def __init__(self, service: ModelService) -> None:
         self.service = service
 
     def collect(self) -> Iterator[Metric]:

@@ -4,7 +4,7 @@ through the same service path as ``POST /segment``."""
 
 from __future__ import annotations
 
-from segd.app.settings import SourceSettings
+from segd.settings import SourceSettings
 from segd.sources.base import FrameReader, SourceError
 from segd.sources.mjpeg import MjpegReader
 from segd.sources.rtsp import RtspReader

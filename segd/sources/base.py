@@ -8,7 +8,7 @@ import abc
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from segd.app.settings import SourceSettings
+from segd.settings import SourceSettings
 
 
 class SourceError(Exception):

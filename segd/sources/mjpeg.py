@@ -8,7 +8,7 @@ import http.client
 import socket
 from collections.abc import Iterator
 
-from segd.app.settings import SourceSettings
+from segd.settings import SourceSettings
 from segd.sources.base import FrameReader, SourceError, read_multipart
 from segd.sources.http import open_url
 

@@ -19,8 +19,8 @@ import numpy as np
 
 from segd import encode
 from segd.app.service import ModelService, in_thread
-from segd.app.settings import Settings, SourceSettings
 from segd.errors import ModelNotReady, NoFrameYet, Overloaded, SegdError, UnknownSource
+from segd.settings import Settings, SourceSettings
 from segd.sources import open_reader
 from segd.sources.base import FrameReader, SourceError
 from segd.sources.http import redact

@@ -6,7 +6,7 @@ import http.client
 import threading
 from collections.abc import Iterator
 
-from segd.app.settings import SourceSettings
+from segd.settings import SourceSettings
 from segd.sources.base import FrameReader, SourceError
 from segd.sources.http import open_url
 
