@@ -60,6 +60,7 @@ class MqttPublisher:
         client.reconnect_delay_set(1, 30)
         client.max_queued_messages_set(1000)  # a broker that is away costs bounded memory
         client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
         self.client = client
         self.connected = False
 
@@ -85,6 +86,15 @@ class MqttPublisher:
             for topic, payload in self.discovery_messages():
                 client.publish(topic, json.dumps(payload), qos=1, retain=True)
         client.publish(self.status_topic, "online", qos=1, retain=True)
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
+        if self.connected:
+            log.warning("MQTT broker %s:%s disconnected (%s); reconnecting", self.settings.host, self.settings.port, reason)
+        self.connected = False
+
+    def describe(self) -> dict[str, Any]:
+        return {"broker": f"{self.settings.host}:{self.settings.port}", "connected": self.connected,
+                "topic_prefix": self.prefix, "mode": self.settings.mode}  # fmt: skip
 
     # --- Home Assistant discovery ----------------------------------------------------------
     def discovery_messages(self) -> list[tuple[str, dict[str, Any]]]:

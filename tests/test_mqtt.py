@@ -108,6 +108,8 @@ def test_class_areas_discovery_and_thresholds_reach_a_subscriber(
         wait_for(lambda: source(d, "door")["frames"]["segmented"] >= 6, what="frames")
         wait_for(lambda: sub.get("segd/door/bird_over_5"), what="binary sensor state")
         latest = d.client().get("/sources/door/latest", params={"format": "json"}).json()
+        mqtt_state = d.client().get("/sources").json()["mqtt"]
+        assert mqtt_state == {"broker": f"127.0.0.1:{broker.port}", "connected": True, "topic_prefix": "segd", "mode": "change"}
         labels = d.client().get(f"/models/{DM05}").json()["labels"]
     finally:
         d.stop()

@@ -400,3 +400,16 @@ def test_api_key_guards_cameras_basic_auth_for_mjpeg_and_first_message_for_webso
             assert json.loads(ws.recv(timeout=15))["source"] == "cam"
     finally:
         d.stop()
+
+
+def test_a_threshold_on_a_class_the_model_lacks_stops_the_start_with_its_name(tmp_path: Path, models_dir: Path) -> None:
+    import os
+    import sys
+
+    config = write_config(tmp_path, {"cam": {"url": "http://127.0.0.1:9/stream", "model": DM05, "thresholds": {"unicorn": 5}}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGD_")}
+    env.update(SEGD_MODELS_DIR=str(models_dir), SEGD_EDGETPU_LIBRARY="/nonexistent/libedgetpu.so.1")
+    r = subprocess.run([sys.executable, "-m", "segd", "serve", "--config", str(config), "--model", DM05, "--port", "0"],
+                       capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "sources.cam.thresholds: unicorn not among the classes" in r.stderr and "Traceback" not in r.stderr

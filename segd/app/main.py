@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import threading
 import time
@@ -20,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from segd import __version__
 from segd.app.metrics import Metrics
 from segd.app.service import ModelService
-from segd.errors import SegdError, UploadTooLarge, error_body
+from segd.errors import ConfigError, SegdError, UploadTooLarge, error_body
 from segd.settings import Settings
 from segd.sources.runner import SourceManager
 from segd.variants import Manifest, load_manifest
@@ -130,6 +131,8 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
     manifest = manifest or load_manifest(models_dir=settings.models_dir)
     service = ModelService(settings, manifest)
     sources = SourceManager(settings, service) if settings.sources else None
+    if settings.mqtt is not None and importlib.util.find_spec("paho") is None:
+        raise ConfigError("[mqtt] is configured but paho-mqtt is not installed: pip install 'segd[mqtt]'")
     metrics = Metrics(service, sources)
 
     @contextlib.asynccontextmanager
@@ -149,6 +152,7 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
 
                 publisher = MqttPublisher(settings.mqtt, sources)
                 publisher.start()
+                app.state.mqtt = publisher
         try:
             yield
         finally:
@@ -176,6 +180,7 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
     app.state.service = service
     app.state.metrics = metrics
     app.state.sources = sources
+    app.state.mqtt = None  # the MQTT publisher while it runs
 
     @app.exception_handler(SegdError)
     async def segd_error(request: Request, exc: SegdError) -> JSONResponse:

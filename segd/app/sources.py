@@ -36,8 +36,9 @@ router = APIRouter(
 
 
 @router.get("/sources", summary="Configured cameras: state, frame counters, reconnects, last summary")
-async def list_sources(sources: Sources) -> dict[str, Any]:
-    return {"sources": [s.describe() for s in sources.sources.values()]}
+async def list_sources(request: Request, sources: Sources) -> dict[str, Any]:
+    mqtt = request.app.state.mqtt
+    return {"sources": [s.describe() for s in sources.sources.values()], "mqtt": mqtt.describe() if mqtt else None}
 
 
 @router.get("/sources/{name}", summary="One camera", responses=NOT_FOUND)

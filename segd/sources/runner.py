@@ -19,7 +19,7 @@ import numpy as np
 
 from segd import encode
 from segd.app.service import ModelService, in_thread
-from segd.errors import ModelNotReady, NoFrameYet, Overloaded, SegdError, UnknownSource
+from segd.errors import ConfigError, ModelNotReady, NoFrameYet, Overloaded, SegdError, UnknownSource
 from segd.settings import Settings, SourceSettings
 from segd.sources import open_reader
 from segd.sources.base import FrameReader, SourceError
@@ -73,7 +73,7 @@ class Source:
         labels = service.slot(self.model).variant.labels.names
         unknown = [label for label in settings.thresholds if label not in labels]
         if unknown:
-            raise ValueError(f"sources.{self.name}.thresholds: {', '.join(unknown)} not among the classes of {self.model}: {', '.join(labels)}")
+            raise ConfigError(f"sources.{self.name}.thresholds: {', '.join(unknown)} not among the classes of {self.model}: {', '.join(labels)}")
         self.max_frame_bytes = max_frame_bytes
         self.state = "stopped"  # connecting | streaming | reconnecting | stopped
         self.error: str | None = None
