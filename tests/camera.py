@@ -16,6 +16,7 @@ class Camera:
     def __init__(self, frames: Sequence[bytes], fps: float | None = 10.0, port: int = 0) -> None:
         self.frames = list(frames)
         self.fps = fps  # None: as fast as the client reads
+        self.frozen = False  # True: connections stay open but no frame is sent (a hung camera)
         self.sent = 0
         self.port = port
         self._server: http.server.ThreadingHTTPServer | None = None
@@ -50,6 +51,9 @@ class Camera:
                 i = 0
                 try:
                     while not camera._stopped.is_set():
+                        if camera.frozen:
+                            time.sleep(0.05)
+                            continue
                         data = camera.frames[i % len(camera.frames)]
                         i += 1
                         self.wfile.write(b"--camframe\r\nContent-Type: image/jpeg\r\n"

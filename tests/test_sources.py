@@ -413,3 +413,24 @@ def test_a_threshold_on_a_class_the_model_lacks_stops_the_start_with_its_name(tm
                        capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert r.returncode == 2, r.stderr
     assert "sources.cam.thresholds: unicorn not among the classes" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_camera_that_stops_sending_is_reconnected(tmp_path: Path, models_dir: Path, test_data: Path) -> None:
+    """The connection stays open but no frame comes (a hung camera): after timeout + 1/fps
+    seconds the connection is dropped and made again."""
+    cam = Camera([jpeg(test_data / "bird.bmp")], fps=8)
+    config = write_config(tmp_path, {"hung": {"url": cam.url + "/stream", "fps": 4, "model": DM05, "timeout": 1,
+                                              "reconnect_base": 0.2, "reconnect_max": 0.5}})  # fmt: skip
+    d = start_daemon(tmp_path, models_dir, "--config", str(config), "--model", DM05, "--accelerator", "cpu")
+    try:
+        wait_for(lambda: source(d, "hung")["frames"]["segmented"] >= 1, what="first frame")
+        cam.frozen = True
+        hung = wait_for(lambda: (s := source(d, "hung"))["reconnects"] >= 1 and s, timeout=15, what="a reconnect")
+        # dropped by the watchdog ("no frame for 1.25 s"), then the new connection's read times out
+        assert hung["state"] == "reconnecting" and ("no frame for 1.25 s" in hung["error"] or "timed out" in hung["error"])
+        before = source(d, "hung")["frames"]["segmented"]
+        cam.frozen = False
+        wait_for(lambda: source(d, "hung")["frames"]["segmented"] > before, what="frames again")
+    finally:
+        d.stop()
+        cam.stop()
