@@ -53,23 +53,26 @@ class Shape:
                 raise BadParameter(f"classes: unknown class {item!r}; this model has: {', '.join(labels.names)}")
         return ids, fill
 
-    def describe(self, document: dict[str, Any], mask: np.ndarray, keep: list[int] | None, fill: int) -> None:
-        """Keep only the asked classes in ``document["classes"]`` and add their polygons / RLE."""
+    def describe(
+        self, document: dict[str, Any], mask: np.ndarray, keep: list[int] | None, fill: int, max_runs: int = MAX_RUNS
+    ) -> None:
+        """Keep only the asked classes in ``document["classes"]`` and add their polygons / RLE
+        (at most ``max_runs`` points and runs in all: a BadParameter beyond)."""
         entries = document["classes"]
         if keep is not None:
             entries = [c for c in entries if c["id"] in keep]
         elif fill == UNLABELED:
             entries = [c for c in entries if c["id"] != UNLABELED]
-        budget = MAX_RUNS
+        budget = max_runs
         for c in entries:
             if self.polygons:
-                c["polygons"] = polygons(mask, c["id"])
+                c["polygons"] = polygons(mask, c["id"], limit=budget)
                 budget -= sum(len(p) for p in c["polygons"]) // 2
             if self.rle:
                 c["rle"] = rle(mask, c["id"], compressed=self.rle == "compressed", limit=budget)
                 budget -= len(c["rle"]["counts"])
             if budget < 0:
-                raise BadParameter(f"the mask is too fragmented for polygons/RLE in JSON (over {MAX_RUNS} points or runs); ask for format=png")
+                raise BadParameter(f"the mask is too fragmented for polygons/RLE in JSON (over {max_runs} points or runs); ask for format=png")
         document["classes"] = entries
 
 
@@ -94,7 +97,7 @@ def keep_classes(mask: np.ndarray, keep: Iterable[int] | None, min_area: int, fi
     return out
 
 
-def polygons(mask: np.ndarray, class_id: int) -> list[list[int]]:
+def polygons(mask: np.ndarray, class_id: int, limit: int | None = None) -> list[list[int]]:
     """The outer contours of a class as COCO polygons ``[[x0, y0, x1, y1, ...], ...]`` in pixel
     coordinates (holes are not subtracted: the RLE is exact). Vertices are the centres of the
     region's edge pixels (OpenCV's contours), so a rasterizer that fills the polygon's area
@@ -102,6 +105,8 @@ def polygons(mask: np.ndarray, class_id: int) -> list[list[int]]:
     (single pixels, one-pixel lines) are left out, as COCO's polygon format needs an area."""
     binary = (mask == class_id).view(np.uint8)
     contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if limit is not None and sum(len(c) for c in contours) > limit:  # checked before the Python lists
+        raise BadParameter(f"the mask is too fragmented for polygons in JSON (over {limit} points); ask for format=png")
     return [c.reshape(-1).tolist() for c in contours if len(c) >= 3]
 
 
@@ -113,7 +118,7 @@ def rle_counts(binary: np.ndarray, limit: int | None = None) -> list[int]:
         return []
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     if limit is not None and change.size >= limit:
-        raise BadParameter(f"the mask is too fragmented for RLE in JSON (over {MAX_RUNS} runs); ask for format=png")
+        raise BadParameter(f"the mask is too fragmented for RLE in JSON (over {limit} runs); ask for format=png")
     runs = np.diff(np.concatenate(([0], change, [flat.size])))
     counts = runs.tolist()
     return [0, *counts] if flat[0] else counts

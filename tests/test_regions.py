@@ -69,6 +69,16 @@ def test_polygons_trace_each_region_of_a_class() -> None:
     assert int(coco.area(coco.merge(rles))) == (15 - 1) * (20 - 1) + (15 - 1) * (15 - 1)
 
 
+def test_a_fragmented_mask_is_refused_before_its_polygons_or_runs_are_built() -> None:
+    stripes = np.zeros((200, 200), np.uint8)
+    stripes[::2] = 1  # 100 one-pixel-high regions, 40,000 runs column-major
+    doc = {"classes": [{"id": 1, "label": "b", "pixels": 20000, "fraction": 0.5}]}
+    for shape in (regions.Shape(polygons=True), regions.Shape(rle="compressed")):
+        with pytest.raises(BadParameter, match="too fragmented"):
+            shape.describe({"classes": [dict(c) for c in doc["classes"]]}, stripes, None, 0, max_runs=150)
+    regions.Shape(polygons=True, rle="compressed").describe({"classes": [dict(doc["classes"][0])]}, stripes, None, 0)
+
+
 def test_shape_names_unknown_classes() -> None:
     labels = Labels(("background", "cat", "dog"), voc_palette(3))
     assert regions.Shape(("dog", "1")).resolve(labels) == ([2, 1], 0)
