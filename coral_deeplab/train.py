@@ -47,6 +47,7 @@ from typing import Any
 
 from segd.fsutil import atomic_write
 from segd.geometry import SUPPORTED_ALPHAS
+from segd.progress import Progress
 
 __all__ = [
     "DESCRIPTION",
@@ -282,30 +283,6 @@ def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) ->
         raise ValueError(f"cannot resume: {path} was made with different settings ({shown})")
 
 
-class _Bar:
-    """tqdm when ``progress`` (to stderr), else nothing."""
-
-    def __init__(self, enabled: bool, total: int, initial: int, desc: str) -> None:
-        self.bar: Any = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
-
-    def update(self, **postfix: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(1)
-
-    def write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 # --- the run ---------------------------------------------------------------------------------
 def train(
     data: str | os.PathLike[str],
@@ -336,7 +313,7 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     import tf_keras as keras
 
     from coral_deeplab import applications, data, losses, metrics
-    from segd.evaluate import find_samples
+    from segd.dataset import find_samples
 
     out = config.output_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -467,7 +444,7 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         history_file.write(json.dumps(entry) + "\n")
         history_file.flush()
 
-    bar = _Bar(progress, config.steps, start_step, config.name)
+    bar = Progress(config.name, unit="steps", total=config.steps, done=start_step, show=progress)
 
     def record_eval(step: int) -> None:
         got = validate()
@@ -506,7 +483,7 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             window_loss.append(ce_value)
             window_cm += cm.numpy()
             train_miou = metrics.mean_iou(window_cm)
-            bar.update(loss=f"{np.mean(window_loss):.4f}", miou=f"{train_miou:.3f}")
+            bar.step(loss=f"{np.mean(window_loss):.4f}", miou=f"{train_miou:.3f}")
             done = step + 1
             if done % 10 == 0 or done == config.steps:
                 lr = float(schedule(done - 1))

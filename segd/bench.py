@@ -13,7 +13,7 @@ from segd.engine import Segmenter
 from segd.synthetic import synthetic_jpeg
 from segd.variants import load_manifest
 
-Progress = Callable[[int, int, str], None]  # (done, total, what), e.g. segd.progress.Bar
+Progress = Callable[..., None]  # progress(done, total, **notes): segd.progress.Progress
 
 
 def median_ms(fn: Any, iterations: int, warmup: int, progress: Callable[[int], None] | None = None) -> float:
@@ -41,7 +41,7 @@ def bench_segmenter(
     name = seg.variant.name
 
     def step(offset: int, what: str) -> Callable[[int], None] | None:
-        return (lambda n: progress(offset + n, runs, f"{name} {what}")) if progress else None
+        return (lambda n: progress(offset + n, runs, model=name, stage=what)) if progress else None
 
     invoke = median_ms(lambda: seg.infer(prepared.tensor), iterations, warmup, step(0, "invoke"))
     total = median_ms(lambda: seg.segment(image), iterations, warmup, step(warmup + iterations, "end-to-end"))

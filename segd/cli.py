@@ -27,7 +27,6 @@ from segd.settings import ACCELERATORS
 if TYPE_CHECKING:
     from segd.settings import Settings
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
@@ -200,6 +199,8 @@ def _open(args: argparse.Namespace, name: str | None) -> Any:
 
 def _inputs(items: list[str]) -> list[Path | None]:
     """Files in the order given, a directory's images sorted by name; None for stdin."""
+    from segd.dataset import IMAGE_SUFFIXES
+
     found: list[Path | None] = []
     for item in items:
         if item == "-":
@@ -216,7 +217,7 @@ def _inputs(items: list[str]) -> list[Path | None]:
 def cmd_segment(args: argparse.Namespace) -> int:
     from segd import encode
     from segd.engine import summary
-    from segd.progress import Bar
+    from segd.progress import Progress
 
     inputs = _inputs(args.images)
     if not inputs:
@@ -235,21 +236,21 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return 2
     seg = _open(args, args.model)
     labels = seg.variant.labels
-    bar = Bar("segment")
+    bar = Progress("segment", show=None if several else False)
     failed = 0
     for n, path in enumerate(inputs):
         name = "stdin" if path is None else str(path)
-        bar(n, len(inputs) if several else 0, Path(name).name)
+        bar(n, len(inputs), file=Path(name).name)
         try:
             data = sys.stdin.buffer.read() if path is None else path.read_bytes()
         except OSError as exc:
-            bar.done(f"segd: cannot read {name}: {exc.strerror}")
+            bar.close(f"segd: cannot read {name}: {exc.strerror}")
             failed += 1
             continue
         try:
             result = seg.segment(data, keep_aspect=args.keep_aspect, reduce=args.format != "overlay")
         except SegdError as exc:
-            bar.done(f"segd: {name}: {exc.code}: {exc.detail}")
+            bar.close(f"segd: {name}: {exc.code}: {exc.detail}")
             failed += 1
             continue
         doc = summary(result, seg)
@@ -273,11 +274,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
             if not several:
                 print(f"{target}: {result.model} on {result.backend} ({seg.selection.reason})", file=sys.stderr)
         else:
-            bar.clear()
+            bar.write("")  # the bar line ends before the answer goes to the same terminal
             sys.stdout.buffer.write(out)
             sys.stdout.flush()
     if several:
-        bar.done(f"{len(inputs) - failed}/{len(inputs)} images: {seg.variant.name} on {seg.backend} ({seg.selection.reason})")
+        bar(len(inputs), len(inputs))
+        bar.close(f"{len(inputs) - failed}/{len(inputs)} images: {seg.variant.name} on {seg.backend} ({seg.selection.reason})")
     return 2 if failed else 0
 
 
@@ -308,7 +310,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
-    from segd.progress import Bar
+    from segd.progress import Progress
     from segd.variants import load_manifest, resolve_file
 
     s = _settings(args)
@@ -321,9 +323,9 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
         variant = manifest.get(name)
         specs = [variant.cpu] if args.cpu_only else variant.files()
         for spec in specs:
-            bar = Bar(spec.name, unit="MB")
+            bar = Progress(spec.name, unit="MB")
             path = resolve_file(spec, mdir, mirror=s.mirror, force=args.force, progress=bar)
-            bar.done(f"{path} ok (sha256 {spec.sha256[:12]}…)")
+            bar.close(f"{path} ok (sha256 {spec.sha256[:12]}…)")
     return 0
 
 
@@ -426,13 +428,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from segd.bench import bench_variants, format_table
-    from segd.progress import Bar
+    from segd.progress import Progress
 
     s = _settings(args)
     rows = bench_variants(
         args.model, iterations=args.iterations, warmup=args.warmup, models_dir=s.models_dir,
         mirror=s.mirror, accelerator=s.accelerator, device=s.device, runtime=s.runtime,
-        num_threads=s.threads, progress=Bar("bench"),
+        num_threads=s.threads, progress=Progress("bench"),
     )  # fmt: skip
     print(format_table(rows))
     return 0

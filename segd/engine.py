@@ -207,7 +207,10 @@ class Segmenter:
         return Prepared(preprocess.quantize(resized, self.lut), box, image.original_hw)
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
-        """Run the model; serialised by the segmenter's lock (interpreters are not thread-safe)."""
+        """Run the model; serialised by the segmenter's lock (interpreters are not thread-safe)
+        unless the runner serialises per device itself (a pool of Edge TPUs)."""
+        if getattr(self.runner, "thread_safe", False):
+            return self.runner.run(tensor)
         with self.lock:
             return self.runner.run(tensor)
 

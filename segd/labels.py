@@ -103,8 +103,7 @@ class Labels:
     @classmethod
     def from_table(cls, table: dict[str, Any]) -> Labels:
         """Build from a manifest ``[labels.NAME]`` table (keys ``names`` and ``palette``)."""
-        try:
-            names, spec = table["names"], table.get("palette", "voc")
-        except (KeyError, TypeError) as exc:
-            raise ModelError(f"label table needs 'names': {exc}") from exc
-        return cls(names=tuple(names), palette=palette_from(spec))
+        names = table.get("names") if isinstance(table, dict) else None
+        if not isinstance(names, list) or not names:
+            raise ModelError("'names' must be a non-empty list")
+        return cls(names=tuple(str(n) for n in names), palette=palette_from(table.get("palette", "voc")))

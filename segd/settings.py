@@ -90,6 +90,11 @@ class Settings:
     default_model: str | None = None  # default: the manifest's default (or the first served)
     accelerator: str = "auto"  # auto | cpu | edgetpu
     device: str | None = None  # Edge TPU device (usb, usb:0, pci:0, ...)
+    devices: list[str] = field(default_factory=list)  # several Edge TPUs: ["usb:0", "pci:0"] or ["all"]
+    # Bench only: when the loaded libedgetpu is segd's latency simulator (it says so in its
+    # version string), its TPU-vs-CPU self-test disagreement is recorded but not enforced.
+    # No effect with any real libedgetpu.
+    relax_simulated_tpu_selftest: bool = False
     runtime: str | None = None  # litert | tflite_runtime (default: the first installed)
     edgetpu_library: str | None = None  # libedgetpu to load (default: the loader finds libedgetpu.so.1)
     threads: int | None = None  # CPU interpreter threads (None or 0: the runtime's default)
@@ -288,6 +293,10 @@ def load_settings(
 def validate(s: Settings) -> None:
     """ConfigError naming the first setting out of range."""
     check_accelerator(s.accelerator)
+    if s.devices and s.device:
+        raise ConfigError("set device (one Edge TPU) or devices (several), not both")
+    if "all" in s.devices and s.devices != ["all"]:
+        raise ConfigError(f"devices: 'all' cannot be combined with named devices: {s.devices}")
     if s.tpu_fallback not in TPU_FALLBACKS:
         raise ConfigError(f"tpu_fallback must be {' or '.join(TPU_FALLBACKS)}, not {s.tpu_fallback!r}")
     for name in ("max_upload_bytes", "max_pixels", "queue_size"):

@@ -159,4 +159,4 @@ def test_bench_draws_progress_on_a_terminal(models_dir: Path) -> None:
     proc.wait(300)
     os.close(master)
     assert proc.returncode == 0
-    assert b"bench: [" in seen and b"6/6 deeplabv3_mnv2_dm05_pascal end-to-end" in seen
+    assert b"bench: [" in seen and b"6/6  model=deeplabv3_mnv2_dm05_pascal stage=end-to-end" in seen

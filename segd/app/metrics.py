@@ -53,14 +53,31 @@ class ServiceCollector(Collector):
         backend = GaugeMetricFamily("segd_model_backend", "Backend serving each model (value 1)", labels=["model", "backend"])
         restarts = CounterMetricFamily("segd_tpu_worker_restarts", "Edge TPU worker process restarts", labels=["model"])
         fallbacks = CounterMetricFamily("segd_cpu_fallbacks", "Requests served by the CPU twin after an Edge TPU failure", labels=["model"])
+        per_device: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "requests": CounterMetricFamily("segd_tpu_device_requests", "Invocations sent to each Edge TPU", labels=["model", "device"]),
+            "errors": CounterMetricFamily("segd_tpu_device_errors", "Invocations that failed on each Edge TPU (retried on another)", labels=["model", "device"]),
+            "restarts": CounterMetricFamily("segd_tpu_device_worker_restarts", "Worker restarts per Edge TPU", labels=["model", "device"]),
+            "up": GaugeMetricFamily("segd_tpu_device_up", "1 when the Edge TPU's worker is serving and the device present", labels=["model", "device"]),
+            "in_flight": GaugeMetricFamily("segd_tpu_device_in_flight", "Invocations running on each Edge TPU", labels=["model", "device"]),
+            "p50": GaugeMetricFamily("segd_tpu_device_latency_p50_seconds", "Median invoke latency per Edge TPU (last 1024)", labels=["model", "device"]),
+        }  # fmt: skip
         for name, slot in self.service.slots.items():
+            for dev in (slot.worker_info() or {}).get("devices", []):
+                labels = [name, dev["device"]]
+                per_device["requests"].add_metric(labels, float(dev["requests"]))
+                per_device["errors"].add_metric(labels, float(dev["errors"]))
+                per_device["restarts"].add_metric(labels, float(dev["restarts"] or 0))
+                per_device["up"].add_metric(labels, 1.0 if dev["state"] == "ready" else 0.0)
+                per_device["in_flight"].add_metric(labels, float(dev["in_flight"]))
+                if dev["latency_ms"]:
+                    per_device["p50"].add_metric(labels, dev["latency_ms"]["p50"] / 1000.0)
             queue.add_metric([name], slot.queued)
             ready.add_metric([name], 1.0 if slot.ready else 0.0)
             backend.add_metric([name, slot.primary.backend if slot.primary else "none"], 1.0)
             worker = slot.worker_info() or {}
             restarts.add_metric([name], float(worker.get("restarts", 0)))
             fallbacks.add_metric([name], float(slot.fallbacks))
-        yield from (queue, ready, backend, restarts, fallbacks)
+        yield from (queue, ready, backend, restarts, fallbacks, *per_device.values())
 
 
 class SourceCollector(Collector):

@@ -35,6 +35,7 @@ from segd.errors import (
     UnknownModel,
 )
 from segd.postprocess import class_pixel_counts
+from segd.runtime.pool import DevicePool
 from segd.settings import Settings
 from segd.synthetic import synthetic_jpeg
 from segd.variants import Manifest, Variant
@@ -145,8 +146,8 @@ class ModelSlot:
         info = runner.describe()
         if info.get("isolation") != "process":
             return None
-        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in")
-        return {k: info.get(k) for k in keys}
+        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in", "devices")
+        return {k: info[k] for k in keys if k in info}
 
     def describe(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -218,6 +219,8 @@ class ModelService:
         factory = None
         if accelerator != "cpu" and s.tpu_isolation:
             factory = self._worker_factory()
+        if accelerator != "cpu" and s.devices:
+            factory = self._pool_factory(factory)
         runner, selection = open_runner(
             variant, models_dir=s.models_dir, accelerator=accelerator, device=s.device,
             runtime=s.runtime, num_threads=s.threads, mirror=s.mirror, edgetpu_factory=factory,
@@ -233,6 +236,22 @@ class ModelService:
             runtime=s.runtime, num_threads=s.threads, call_timeout=s.tpu_timeout,
             backoff_base=s.worker_restart_base, backoff_max=s.worker_restart_max,
         )  # fmt: skip
+
+    def _pool_factory(self, one: Any) -> Any:
+        """``devices = [...]``: one worker per listed Edge TPU, behind least-loaded dispatch."""
+        from segd.runtime import edgetpu
+        from segd.runtime.pool import DevicePool, resolve_devices
+
+        s = self.settings
+
+        def open_pool(model: bytes, device: str | None) -> DevicePool:
+            paths = resolve_devices(s.devices, edgetpu.list_devices())
+            if one is not None:
+                return DevicePool.open(paths, lambda path: one(model, path))
+            return DevicePool.open(paths, lambda path: edgetpu.open_edgetpu(
+                model, device=path, runtime=s.runtime, num_threads=s.threads))  # fmt: skip
+
+        return open_pool
 
     def load(self, slot: ModelSlot) -> None:
         """Open, warm up and self-test one variant. An Edge TPU that fails any step (opening,
@@ -257,6 +276,10 @@ class ModelService:
                 fallback.close()
                 fallback = None
             slot.primary, slot.fallback = primary, fallback
+            parallel = int(getattr(primary.runner, "parallelism", 1))
+            if parallel > 1:  # one invoke thread per Edge TPU
+                slot.executor.shutdown(wait=False)
+                slot.executor = ThreadPoolExecutor(parallel, thread_name_prefix="invoke")
             slot.state = "ready"
             slot.error = None
             log.info("%s: ready on %s (%s)", slot.name, primary.backend, primary.selection.reason if primary.selection else "")
@@ -283,6 +306,13 @@ class ModelService:
                          "required": SELFTEST_AGREEMENT, "passed": passed}  # fmt: skip
         if passed:
             return None
+        if self.settings.relax_simulated_tpu_selftest:
+            from segd.runtime import edgetpu
+
+            if edgetpu.is_simulator():
+                slot.selftest["relaxed"] = "simulated Edge TPU (relax_simulated_tpu_selftest, bench only)"
+                log.warning("%s: self-test not enforced: the Edge TPU is segd's simulator", slot.name)
+                return None
         return f"Edge TPU self-test failed: mask agreement with the CPU twin {agreement:.4f} <= {SELFTEST_AGREEMENT}"
 
     @staticmethod
@@ -297,7 +327,14 @@ class ModelService:
         return seg.segment(synthetic_jpeg(seg.input_hw)).mask
 
     def _compare(self, a: Segmenter, b: Segmenter) -> float:
-        return float((self._warm(a) == self._warm(b)).mean())
+        """Agreement of ``a`` with ``b``; with several Edge TPUs, of the worst one."""
+        reference = self._warm(b)
+        run_on_each = getattr(a.runner, "run_on_each", None)
+        if run_on_each is None:
+            return float((self._warm(a) == reference).mean())
+        prepared = a.prepare(a.decode(synthetic_jpeg(a.input_hw)))
+        masks = [a.finish(raw, prepared) for raw in run_on_each(prepared.tensor)]
+        return min(float((mask == reference).mean()) for mask in masks)
 
     # --- health ------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -315,6 +352,7 @@ class ModelService:
                     "error": s.error,
                     # null for a model served on the CPU: there is no device to be present
                     "device_present": s.device_present if s.primary is not None and s.primary.backend == "edgetpu" else None,
+                    **device_states(s),
                 }
                 for n, s in self.slots.items()
             },
@@ -334,6 +372,16 @@ class ModelService:
             devices = []
         for slot in tpu_slots:
             assert slot.primary is not None
+            pool = slot.primary.runner
+            if isinstance(pool, DevicePool):  # several Edge TPUs: each one on its own
+                for path, there in pool.mark_present({d.path for d in devices}):
+                    log.warning("%s: Edge TPU %s %s", slot.name, path, "is back" if there else "disappeared")
+                if self.settings.devices == ["all"] and pool.adopt([d.path for d in devices]):
+                    log.warning("%s: now serving on Edge TPUs %s", slot.name, pool.device)
+                    old, slot.executor = slot.executor, ThreadPoolExecutor(pool.parallelism, thread_name_prefix="invoke")
+                    old.shutdown(wait=False)  # what it holds still runs
+                slot.device_present = pool.any_present
+                continue
             present = device_present(slot.primary.runner.device, devices)
             if present != slot.device_present:
                 log.warning("%s: Edge TPU %s", slot.name, "is back" if present else "disappeared")
@@ -490,6 +538,14 @@ class ModelService:
 
 
 __all__ = ["ModelService", "ModelSlot", "Result"]
+
+
+def device_states(slot: ModelSlot) -> dict[str, Any]:
+    """``{"devices": {path: state}}`` for a model on several Edge TPUs, else nothing."""
+    worker = slot.worker_info() or {}
+    if "devices" not in worker:
+        return {}
+    return {"devices": {d["device"]: d["state"] for d in worker["devices"]}}
 
 
 def device_present(wanted: str | None, devices: list[Any]) -> bool:

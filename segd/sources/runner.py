@@ -12,18 +12,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from segd import encode
-from segd.app.service import ModelService, in_thread
 from segd.errors import ConfigError, ModelNotReady, NoFrameYet, Overloaded, SegdError, UnknownSource
 from segd.settings import Settings, SourceSettings
 from segd.sources import open_reader
 from segd.sources.base import FrameReader, SourceError
 from segd.sources.http import redact
+
+if TYPE_CHECKING:  # the service is passed in: segd.app depends on segd.sources, not the reverse
+    from segd.app.service import ModelService
 
 log = logging.getLogger("segd.sources")
 
@@ -242,8 +244,7 @@ class Source:
                 await asyncio.wait_for(self._new_frame.wait(), left)
 
     async def render(self, frame: Frame, kind: str) -> bytes:
-        rendered: bytes = await in_thread(self.service.cpu_pool, frame.render, kind)
-        return rendered
+        return await asyncio.get_running_loop().run_in_executor(self.service.cpu_pool, frame.render, kind)
 
     # --- state -----------------------------------------------------------------------------
     def frame_age(self) -> float | None:
