@@ -6,6 +6,8 @@ that vanish mid-upload, oversized and malformed HTTP.
 
 The daemon runs with short client deadlines (``SEGD_HEADER_TIMEOUT=2``,
 ``SEGD_BODY_TIMEOUT=3``) so the slow-client cases finish in seconds; the defaults are 10 s / 60 s.
+The minimum upload rate is off here so the body deadline is what a trickled body meets;
+floods, slow uploads and the rate itself are in ``test_connections.py``.
 Decoder-level coverage of the same inputs (memory, exact pixels) is in ``test_preprocess.py``;
 this file checks what a client sees.
 """
@@ -57,7 +59,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterat
     d = start_daemon(
         tmp_path_factory.mktemp("hostile"), models_dir, "--model", DM05, "--accelerator", "cpu",
         env={"SEGD_HEADER_TIMEOUT": str(HEADER_TIMEOUT), "SEGD_BODY_TIMEOUT": str(BODY_TIMEOUT),
-             "SEGD_MAX_PIXELS": "20000000", "SEGD_QUEUE_SIZE": "32"},
+             "SEGD_MAX_PIXELS": "20000000", "SEGD_MIN_UPLOAD_RATE": "0"},
     )  # fmt: skip
     yield d
     d.stop()

@@ -182,11 +182,11 @@ async def segment(
 ) -> Response:
     slot = service.slot(model)  # 404 before reading a large body for nothing
     request.state.model = slot.name
-    # The upload is read only once the model's queue admits the request (a full queue answers
-    # 503 without holding anyone's body in memory).
+    # The whole upload arrives before the request asks the model's queue for a place: slow
+    # uploads hold only their bytes (charged to the upload budget), never the model.
+    data = await read_image(request)
     result = await service.segment(
-        slot.name, lambda: read_image(request), fmt=format, keep_aspect=keep_aspect,
-        overlay_format=overlay_format,
+        slot.name, data, fmt=format, keep_aspect=keep_aspect, overlay_format=overlay_format
     )  # fmt: skip
     request.app.state.metrics.observe_stages(result.model, result.timings)
     return result_response(result)

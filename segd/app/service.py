@@ -12,10 +12,11 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
+import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,19 @@ log = logging.getLogger("segd")
 
 SELFTEST_AGREEMENT = 0.98  # Edge TPU mask vs CPU twin on the probe image (Coral's own bar)
 FORMATS = ("png", "json", "overlay")
+SERVICE_STAGES = ("decode", "preprocess", "invoke", "postprocess", "encode")  # the work, not the waits
+
+
+class ServiceTime:
+    """Exponentially weighted mean of one request's work on a model (seconds), seeded from the
+    warm-up: what admission multiplies by the queue length to predict a new request's wait."""
+
+    def __init__(self, seconds: float = 0.5, weight: float = 0.2) -> None:
+        self.seconds = seconds
+        self.weight = weight
+
+    def observe(self, seconds: float) -> None:
+        self.seconds += self.weight * (seconds - self.seconds)
 
 
 async def in_thread(executor: Executor, fn: Any, *args: Any) -> Any:
@@ -112,6 +126,7 @@ class ModelSlot:
     selftest: dict[str, Any] = field(default_factory=dict)
     device_present: bool = True
     queued: int = 0  # admitted requests (in flight + waiting)
+    service: ServiceTime = field(default_factory=ServiceTime)
     requests: int = 0
     errors: int = 0
     fallbacks: int = 0
@@ -252,6 +267,9 @@ class ModelService:
             else:
                 self._warm(primary)
                 slot.selftest = {"probe": "synthetic", "passed": True}
+            t = time.perf_counter()
+            self._warm(primary)  # warm now: this one measures the service time admission starts from
+            slot.service = ServiceTime(time.perf_counter() - t)
             if fallback is not None and self.settings.tpu_fallback != "cpu":
                 fallback.close()
                 fallback = None
@@ -312,7 +330,7 @@ class ModelService:
                     "state": s.state,
                     "ready": s.ready,
                     "backend": s.primary.backend if s.primary else None,
-                    "error": s.error,
+                    "error": without_paths(s.error),
                     "device_present": s.device_present,
                 }
                 for n, s in self.slots.items()
@@ -347,11 +365,11 @@ class ModelService:
         return self.slots[key]
 
     async def segment(
-        self, name: str | None, body: bytes | Callable[[], Awaitable[bytes]], *, fmt: str = "png",
-        keep_aspect: bool = False, overlay_format: str = "jpeg",
+        self, name: str | None, data: bytes, *, fmt: str = "png", keep_aspect: bool = False,
+        overlay_format: str = "jpeg",
     ) -> Result:  # fmt: skip
-        """Segment ``body`` (the image bytes, or a coroutine function reading them: then the
-        upload is read only once the request is admitted, so a full queue never holds bodies)."""
+        """Segment ``data``, a complete upload: a request takes a place in the model's queue only
+        once its body has arrived, so slow uploads never hold the model."""
         if fmt not in FORMATS:
             raise BadParameter(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
         if overlay_format not in ("jpeg", "png"):
@@ -359,15 +377,9 @@ class ModelService:
         slot = self.slot(name)
         if not slot.can_answer:
             raise ModelNotReady(f"model {slot.name!r} is not ready ({slot.error or slot.state})")
-        if slot.queued >= self.settings.queue_size:
-            raise Overloaded(f"model {slot.name!r} has {slot.queued} requests queued (limit {self.settings.queue_size})")
+        self.admit(slot)
         slot.queued += 1
         slot.requests += 1
-        try:
-            data = body if isinstance(body, bytes) else await body()
-        except BaseException:
-            slot.queued -= 1
-            raise
         t0 = time.perf_counter()
         try:
             result = await asyncio.wait_for(
@@ -384,7 +396,25 @@ class ModelService:
         total = (time.perf_counter() - t0) * 1000.0
         result.timings["total"] = total
         slot.latencies_ms.append(total)
+        slot.service.observe(sum(v for k, v in result.timings.items() if k in SERVICE_STAGES) / 1000.0)
         return result
+
+    def admit(self, slot: ModelSlot) -> None:
+        """Admission by expected wait: the requests ahead times the measured service time. A
+        request is refused (503, Retry-After = when it would fit) only when it could not finish
+        within ``request_timeout``; ``queue_size`` (when set) is an extra hard cap."""
+        s = self.settings
+        if s.queue_size and slot.queued >= s.queue_size:
+            raise Overloaded(f"model {slot.name!r} has {slot.queued} requests queued (limit {s.queue_size})",
+                             retry_after=max(1, math.ceil(slot.service.seconds)))  # fmt: skip
+        finish = (slot.queued + 1) * slot.service.seconds
+        if finish > s.request_timeout:
+            wait = finish - s.request_timeout
+            raise Overloaded(
+                f"model {slot.name!r} has {slot.queued} requests queued, about {finish:.1f} s of work at "
+                f"{slot.service.seconds * 1000:.0f} ms each, over the request timeout of {s.request_timeout:g} s",
+                retry_after=max(1, math.ceil(wait)),
+            )
 
     async def _budgeted(self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str) -> Result:
         """The pipeline, once the image's pixels fit in the budget (header probed off the loop;
@@ -477,6 +507,15 @@ class ModelService:
 
 
 __all__ = ["ModelService", "ModelSlot", "Result"]
+
+
+_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\":,;()]+/)*([^\s/'\":,;()]+)")
+
+
+def without_paths(text: str | None) -> str | None:
+    """``text`` with absolute file-system paths cut to their file names: /readyz is
+    unauthenticated and must not map the host's directories (/models keeps the full error)."""
+    return _PATH.sub(r"\1", text) if text else text
 
 
 def device_present(wanted: str | None, devices: list[Any]) -> bool:
