@@ -158,14 +158,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return 2
     seg = _open(args, args.model)
     result = seg.segment(data, keep_aspect=args.keep_aspect, reduce=args.format != "overlay")
-    labels = seg.variant.labels
+    overlay_format = "png" if args.output and args.output.suffix.lower() == ".png" else "jpeg"
+    out, _ = encode.render(args.format, result.mask, seg.variant.labels.palette, result.image.rgb, overlay_format)
     if args.format == "json":
         out = json.dumps(summary(result, seg), indent=2).encode() + b"\n"
-    elif args.format == "png":
-        out = encode.encode_mask_png(result.mask, labels.palette)
-    else:
-        fmt = "png" if args.output and args.output.suffix.lower() == ".png" else "jpeg"
-        out = encode.encode_image(encode.overlay(result.image.rgb, result.mask, labels.palette), fmt)
     if args.output:
         args.output.write_bytes(out)
         print(f"{args.output}: {result.model} on {result.backend} ({seg.selection.reason})", file=sys.stderr)

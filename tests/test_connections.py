@@ -297,6 +297,20 @@ def test_a_malformed_header_is_never_echoed(tmp_path: Path, models_dir: Path) ->
         d.stop()
 
 
+def test_an_overlay_too_wide_for_jpeg_is_sent_as_png(daemon: Daemon) -> None:
+    """Before: a 70000x1 image segmented fine but format=overlay answered 422 blaming a parameter
+    (JPEG sides stop at 65535). The overlay now comes as PNG, and the media type says so."""
+    img = np.zeros((1, 70000, 3), np.uint8)
+    img[0, :, 2] = np.arange(70000) % 256
+    png = cv2.imencode(".png", img)[1].tobytes()
+    r = httpx.post(daemon.url + "/segment", params={"format": "overlay"}, content=png,
+                   headers={"content-type": "image/png"}, timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    out = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR)
+    assert out.shape == (1, 70000, 3)
+
+
 # --- start-up ------------------------------------------------------------------------------
 def serve(tmp_path: Path, models_dir: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SEGD_")}

@@ -161,7 +161,6 @@ def result_response(result: Result) -> Response:
         "X-Segd-Timings": json.dumps({k: round(v, 3) for k, v in result.timings.items()}, separators=(",", ":")),
         "Server-Timing": timing,
     }
-    result.document["timings_ms"] = {k: round(v, 3) for k, v in result.timings.items()}
     if result.media_type == "application/json":
         return JSONResponse(result.document, headers=headers)
     # The class areas ride along with a mask or overlay, so one request (one inference) gives

@@ -42,7 +42,7 @@ from segd.variants import Manifest, Variant
 log = logging.getLogger("segd")
 
 SELFTEST_AGREEMENT = 0.98  # Edge TPU mask vs CPU twin on the probe image (Coral's own bar)
-FORMATS = ("png", "json", "overlay")
+FORMATS = encode.FORMATS
 SERVICE_STAGES = ("decode", "preprocess", "invoke", "postprocess", "encode")  # the work, not the waits
 
 
@@ -395,6 +395,7 @@ class ModelService:
             slot.queued -= 1
         total = (time.perf_counter() - t0) * 1000.0
         result.timings["total"] = total
+        result.document["timings_ms"] = {k: round(v, 3) for k, v in result.timings.items()}
         slot.latencies_ms.append(total)
         slot.service.observe(sum(v for k, v in result.timings.items() if k in SERVICE_STAGES) / 1000.0)
         return result
@@ -450,17 +451,8 @@ class ModelService:
             return mask, class_pixel_counts(mask, n_classes)
 
         mask, counts = await cpu("postprocess", finish)
-        labels = slot.variant.labels
-
-        def render() -> tuple[bytes, str]:
-            if fmt == "png":
-                return encode.encode_mask_png(mask, labels.palette), "image/png"
-            if fmt == "overlay":
-                blended = encode.overlay(image.rgb, mask, labels.palette)
-                return encode.encode_image(blended, overlay_format), f"image/{overlay_format}"
-            return b"", "application/json"
-
-        body, media = await cpu("encode", render)
+        palette = slot.variant.labels.palette
+        body, media = await cpu("encode", encode.render, fmt, mask, palette, image.rgb, overlay_format)
         document = summary(Segmentation(mask, counts, image, timings, slot.name, used.backend), used)
         return Result(body, media, slot.name, used.backend, timings, document)
 
