@@ -387,3 +387,64 @@ def test_fetch_failures_leave_no_partial_file(tmp_path: Path, test_data: Path) -
     with pytest.raises(Exception, match="sha256"):
         resolve_file(spec, models, mirror=str(mirror), download=False)
     assert list(models.iterdir()) == []
+
+
+# --- the uvicorn versions the seam supports ---------------------------------------------------
+def pinned_uvicorn_range() -> tuple[str, str]:
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    spec = next(d for d in pyproject["project"]["dependencies"] if d.startswith("uvicorn"))
+    low = spec.split(">=")[1].split(",")[0]
+    high = spec.split("<")[1].split()[0].strip('",')
+    return low, high
+
+
+def test_the_installed_uvicorn_is_within_the_pinned_range() -> None:
+    import uvicorn
+
+    from segd.app.connections import check_uvicorn
+
+    low, high = pinned_uvicorn_range()
+    version = tuple(int(x) for x in uvicorn.__version__.split(".")[:2])
+    assert tuple(int(x) for x in low.split(".")[:2]) <= version < tuple(int(x) for x in high.split(".")[:2])
+    check_uvicorn()
+
+
+@pytest.mark.slow
+def test_connection_defences_hold_on_the_oldest_pinned_uvicorn(
+    tmp_path: Path, models_dir: Path, jpeg_513: bytes
+) -> None:
+    """The same daemon with the lowest uvicorn pyproject.toml allows (installed beside, first on
+    the path): eviction of idle connections, the header deadline, JSON 400 without echo, HEAD,
+    SIGHUP drain. Skipped only when the package registry cannot be reached."""
+    low, _ = pinned_uvicorn_range()
+    target = tmp_path / "uvicorn-old"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                        f"uvicorn=={low}"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    if r.returncode != 0:
+        pytest.skip(f"cannot install uvicorn=={low}: {r.stderr.strip()[-300:]}")
+    d = start_daemon(tmp_path, models_dir, "--model", DM05, "--accelerator", "cpu",
+                     env={"PYTHONPATH": str(target), "SEGD_MAX_CONNECTIONS": "20", "SEGD_HEADER_TIMEOUT": "2"})  # fmt: skip
+    try:
+        version = subprocess.run([sys.executable, "-c", "import uvicorn; print(uvicorn.__version__)"],
+                                 env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True)  # fmt: skip
+        assert version.stdout.strip().startswith(low)
+        idle = [connect(d) for _ in range(40)]
+        try:
+            time.sleep(0.3)
+            results = clients(d, jpeg_513, requests_each=1)
+            assert [s for s, _ in results] == [200] * CLIENTS
+        finally:
+            for s in idle:
+                s.close()
+        t0 = time.monotonic()
+        assert exchange(d, b"", timeout=10).startswith(b"HTTP/1.1 408")
+        assert 1.5 < time.monotonic() - t0 < 5
+        raw = exchange(d, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Secret: hunter2-hunter2\0\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 400") and b"hunter2" not in raw
+        assert httpx.head(d.url + "/healthz").status_code == 200
+        d.proc.send_signal(signal.SIGHUP)
+        assert d.proc.wait(30) == 0
+    finally:
+        d.stop()
