@@ -43,19 +43,25 @@ log = logging.getLogger("segd")
 
 SELFTEST_AGREEMENT = 0.98  # Edge TPU mask vs CPU twin on the probe image (Coral's own bar)
 FORMATS = encode.FORMATS
-SERVICE_STAGES = ("decode", "preprocess", "invoke", "postprocess", "encode")  # the work, not the waits
 
 
 class ServiceTime:
-    """Exponentially weighted mean of one request's work on a model (seconds), seeded from the
-    warm-up: what admission multiplies by the queue length to predict a new request's wait."""
+    """How long a model takes per request, as admission needs it (seconds): an exponentially
+    weighted mean of the time between completions while other requests were in flight (the
+    rate the queue drains at, contention included), or of a request's latency when it ran
+    alone; seeded by the warm-up. Stage timings are no measure: they include waits."""
 
-    def __init__(self, seconds: float = 0.5, weight: float = 0.2) -> None:
+    def __init__(self, seconds: float = 0.5, weight: float = 0.1) -> None:
         self.seconds = seconds
         self.weight = weight
+        self.last_done: float | None = None
 
-    def observe(self, seconds: float) -> None:
-        self.seconds += self.weight * (seconds - self.seconds)
+    def completed(self, now: float, latency: float, busy: bool) -> None:
+        sample = latency
+        if busy and self.last_done is not None:
+            sample = min(now - self.last_done, latency)
+        self.seconds += self.weight * (sample - self.seconds)
+        self.last_done = now
 
 
 async def in_thread(executor: Executor, fn: Any, *args: Any) -> Any:
@@ -265,11 +271,10 @@ class ModelService:
                     primary.close()
                     primary, fallback = self._retag(fallback, reason), None
             else:
+                t = time.perf_counter()
                 self._warm(primary)
+                slot.service = ServiceTime(time.perf_counter() - t)  # what admission starts from
                 slot.selftest = {"probe": "synthetic", "passed": True}
-            t = time.perf_counter()
-            self._warm(primary)  # warm now: this one measures the service time admission starts from
-            slot.service = ServiceTime(time.perf_counter() - t)
             if fallback is not None and self.settings.tpu_fallback != "cpu":
                 fallback.close()
                 fallback = None
@@ -397,7 +402,7 @@ class ModelService:
         result.timings["total"] = total
         result.document["timings_ms"] = {k: round(v, 3) for k, v in result.timings.items()}
         slot.latencies_ms.append(total)
-        slot.service.observe(sum(v for k, v in result.timings.items() if k in SERVICE_STAGES) / 1000.0)
+        slot.service.completed(time.perf_counter(), total / 1000.0, busy=slot.queued > 0)
         return result
 
     def admit(self, slot: ModelSlot) -> None:
