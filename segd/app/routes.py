@@ -146,10 +146,11 @@ async def _read_image(request: Request) -> bytes:
             await form.close()
     if ctype.startswith(RAW_TYPES):
         return await request.body()
-    shown = ctype or "none"
+    # The value is not repeated: nothing a client sends in a header is echoed (it may be a secret).
+    what = "this content type is" if ctype else "a request without a content type is"
     raise UnsupportedContentType(
-        f"content type {shown!r} is not accepted: send multipart/form-data with a file field "
-        "'image', or the raw image with an image/* or application/octet-stream content type"
+        f"{what} not accepted: send multipart/form-data with a file field 'image', or the raw image "
+        "with an image/* or application/octet-stream content type"
     )
 
 

@@ -414,7 +414,7 @@ class ModelService:
             raise Overloaded(f"model {slot.name!r} has {slot.queued} requests queued (limit {s.queue_size})",
                              retry_after=max(1, math.ceil(slot.service.seconds)))  # fmt: skip
         finish = (slot.queued + 1) * slot.service.seconds
-        if finish > s.request_timeout:
+        if slot.queued and finish > s.request_timeout:  # a lone request is always tried (and measured)
             wait = finish - s.request_timeout
             raise Overloaded(
                 f"model {slot.name!r} has {slot.queued} requests queued, about {finish:.1f} s of work at "
