@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from segd import settings
 from segd.errors import ChecksumMismatch, ModelError, ModelNotFound, UnknownModel
 from segd.fsutil import fsync_dir
 from segd.labels import Labels, palette_from
@@ -111,13 +112,12 @@ class Manifest:
 
 def default_models_dir() -> Path:
     """``SEGD_MODELS_DIR``; else ``models/`` of a source checkout; else the user data dir."""
-    env = os.environ.get("SEGD_MODELS_DIR")
-    if env:
-        return Path(env)
+    env = settings.env_models_dir()
+    if env is not None:
+        return env
     if (CHECKOUT_MODELS_DIR / "variants.toml").is_file():
         return CHECKOUT_MODELS_DIR
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "segd" / "models"
+    return settings.user_data_dir() / "segd" / "models"
 
 
 def builtin_manifest() -> Path:
@@ -267,7 +267,8 @@ def read_verified(path: Path, spec: FileSpec) -> bytes:
 
 
 def model_mirror() -> str | None:
-    return os.environ.get("SEGD_MODEL_MIRROR") or None
+    """The mirror when none is passed down: ``SEGD_MODEL_MIRROR``."""
+    return settings.env_mirror()
 
 
 def resolve_file(

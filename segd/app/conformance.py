@@ -16,6 +16,8 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from segd.errors import error_body
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -69,8 +71,8 @@ class HttpConformance:
 
 
 async def _refuse_head(send: Send, limit: int) -> None:
-    body = json.dumps({"error": "headers_too_large",
-                       "detail": f"request line and headers are over the size limit of {limit} bytes"}).encode()  # fmt: skip
+    detail = f"request line and headers are over the size limit of {limit} bytes"
+    body = json.dumps(error_body("headers_too_large", detail)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close")]  # fmt: skip
     await send({"type": "http.response.start", "status": 431, "headers": headers})

@@ -38,6 +38,8 @@ from typing import ClassVar
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from segd.errors import error_body
+
 log = logging.getLogger("segd")
 
 REFUSAL_LOG_INTERVAL = 10.0
@@ -47,7 +49,7 @@ CHECK_INTERVAL = 1.0  # seconds between checks of an upload's rate
 def raw_json_response(status: int, code: str, detail: str, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
     """A complete HTTP/1.1 error response with the daemon's JSON error body, for the answers the
     protocol layer gives itself (before or instead of the application)."""
-    body = json.dumps({"error": code, "detail": detail}).encode()
+    body = json.dumps(error_body(code, detail)).encode()
     head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode(), b"content-type: application/json",
             f"content-length: {len(body)}".encode(), b"connection: close"]  # fmt: skip
     head += [f"{k}: {v}".encode() for k, v in extra]

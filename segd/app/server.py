@@ -11,13 +11,10 @@ import uvicorn
 
 from segd.app import connections
 from segd.app.main import create_app
-from segd.app.settings import Settings
+from segd.errors import InsecureBind
+from segd.settings import Settings
 
 log = logging.getLogger("segd")
-
-
-class InsecureBind(ValueError):
-    pass
 
 
 MIN_API_KEY_LENGTH = 16  # characters, for a key guarding a non-loopback bind
