@@ -125,6 +125,30 @@ def test_500_idle_connections_do_not_keep_16_clients_or_health_checks_out(daemon
     assert "idle connections closed" in new[0]
 
 
+def test_refusals_are_logged_once_per_interval_with_counts(caplog: pytest.LogCaptureFixture) -> None:
+    """602 refusals used to write 602 lines; now the first is logged, the rest counted and
+    logged when the interval ends."""
+    import asyncio
+    import logging
+
+    from segd.app.connections import RefusalLog
+
+    async def flood() -> None:
+        refusals = RefusalLog(logging.getLogger("segd.test"), interval=0.3)
+        for _ in range(601):
+            refusals.note("idle connections closed (connection cap)")
+        refusals.note("malformed requests (400)")
+        await asyncio.sleep(0.5)
+
+    with caplog.at_level(logging.WARNING, logger="segd.test"):
+        asyncio.run(flood())
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0] == "refused connections: 1 idle connections closed (connection cap)"
+    assert lines[1].startswith("refused connections in the last 0.3 s: ")
+    assert lines[1].endswith(": 600 idle connections closed (connection cap), 1 malformed requests (400)")
+
+
 def test_32_slow_uploads_do_not_hold_the_model_from_16_clients(daemon: Daemon, jpeg_513: bytes) -> None:
     """Before: 8 uploads at 1 byte per 2 s took the model's queue places while their bodies
     trickled in, and nobody else was served for up to body_timeout (60 s). Now a request asks

@@ -26,6 +26,7 @@ and ``tests/test_connections.py`` runs against the uvicorn versions pinned in py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import json
 import logging
@@ -66,18 +67,26 @@ class RefusalLog:
         self.interval = interval
         self.counts: dict[str, int] = {}
         self.last = -float("inf")
+        self._later: asyncio.TimerHandle | None = None
 
     def note(self, reason: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
         now = time.monotonic()
         if now - self.last >= self.interval:
             self.flush(now)
+        elif self._later is None:  # the rest of this interval's count is logged when it ends
+            with contextlib.suppress(RuntimeError):  # no running loop (called outside the server)
+                loop = asyncio.get_running_loop()
+                self._later = loop.call_later(self.last + self.interval - now, self.flush)
 
     def flush(self, now: float | None = None) -> None:
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         if not self.counts:
             return
         parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
-        since = "" if self.last == -float("inf") else f" in the last {(now or time.monotonic()) - self.last:.0f} s"
+        since = "" if self.last == -float("inf") else f" in the last {(now or time.monotonic()) - self.last:.1f} s"
         self.logger.warning("refused connections%s: %s", since, parts)
         self.counts.clear()
         self.last = now if now is not None else time.monotonic()
