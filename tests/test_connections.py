@@ -182,6 +182,37 @@ def test_32_slow_uploads_do_not_hold_the_model_from_16_clients(daemon: Daemon, j
             s.close()
 
 
+def test_uploads_over_the_byte_budget_are_refused_and_the_budget_is_given_back(
+    tmp_path: Path, models_dir: Path, jpeg_513: bytes
+) -> None:
+    """Bodies in memory are bounded by upload_budget_bytes, charged as bytes arrive: two uploads
+    holding 500 KB each fit a 1.5 MB budget, a third one's 600 KB do not (503, connection
+    closed); the two complete one after the other and are answered (each gives its bytes back
+    once answered), and the budget is free again afterwards."""
+    d = start_daemon(tmp_path, models_dir, "--model", DM05, "--accelerator", "cpu",
+                     env={"SEGD_MAX_UPLOAD_BYTES": "1000000", "SEGD_UPLOAD_BUDGET_BYTES": "1500000",
+                          "SEGD_MIN_UPLOAD_RATE": "0"})  # fmt: skip
+    body = jpeg_513 + b"\0" * (1_000_000 - len(jpeg_513))  # a JPEG with trailing bytes decodes fine
+    head = b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000000\r\n\r\n"
+    try:
+        holders = [connect(d, timeout=30) for _ in range(2)]
+        for s in holders:
+            s.sendall(head + body[:500_000])
+        time.sleep(1)
+        third = exchange(d, head + body[:600_000])
+        assert third.startswith(b"HTTP/1.1 503"), third[:300]
+        assert b"uploads in flight hold" in third and b"connection: close" in third.lower()
+        for s in holders:
+            s.sendall(body[500_000:])
+            answer = s.recv(100)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            s.close()
+        r = httpx.post(d.url + "/segment", content=body, headers={"content-type": "image/jpeg"}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        d.stop()
+
+
 def test_16_polite_clients_are_all_answered_without_503(daemon: Daemon, jpeg_513: bytes) -> None:
     """Before: a fixed queue of 8 refused about half of 16 clients' requests although each
     would have been answered within ~0.7 s. Now admission refuses only when the expected wait

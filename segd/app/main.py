@@ -41,6 +41,10 @@ def error_response(status: int, code: str, detail: str, headers: dict[str, str] 
     return JSONResponse(error_body(code, detail), status_code=status, headers=headers)
 
 
+class UploadsOverBudget(Overloaded):
+    """Refused mid-upload: the answer closes the connection (the rest of the body is not read)."""
+
+
 class UploadBudget:
     """Bytes of request bodies held in memory by all requests at once (from the first byte read
     until the answer is sent). Charged as bytes arrive, not as declared, so slow or idle
@@ -53,7 +57,9 @@ class UploadBudget:
 
     def take(self, n: int) -> None:
         if self.used + n > self.limit:
-            raise Overloaded(f"uploads in flight hold {self.used} bytes, the budget is {self.limit} bytes; retry later")
+            raise UploadsOverBudget(
+                f"uploads in flight hold {self.used} bytes, the budget is {self.limit} bytes; retry later"
+            )
         self.used += n
 
     def give(self, n: int) -> None:
@@ -179,6 +185,8 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
     async def segd_error(request: Request, exc: SegdError) -> JSONResponse:
         retry_after = getattr(exc, "retry_after", None) or settings.retry_after
         headers = {"Retry-After": str(retry_after)} if exc.http_status in RETRY_STATUSES else None
+        if isinstance(exc, UploadsOverBudget):
+            headers = {**(headers or {}), "Connection": "close"}
         if exc.http_status >= 500 and exc.http_status != 503:
             log.error("%s: %s", exc.code, exc.detail)
         return error_response(exc.http_status, exc.code, exc.detail, headers)
