@@ -97,6 +97,11 @@ def clients(d: Daemon, image: bytes, requests_each: int = 3) -> list[tuple[int, 
         return [x for xs in pool.map(one, range(CLIENTS)) for x in xs]
 
 
+def status_counts(results: list[tuple[int, float]]) -> dict[int, int]:
+    codes = [s for s, _ in results]
+    return {c: codes.count(c) for c in sorted(set(codes))}
+
+
 def refusal_lines(d: Daemon) -> list[str]:
     return [ln for ln in d.output().splitlines() if "refused connections" in ln]
 
@@ -110,9 +115,10 @@ def test_500_idle_connections_do_not_keep_16_clients_or_health_checks_out(daemon
     idle = [connect(daemon) for _ in range(500)]
     try:
         time.sleep(0.5)
-        assert httpx.get(daemon.url + "/healthz", timeout=10).status_code == 200
-        assert httpx.get(daemon.url + "/readyz", timeout=10).status_code == 200
+        health = [httpx.get(daemon.url + p, timeout=10).status_code for p in ("/healthz", "/readyz")]
         results = clients(daemon, jpeg_513)
+        print(f"\nwith 500 idle: /healthz, /readyz {health}; clients {status_counts(results)}")
+        assert health == [200, 200]
         assert [s for s, _ in results] == [200] * (CLIENTS * 3)
         assert httpx.get(daemon.url + "/healthz", timeout=10).status_code == 200
         print(f"\n500 idle + 16 clients: {len(results)} x 200, max latency {max(t for _, t in results):.2f} s")
@@ -168,6 +174,7 @@ def test_32_slow_uploads_do_not_hold_the_model_from_16_clients(daemon: Daemon, j
     t.start()
     try:
         results = clients(daemon, jpeg_513)
+        print(f"\nwith 32 slow uploads: clients {status_counts(results)}")
         assert [s for s, _ in results] == [200] * (CLIENTS * 3)
         # The uploads are still in progress, not timed out: the clients were served beside them.
         for s in slow:
@@ -221,6 +228,7 @@ def test_16_polite_clients_are_all_answered_without_503(daemon: Daemon, jpeg_513
     results = clients(daemon, jpeg_513, requests_each=6)
     took = time.monotonic() - t0
     codes = [s for s, _ in results]
+    print(f"\n16 polite clients: {status_counts(results)}")
     assert codes == [200] * len(codes), sorted(set(codes))
     lat = np.array([t for _, t in results])
     print(f"\n16 polite clients: {len(codes)} x 200 in {took:.1f} s ({len(codes) / took:.1f} req/s), "
