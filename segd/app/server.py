@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+from typing import Any
 
 import uvicorn
 
@@ -77,5 +78,20 @@ def serve(settings: Settings) -> None:
     # before it started: make that a no-op so a drained shutdown exits with status 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     connections.drain_on_sighup()
-    uvicorn.Server(config).run()
+    SegdServer(config, app).run()
     protocol.refusals.flush()
+
+
+class SegdServer(uvicorn.Server):
+    """uvicorn's server; on shutdown the endless camera responses (MJPEG, WebSocket) end first,
+    so draining does not wait ``graceful_timeout`` for them."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self.segd_app = app
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        sources = self.segd_app.state.sources
+        if sources is not None:
+            sources.end_streams()
+        await super().shutdown(sockets)
