@@ -281,5 +281,6 @@ def summary(result: Segmentation, segmenter: Segmenter) -> dict[str, Any]:
         "model": result.model,
         "backend": result.backend,
         "classes": class_summary(result.counts, segmenter.variant.labels),
+        "background": segmenter.variant.labels.background,  # the class an overlay leaves untinted
         "timings_ms": {k: round(v, 3) for k, v in result.timings.items()},
     }

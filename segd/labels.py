@@ -89,6 +89,13 @@ class Labels:
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def background(self) -> int | None:
+        """The id of the class named "background", if the label set has one: an overlay leaves
+        only it untinted (Cityscapes has none: its class 0 is road)."""
+        lowered = [n.lower() for n in self.names]
+        return lowered.index("background") if "background" in lowered else None
+
     def name(self, class_id: int) -> str:
         """Name of a class id; ids past the names (should not happen) get ``class_<id>``."""
         return self.names[class_id] if 0 <= class_id < len(self.names) else f"class_{class_id}"

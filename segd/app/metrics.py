@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from segd.app.service import ModelService
+    from segd.sources.runner import SourceManager
 
 disable_created_metrics()  # the *_created series only double the output
 
@@ -19,7 +20,7 @@ STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 
 
 class Metrics:
-    def __init__(self, service: ModelService) -> None:
+    def __init__(self, service: ModelService, sources: SourceManager | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "segd_requests", "HTTP requests by route, status and model",
@@ -34,6 +35,8 @@ class Metrics:
             ["model", "stage"], buckets=STAGE_BUCKETS, registry=self.registry,
         )  # fmt: skip
         self.registry.register(ServiceCollector(service))
+        if sources is not None:
+            self.registry.register(SourceCollector(sources))
 
     def observe_stages(self, model: str, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
@@ -75,3 +78,25 @@ class ServiceCollector(Collector):
             restarts.add_metric([name], float(worker.get("restarts", 0)))
             fallbacks.add_metric([name], float(slot.fallbacks))
         yield from (queue, ready, backend, restarts, fallbacks, *per_device.values())
+
+
+class SourceCollector(Collector):
+    """Per-camera state: connected, frames by outcome, reconnects, age of the last frame."""
+
+    def __init__(self, sources: SourceManager) -> None:
+        self.sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("segd_source_up", "1 while the camera is streaming", labels=["source"])
+        frames = CounterMetricFamily("segd_source_frames", "Camera frames by outcome (received, segmented, dropped, failed)", labels=["source", "outcome"])
+        reconnects = CounterMetricFamily("segd_source_reconnects", "Camera reconnects", labels=["source"])
+        age = GaugeMetricFamily("segd_source_frame_age_seconds", "Seconds since the last segmented frame", labels=["source"])
+        for name, s in self.sources.sources.items():
+            up.add_metric([name], 1.0 if s.state == "streaming" else 0.0)
+            for outcome, n in (("received", s.received), ("segmented", s.segmented), ("dropped", s.dropped), ("failed", s.failed)):
+                frames.add_metric([name, outcome], float(n))
+            reconnects.add_metric([name], float(s.reconnects))
+            frame_age = s.frame_age()
+            if frame_age is not None:
+                age.add_metric([name], frame_age)
+        yield from (up, frames, reconnects, age)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from segd import encode, preprocess
+from segd import encode, preprocess, regions
 from segd.engine import Segmentation, Segmenter, open_runner, summary
 from segd.errors import (
     BadParameter,
@@ -96,6 +96,7 @@ class Result:
     backend: str
     timings: dict[str, float]
     document: dict[str, Any]  # the JSON summary (the body of format=json, a header otherwise)
+    segmentation: Segmentation | None = None  # mask and decoded image, for the camera sources
 
 
 @dataclass
@@ -176,7 +177,7 @@ class ModelSlot:
             doc.update(
                 backend=seg["backend"], reason=seg["reason"], device=seg["device"],
                 runtime=seg["runtime"], file=seg["file"], sha256=seg["sha256"],
-                device_present=self.device_present,
+                device_present=self.device_present if seg["backend"] == "edgetpu" else None,
             )  # fmt: skip
             worker = self.worker_info()
             if worker is not None:
@@ -350,7 +351,8 @@ class ModelService:
                     "ready": s.ready,
                     "backend": s.primary.backend if s.primary else None,
                     "error": s.error,
-                    "device_present": s.device_present,
+                    # null for a model served on the CPU: there is no device to be present
+                    "device_present": s.device_present if s.primary is not None and s.primary.backend == "edgetpu" else None,
                     **device_states(s),
                 }
                 for n, s in self.slots.items()
@@ -396,7 +398,7 @@ class ModelService:
 
     async def segment(
         self, name: str | None, body: bytes | Callable[[], Awaitable[bytes]], *, fmt: str = "png",
-        keep_aspect: bool = False, overlay_format: str = "jpeg",
+        keep_aspect: bool = False, overlay_format: str = "jpeg", shape: regions.Shape | None = None,
     ) -> Result:  # fmt: skip
         """Segment ``body`` (the image bytes, or a coroutine function reading them: then the
         upload is read only once the request is admitted, so a full queue never holds bodies)."""
@@ -419,7 +421,7 @@ class ModelService:
         t0 = time.perf_counter()
         try:
             result = await asyncio.wait_for(
-                self._budgeted(slot, data, fmt, keep_aspect, overlay_format), self.settings.request_timeout
+                self._budgeted(slot, data, fmt, keep_aspect, overlay_format, shape), self.settings.request_timeout
             )
         except TimeoutError:
             slot.errors += 1
@@ -434,7 +436,9 @@ class ModelService:
         slot.latencies_ms.append(total)
         return result
 
-    async def _budgeted(self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str) -> Result:
+    async def _budgeted(
+        self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str, shape: regions.Shape | None
+    ) -> Result:
         """The pipeline, once the image's pixels fit in the budget (header probed off the loop;
         bad or oversized images are refused here without waiting)."""
         loop = asyncio.get_running_loop()
@@ -442,11 +446,13 @@ class ModelService:
         preprocess.check_limits(header, self.settings.max_pixels)
         held = await self.pixel_budget.acquire(header.pixels)
         try:
-            return await self._pipeline(slot, data, fmt, keep_aspect, overlay_format)
+            return await self._pipeline(slot, data, fmt, keep_aspect, overlay_format, shape)
         finally:
             await self.pixel_budget.release(held)
 
-    async def _pipeline(self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str) -> Result:
+    async def _pipeline(
+        self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str, shape: regions.Shape | None
+    ) -> Result:
         seg = slot.primary
         assert seg is not None
         timings: dict[str, float] = {}
@@ -462,25 +468,33 @@ class ModelService:
         prepared = await cpu("preprocess", lambda: seg.prepare(image, keep_aspect=keep_aspect))
         used, raw = await self._infer(slot, prepared.tensor, timings)
         n_classes = slot.variant.n_classes
+        labels = slot.variant.labels
+        keep, fill = shape.resolve(labels) if shape is not None else (None, labels.background)
 
         def finish() -> tuple[np.ndarray, np.ndarray]:
             mask = used.finish(raw, prepared)
+            if shape is not None and shape.changes_mask:
+                assert fill is not None
+                mask = regions.keep_classes(mask, keep, shape.min_area, fill)
+                return mask, class_pixel_counts(mask, 256)
             return mask, class_pixel_counts(mask, n_classes)
 
         mask, counts = await cpu("postprocess", finish)
-        labels = slot.variant.labels
 
         def render() -> tuple[bytes, str]:
             if fmt == "png":
                 return encode.encode_mask_png(mask, labels.palette), "image/png"
             if fmt == "overlay":
-                blended = encode.overlay(image.rgb, mask, labels.palette)
+                blended = encode.overlay(image.rgb, mask, labels.palette, background=fill)
                 return encode.encode_image(blended, overlay_format), f"image/{overlay_format}"
             return b"", "application/json"
 
         body, media = await cpu("encode", render)
-        document = summary(Segmentation(mask, counts, image, timings, slot.name, used.backend), used)
-        return Result(body, media, slot.name, used.backend, timings, document)
+        segmentation = Segmentation(mask, counts, image, timings, slot.name, used.backend)
+        document = summary(segmentation, used)
+        if shape is not None:
+            await cpu("regions", shape.describe, document, mask, keep, fill)
+        return Result(body, media, slot.name, used.backend, timings, document, segmentation)
 
     async def _infer(self, slot: ModelSlot, tensor: np.ndarray, timings: dict[str, float]) -> tuple[Segmenter, np.ndarray]:
         """Run the model; when the Edge TPU fails in any way (worker died or hung, delegate error)
