@@ -107,7 +107,7 @@ def load(url: str, image: bytes, clients: int, seconds: float, pid: int) -> dict
 
 
 def run(models_dir: Path, library: Path, devices: int, clients: list[int], invoke_ms: float,
-        seconds: float, image: bytes) -> list[dict[str, Any]]:  # fmt: skip
+        seconds: float, image: bytes, pipeline: int = 2) -> list[dict[str, Any]]:  # fmt: skip
     listed = ",".join(f"usb:/sys/bus/usb/devices/2-{i + 1}" for i in range(devices))
     env = {
         "SEGD_EDGETPU_LIBRARY": str(library),
@@ -117,6 +117,7 @@ def run(models_dir: Path, library: Path, devices: int, clients: list[int], invok
         "SEGD_RELAX_SIMULATED_TPU_SELFTEST": "1",
         "SEGD_ACCELERATOR": "edgetpu",
         "SEGD_QUEUE_SIZE": "64",
+        "SEGD_TPU_PIPELINE": str(pipeline),
     }
     if devices > 1:
         env["SEGD_DEVICES"] = "all"
@@ -128,6 +129,7 @@ def run(models_dir: Path, library: Path, devices: int, clients: list[int], invok
             for n in clients:
                 row = load(daemon.url, image, n, seconds, daemon.proc.pid)
                 row["devices"] = devices
+                row["pipeline"] = pipeline
                 rows.append(row)
         finally:
             daemon.stop()
@@ -152,23 +154,26 @@ def main(argv: list[str] | None = None) -> int:
         f"device); 513x513 JPEG in, indexed PNG mask out; {os.cpu_count()} CPU cores; each row a "
         f"closed loop of N clients for {args.seconds:g} s. x T = images/s x T / devices (1.0 = every "
         "TPU always busy). CPU = cores busy in the daemon and its TPU workers (user+system); clients = "
-        "the load generator's own CPU on the same cores.",
+        "the load generator's own CPU on the same cores. Pipelined no = `tpu_pipeline = 1` (one request "
+        "in the worker at a time), the same run's baseline for the pipelining.",
         "",
-        "| T ms | devices | clients | requests | errors | images/s | x T | vs 1 device | p50 ms | p99 ms "
-        "| CPU cores | CPU ms/image | clients' cores | load avg |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| T ms | devices | pipelined | clients | requests | errors | images/s | x T | vs 1 device | p50 ms "
+        "| p99 ms | CPU cores | CPU ms/image | clients' cores | load avg |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = []
     with tempfile.TemporaryDirectory() as build:
         library = build_double(build)
         for invoke_ms in args.invoke_ms:
+            serial = run(models_dir, library, 1, [4], invoke_ms, args.seconds, image, pipeline=1)
             one = run(models_dir, library, 1, [4], invoke_ms, args.seconds, image)
             two = run(models_dir, library, 2, [4, 8], invoke_ms, args.seconds, image)
             base, t = one[0]["throughput"], invoke_ms / 1000.0
-            for r in one + two:
+            for r in serial + one + two:
                 rows.append(r)
                 lines.append(
-                    f"| {invoke_ms:g} | {r['devices']} | {r['clients']} | {r['requests']} | {r['errors']} | "
+                    f"| {invoke_ms:g} | {r['devices']} | {'yes' if r['pipeline'] > 1 else 'no'} | "
+                    f"{r['clients']} | {r['requests']} | {r['errors']} | "
                     f"{r['throughput']:.1f} | {r['throughput'] * t / r['devices']:.2f} | "
                     f"{r['throughput'] / base:.2f}x | {r['p50']:.1f} | {r['p99']:.1f} | {r['cores']:.2f} | "
                     f"{r['cpu_ms_per_request']:.1f} | {r['client_cores']:.2f} | {r['loadavg']:.1f} |"

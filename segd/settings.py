@@ -112,6 +112,7 @@ class Settings:
     tpu_fallback: str = "cpu"  # when the TPU worker dies: "cpu" (serve on the CPU twin) | "503"
     device_check_interval: float = 5.0  # seconds between Edge TPU presence checks
     tpu_timeout: float = 5.0  # seconds for one Edge TPU invoke; a hung TPU worker is killed and restarted
+    tpu_pipeline: int = 2  # requests each Edge TPU worker holds at once (1: no pipelining)
     worker_restart_base: float = 0.5  # seconds, doubled per consecutive crash
     worker_restart_max: float = 30.0
     graceful_timeout: float = 30.0  # seconds to finish in-flight requests on SIGTERM
@@ -302,6 +303,8 @@ def validate(s: Settings) -> None:
     for name in ("max_upload_bytes", "max_pixels", "queue_size"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be positive")
+    if s.tpu_pipeline < 1:
+        raise ConfigError("tpu_pipeline must be at least 1")
     if s.pixels_in_flight < 0:
         raise ConfigError("pixels_in_flight must be 0 (= max_pixels) or positive")
     for name in ("request_timeout", "header_timeout", "body_timeout", "tpu_timeout",

@@ -45,6 +45,9 @@ def test_devices_setting_reads_lists_and_refuses_mixing_with_device() -> None:
         load_settings(env={"SEGD_DEVICES": "all", "SEGD_DEVICE": "usb:0"})
     with pytest.raises(ValueError, match="'all'"):
         load_settings(env={"SEGD_DEVICES": "all,usb:0"})
+    assert load_settings(env={}).tpu_pipeline == 2
+    with pytest.raises(ValueError, match="tpu_pipeline"):
+        load_settings(env={"SEGD_TPU_PIPELINE": "0"})
 
 
 @pytest.fixture(scope="module")

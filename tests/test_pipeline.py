@@ -108,3 +108,30 @@ def test_in_process_device_pool_serialises_each_interpreter_and_spreads_the_load
         assert all(n > 0 for n in served.values()), served
     finally:
         pool.close()
+
+
+def test_a_device_that_fails_to_open_leaves_the_others_serving(
+    fake_edgetpu: Path, manifest: Manifest, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segd.errors import RuntimeUnavailable
+    from segd.runtime.edgetpu import open_edgetpu
+    from segd.runtime.pool import DevicePool
+
+    monkeypatch.setenv("FAKE_EDGETPU_MODE", "latency")
+    monkeypatch.setenv("FAKE_EDGETPU_INVOKE_MS", "1")
+    monkeypatch.setenv("FAKE_EDGETPU_DEVICES", "usb:/sys/bus/usb/devices/2-1")
+    variant = manifest.get(DM05)
+    assert variant.edgetpu is not None
+    data = model_bytes(variant, variant.edgetpu, models_dir / variant.edgetpu.name)
+
+    def open_one(path: str):  # type: ignore[no-untyped-def]
+        return open_edgetpu(data, device=path, library=str(fake_edgetpu))
+
+    pool = DevicePool.open(["/sys/bus/usb/devices/9-9", "/sys/bus/usb/devices/2-1"], open_one)
+    try:
+        assert [d["device"] for d in pool.devices()] == ["/sys/bus/usb/devices/2-1"]
+        assert pool.run(np.zeros(pool.input.shape[1:], np.uint8)).shape == pool.output.shape[1:]
+    finally:
+        pool.close()
+    with pytest.raises(RuntimeUnavailable, match="9-9"):
+        DevicePool.open(["/sys/bus/usb/devices/9-9"], open_one)

@@ -235,12 +235,13 @@ class ModelService:
         return edgetpu_worker_factory(
             runtime=s.runtime, num_threads=s.threads, call_timeout=s.tpu_timeout,
             backoff_base=s.worker_restart_base, backoff_max=s.worker_restart_max,
+            depth=s.tpu_pipeline,
         )  # fmt: skip
 
     def _pool_factory(self, one: Any) -> Any:
         """``devices = [...]``: one worker per listed Edge TPU, behind least-loaded dispatch."""
         from segd.runtime import edgetpu
-        from segd.runtime.pool import DevicePool, resolve_devices
+        from segd.runtime.pool import resolve_devices
 
         s = self.settings
 
@@ -277,7 +278,7 @@ class ModelService:
                 fallback = None
             slot.primary, slot.fallback = primary, fallback
             parallel = int(getattr(primary.runner, "parallelism", 1))
-            if parallel > 1:  # one invoke thread per Edge TPU
+            if parallel > 1:  # an invoke thread for every request the Edge TPU workers hold
                 slot.executor.shutdown(wait=False)
                 slot.executor = ThreadPoolExecutor(parallel, thread_name_prefix="invoke")
             slot.state = "ready"

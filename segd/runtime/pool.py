@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from segd.errors import RequestTimeout, RuntimeUnavailable, SegdError, WorkerCrashed
+from segd.errors import RequestTimeout, RuntimeUnavailable, WorkerCrashed
 from segd.runtime.base import Runner, TensorSpec
 
 
@@ -124,8 +124,8 @@ class DevicePool:
         for path in paths:
             try:
                 opened.append((path, open_one(path)))
-            except SegdError as exc:
-                failures.append(f"{path}: {exc.detail}")
+            except Exception as exc:  # this device only: the others still serve
+                failures.append(f"{path}: {getattr(exc, 'detail', None) or exc}")
         if not opened:
             raise RuntimeUnavailable("no Edge TPU could be opened: " + "; ".join(failures))
         return cls(opened, open_one)
@@ -144,8 +144,12 @@ class DevicePool:
                 continue
             try:
                 runner = self._open_one(path)
+            except Exception:  # not usable yet (still enumerating, firmware loading): next time
+                continue
+            try:
                 runner.run(np.zeros(self.input.shape, self.input.dtype))  # warm-up
-            except (SegdError, RuntimeError, ValueError):
+            except Exception:
+                runner.close()
                 continue
             with self._lock:
                 self._devices.append(_Device(path, runner))

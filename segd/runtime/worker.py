@@ -425,7 +425,8 @@ class WorkerRunner:
     # -- Runner protocol --
     def run(self, tensor: np.ndarray) -> np.ndarray:
         """Run in the child. Raises WorkerCrashed / RequestTimeout and never blocks beyond the
-        call timeout; errors the runner raises in the child come back as the same type."""
+        call timeout (once more for each request ahead of it in the child); errors the runner
+        raises in the child come back as the same type. Thread-safe."""
         with self._run_slots:
             with self._state_lock:
                 child = self._child
