@@ -35,6 +35,8 @@ DEFAULT_MAX_PIXELS = 40_000_000
 ACCELERATORS = ("auto", "cpu", "edgetpu")
 #: What serves when the Edge TPU worker dies.
 TPU_FALLBACKS = ("cpu", "503")
+#: Which libedgetpu/runtime pairs the Edge TPU worker loads: known-good ones only, or any.
+EDGETPU_PAIRINGS = ("check", "trust")
 #: How a camera is read: an ffmpeg subprocess, HTTP multipart, or a polled still image.
 SOURCE_KINDS = ("rtsp", "mjpeg", "snapshot")
 #: When class areas go to MQTT: when they change, or every `interval` seconds.
@@ -113,6 +115,9 @@ class Settings:
     max_header_bytes: int = 64 * 1024  # request line + headers (431)
     retry_after: int = 1  # seconds, sent with 503 overloaded
     tpu_isolation: bool = True  # run Edge TPU interpreters in a supervised worker process
+    edgetpu_python: str | None = None  # Python (numpy + TFLite runtime) the Edge TPU worker runs under
+    edgetpu_pairing: str = "check"  # check: only libedgetpu/runtime pairs known good | trust: load anyway
+    edgetpu_pairings: Path | None = None  # extra pairings table (format of segd/data/edgetpu_pairings.toml)
     tpu_fallback: str = "cpu"  # when the TPU worker dies: "cpu" (serve on the CPU twin) | "503"
     device_check_interval: float = 5.0  # seconds between Edge TPU presence checks
     tpu_timeout: float = 5.0  # seconds for one Edge TPU invoke; a hung TPU worker is killed and restarted
@@ -298,6 +303,8 @@ def load_settings(
 def validate(s: Settings) -> None:
     """ConfigError naming the first setting out of range."""
     check_accelerator(s.accelerator)
+    if s.edgetpu_pairing not in EDGETPU_PAIRINGS:
+        raise ConfigError(f"edgetpu_pairing must be {' or '.join(EDGETPU_PAIRINGS)}, not {s.edgetpu_pairing!r}")
     if s.devices and s.device:
         raise ConfigError("set device (one Edge TPU) or devices (several), not both")
     if "all" in s.devices and s.devices != ["all"]:

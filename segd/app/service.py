@@ -167,7 +167,7 @@ class ModelSlot:
         info = runner.describe()
         if info.get("isolation") != "process":
             return None
-        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in", "devices")
+        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in", "devices", "runtime", "python", "pairing")
         return {k: info[k] for k in keys if k in info}
 
     def describe(self) -> dict[str, Any]:
@@ -245,6 +245,7 @@ class ModelService:
         runner, selection = open_runner(
             variant, models_dir=s.models_dir, accelerator=accelerator, device=s.device,
             runtime=s.runtime, num_threads=s.threads, mirror=s.mirror, edgetpu_factory=factory,
+            edgetpu_pairing=s.edgetpu_pairing, edgetpu_pairings=s.edgetpu_pairings,
         )  # fmt: skip
         return Segmenter(variant, runner, selection, max_pixels=s.max_pixels)
 
@@ -254,14 +255,15 @@ class ModelService:
 
         s = self.settings
         return edgetpu_worker_factory(
-            runtime=s.runtime, num_threads=s.threads, call_timeout=s.tpu_timeout,
+            library=s.edgetpu_library, runtime=s.runtime, num_threads=s.threads, python=s.edgetpu_python,
+            pairing=s.edgetpu_pairing, pairings=s.edgetpu_pairings, call_timeout=s.tpu_timeout,
             backoff_base=s.worker_restart_base, backoff_max=s.worker_restart_max,
             depth=s.tpu_pipeline,
         )  # fmt: skip
 
     def _pool_factory(self, one: Any) -> Any:
         """``devices = [...]``: one worker per listed Edge TPU, behind least-loaded dispatch."""
-        from segd.runtime import edgetpu
+        from segd.runtime import edgetpu, tpu_worker
         from segd.runtime.pool import resolve_devices
 
         s = self.settings
@@ -270,8 +272,13 @@ class ModelService:
             paths = resolve_devices(s.devices, edgetpu.list_devices())
             if one is not None:
                 return DevicePool.open(paths, lambda path: one(model, path))
+            decision = edgetpu.check_pairing(  # in process: this Python's runtimes
+                tpu_worker.runtime_versions(), library=s.edgetpu_library, policy=s.edgetpu_pairing,
+                pairings=s.edgetpu_pairings, preferred=s.runtime,
+            )  # fmt: skip
             return DevicePool.open(paths, lambda path: edgetpu.open_edgetpu(
-                model, device=path, runtime=s.runtime, num_threads=s.threads))  # fmt: skip
+                model, device=path, library=s.edgetpu_library, runtime=decision.runtime,
+                num_threads=s.threads))  # fmt: skip
 
         return open_pool
 
