@@ -50,14 +50,11 @@ class Frame:
         over the frame); thread-safe, each made once per frame."""
         with self._lock:
             if kind not in self._cache:
-                if kind == "png":
-                    self._cache[kind] = encode.encode_mask_png(self.mask, self.palette)
-                else:
-                    h, w = self.rgb.shape[:2]
-                    mask = self.mask
-                    if mask.shape != (h, w):
-                        mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
-                    self._cache[kind] = encode.encode_image(encode.overlay(self.rgb, mask, self.palette, background=self.background), "jpeg", 80)
+                mask = self.mask
+                h, w = self.rgb.shape[:2]
+                if kind == "overlay" and mask.shape != (h, w):  # a large frame was decoded DCT-scaled
+                    mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+                self._cache[kind], _ = encode.render(kind, mask, self.palette, self.rgb, "jpeg", self.background)
             return self._cache[kind]
 
 
