@@ -1,4 +1,11 @@
-"""``segd`` command line: serve, segment, models list|pull|check|build, bench, doctor, eval, train."""
+"""``segd`` command line: serve, segment, models list|pull|check|build, bench, doctor, eval, train.
+
+Exit codes: 0 success; 1 the command ran but its answer is "no" (``models check``: not every op
+maps to the Edge TPU; ``doctor``: something to fix); 2 bad usage or input (unreadable file, bad
+image, unknown model, bad settings), also when any of several images failed; 130 interrupted
+(Ctrl-C); 141 the reader of stdout went away (``segd ... | head``), as for a shell tool killed by
+SIGPIPE.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +13,52 @@ import argparse
 import dataclasses
 import faulthandler
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from coral_deeplab.geometry import SUPPORTED_ALPHAS
+from segd import __version__
 from segd.errors import SegdError
+from segd.geometry import SUPPORTED_ALPHAS
+from segd.runtime.cpu import RUNTIMES
+from segd.settings import ACCELERATORS
+
+if TYPE_CHECKING:
+    from segd.settings import Settings
+
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models-dir", type=Path, default=None, help="where model files live (SEGD_MODELS_DIR)")
     p.add_argument("--mirror", default=None, help="directory or base URL to fetch models from (SEGD_MODEL_MIRROR)")
     p.add_argument(
-        "--accelerator", choices=("auto", "cpu", "edgetpu"), default="auto",
+        "--accelerator", choices=ACCELERATORS, default="auto",
         help="auto: Edge TPU when present, else CPU (default)",
     )  # fmt: skip
     p.add_argument("--device", default=None, help="Edge TPU device: usb, usb:0, pci:0, ...")
-    p.add_argument("--runtime", choices=("litert", "tflite_runtime"), default=None, help="CPU runtime (default: first installed)")
+    p.add_argument("--runtime", choices=tuple(RUNTIMES), default=None, help="CPU runtime (default: first installed)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the interpreter")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segd", description=__doc__)
+    parser = argparse.ArgumentParser(prog="segd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"segd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("segment", help="segment one image file")
-    p.add_argument("image", type=Path)
+    p = sub.add_parser(
+        "segment", help="segment image files, directories of images, or stdin",
+        description="Segment each IMAGE (a file, a directory: its images, or - for stdin). One image: "
+        "the answer goes to -o FILE, or to stdout for json and with -o -. Several: json is printed as "
+        "one JSON document per line (with its 'file'), or every answer is written into -o DIR "
+        "(<name>.json / .png / .jpg). A progress bar is shown on a terminal.",
+    )  # fmt: skip
+    p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--model", default=None, help="variant name (default: the manifest's default)")
     p.add_argument("--format", choices=("png", "json", "overlay"), default="json")
     p.add_argument("--keep-aspect", action="store_true", help="letterbox instead of stretching")
-    p.add_argument("-o", "--output", type=Path, default=None, help="output file (default: stdout for json)")
+    p.add_argument("-o", "--output", default=None, help="output file, - for stdout, or a directory for several images")
     _common_model_args(p)
 
     p = sub.add_parser("serve", help="run the HTTP daemon")
@@ -168,64 +190,147 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = COMMANDS[args.command if args.command != "models" else f"models {args.models_command}"]
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()
+        return code
     except SegdError as exc:
         print(f"segd: {exc.code}: {exc.detail}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader (e.g. `head`) closed the pipe: stop quietly; the interpreter must not try
+        # to flush into the closed pipe again at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 # --- commands ------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """The settings a command runs with: ``SEGD_*`` environment < this command's flags. The CLI
+    passes them down, so library code never looks at the environment for it."""
+    from segd.settings import load_settings
+
+    flags = {name: getattr(args, flag, None) for name, flag in (
+        ("models_dir", "models_dir"), ("mirror", "mirror"), ("device", "device"),
+        ("runtime", "runtime"), ("threads", "threads"),
+    )}  # fmt: skip
+    accelerator = getattr(args, "accelerator", None)
+    flags["accelerator"] = accelerator if accelerator != "auto" else None
+    return load_settings(overrides={**flags, **overrides})
+
+
+def _models_dir(settings: Settings) -> Path:
+    from segd.variants import default_models_dir
+
+    return settings.models_dir or default_models_dir()
 
 
 def _open(args: argparse.Namespace, name: str | None) -> Any:
     from segd.engine import Segmenter
     from segd.variants import load_manifest
 
-    manifest = load_manifest(models_dir=args.models_dir)
-    variant = manifest.get(name)
+    s = _settings(args)
+    variant = load_manifest(models_dir=s.models_dir).get(name)
     return Segmenter.open(
-        variant, models_dir=args.models_dir, accelerator=args.accelerator, device=args.device,
-        runtime=args.runtime, num_threads=args.threads, mirror=args.mirror,
+        variant, models_dir=s.models_dir, accelerator=s.accelerator, device=s.device,
+        runtime=s.runtime, num_threads=s.threads, mirror=s.mirror,
     )  # fmt: skip
+
+
+def _inputs(items: list[str]) -> list[Path | None]:
+    """Files in the order given, a directory's images sorted by name; None for stdin."""
+    from segd.dataset import IMAGE_SUFFIXES
+
+    found: list[Path | None] = []
+    for item in items:
+        if item == "-":
+            found.append(None)
+            continue
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found.append(path)
+    return found
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from segd import encode
     from segd.engine import summary
+    from segd.progress import Progress
 
-    try:
-        data = args.image.read_bytes()
-    except OSError as exc:
-        print(f"segd: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
+    inputs = _inputs(args.images)
+    if not inputs:
+        print("segd: no images found in " + ", ".join(args.images), file=sys.stderr)
+        return 2
+    several = len(inputs) > 1 or any(Path(i).is_dir() for i in args.images if i != "-")
+    out_dir = Path(args.output) if several and args.output not in (None, "-") else None
+    if several:
+        if args.format != "json" and out_dir is None:
+            print("segd: several images with --format png/overlay need -o DIR", file=sys.stderr)
+            return 2
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+    elif args.format != "json" and args.output is None:
+        print("segd: binary output needs -o FILE (or -o - for stdout)", file=sys.stderr)
         return 2
     seg = _open(args, args.model)
-    result = seg.segment(data, keep_aspect=args.keep_aspect, reduce=args.format != "overlay")
     labels = seg.variant.labels
-    if args.format == "json":
-        out = json.dumps(summary(result, seg), indent=2).encode() + b"\n"
-    elif args.format == "png":
-        out = encode.encode_mask_png(result.mask, labels.palette)
-    else:
-        fmt = "png" if args.output and args.output.suffix.lower() == ".png" else "jpeg"
-        out = encode.encode_image(encode.overlay(result.image.rgb, result.mask, labels.palette), fmt)
-    if args.output:
-        args.output.write_bytes(out)
-        print(f"{args.output}: {result.model} on {result.backend} ({seg.selection.reason})", file=sys.stderr)
-    elif args.format == "json":
-        sys.stdout.write(out.decode())
-    else:
-        print("segd: binary output needs -o FILE", file=sys.stderr)
-        return 2
-    return 0
+    bar = Progress("segment", show=None if several else False)
+    failed = 0
+    for n, path in enumerate(inputs):
+        name = "stdin" if path is None else str(path)
+        bar(n, len(inputs), file=Path(name).name)
+        try:
+            data = sys.stdin.buffer.read() if path is None else path.read_bytes()
+        except OSError as exc:
+            bar.close(f"segd: cannot read {name}: {exc.strerror}")
+            failed += 1
+            continue
+        try:
+            result = seg.segment(data, keep_aspect=args.keep_aspect, reduce=args.format != "overlay")
+        except SegdError as exc:
+            bar.close(f"segd: {name}: {exc.code}: {exc.detail}")
+            failed += 1
+            continue
+        doc = summary(result, seg)
+        suffix = {"json": ".json", "png": ".png", "overlay": ".jpg"}[args.format]
+        target: Path | None = None
+        if out_dir is not None:
+            target = out_dir / ((path.stem if path is not None else "stdin") + suffix)
+        elif not several and args.output not in (None, "-"):
+            target = Path(args.output)
+        if args.format == "json":
+            if several:
+                doc = {"file": name, **doc}
+            out = (json.dumps(doc) if several and target is None else json.dumps(doc, indent=2)).encode() + b"\n"
+        else:
+            overlay_format = "png" if target is not None and target.suffix.lower() == ".png" else "jpeg"
+            out, _ = encode.render(args.format, result.mask, labels.palette, result.image.rgb, overlay_format,
+                                   labels.background)  # fmt: skip
+        if target is not None:
+            target.write_bytes(out)
+            if not several:
+                print(f"{target}: {result.model} on {result.backend} ({seg.selection.reason})", file=sys.stderr)
+        else:
+            bar.write("")  # the bar line ends before the answer goes to the same terminal
+            sys.stdout.buffer.write(out)
+            sys.stdout.flush()
+    if several:
+        bar(len(inputs), len(inputs))
+        bar.close(f"{len(inputs) - failed}/{len(inputs)} images: {seg.variant.name} on {seg.backend} ({seg.selection.reason})")
+    return 2 if failed else 0
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from segd.variants import default_models_dir, load_manifest
+    from segd.variants import load_manifest
 
-    mdir = args.models_dir or default_models_dir()
-    manifest = load_manifest(models_dir=args.models_dir)
+    mdir = _models_dir(_settings(args))
+    manifest = load_manifest(models_dir=mdir)
     rows: list[dict[str, Any]] = []
     for name, v in manifest.variants.items():
         rows.append({
@@ -248,56 +353,48 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
-    from segd.variants import default_models_dir, load_manifest, resolve_file
+    from segd.progress import Progress
+    from segd.variants import load_manifest, resolve_file
 
-    manifest = load_manifest(models_dir=args.models_dir)
+    s = _settings(args)
+    mdir = _models_dir(s)
+    manifest = load_manifest(models_dir=mdir)
     names = args.names or [manifest.default]
     if names == ["all"]:
         names = list(manifest.variants)
-    mdir = args.models_dir or default_models_dir()
     for name in names:
         variant = manifest.get(name)
         specs = [variant.cpu] if args.cpu_only else variant.files()
         for spec in specs:
-            bar = _Progress(spec.name)
-            path = resolve_file(spec, mdir, mirror=args.mirror, force=args.force, progress=bar)
-            bar.done(f"{path} ok (sha256 {spec.sha256[:12]}…)")
+            bar = Progress(spec.name, unit="MB")
+            path = resolve_file(spec, mdir, mirror=s.mirror, force=args.force, progress=bar)
+            bar.close(f"{path} ok (sha256 {spec.sha256[:12]}…)")
     return 0
 
 
-class _Progress:
-    """A one-line progress bar on stderr (only when it is a terminal)."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.tty:
-            return
-        if total:
-            frac = min(1.0, done / total)
-            bar = "#" * int(frac * 30)
-            sys.stderr.write(f"\r{self.label}: [{bar:30}] {frac * 100:5.1f}% {done / 1e6:.1f} MB")
-        else:
-            sys.stderr.write(f"\r{self.label}: {done / 1e6:.1f} MB")
-        sys.stderr.flush()
-
-    def done(self, message: str) -> None:
-        if self.tty:
-            sys.stderr.write("\r\033[K")
-        print(message, file=sys.stderr)
-
-
 def cmd_models_check(args: argparse.Namespace) -> int:
-    from coral_deeplab.tflite.checker import check_model, format_report
+    from segd.tflite.checker import check_model, format_report
 
     try:
         data = args.file.read_bytes()
     except OSError as exc:
         print(f"segd: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 2
-    report = check_model(data)
+    if args.file.suffix.lower() != ".tflite" and data[4:8] != b"TFL3":
+        print(f"segd: {args.file} is not a .tflite model (no TFLite file identifier)", file=sys.stderr)
+        return 2
+    try:
+        report = check_model(data)
+    except ValueError as exc:
+        print(f"segd: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    compiled = [r for r in report.rows if r.op == "edgetpu-custom-op"]
+    if compiled and not args.json:
+        cpu = [f"{r.index} {r.op}" for r in report.rows if r.op != "edgetpu-custom-op"]
+        print(f"{args.file} is already compiled for the Edge TPU: {len(compiled)} edgetpu-custom-op "
+              f"(the compiled part) and {len(cpu)} ops on the CPU{': ' + ', '.join(cpu) if cpu else ''}. "
+              "The op-mapping check reads the model before compiling (the file without _edgetpu).")  # fmt: skip
+        return 0
     if args.json:
         print(json.dumps(dataclasses.asdict(report), indent=2))
     else:
@@ -318,7 +415,6 @@ def cmd_models_build(args: argparse.Namespace) -> int:
         print(f"segd: --calibration {args.calibration} is not a directory", file=sys.stderr)
         return 2
     from coral_deeplab import zoo
-    from coral_deeplab.export import ExportError
 
     try:
         zoo.require_tensorflow("segd models build")
@@ -335,7 +431,7 @@ def cmd_models_build(args: argparse.Namespace) -> int:
             name=args.name, models_dir=args.models_dir, mirror=args.mirror, num_calibration=args.num_calibration,
             compile=not args.no_compile, cache=False if args.no_cache else None,
         )  # fmt: skip
-    except (ValueError, ExportError) as exc:
+    except ValueError as exc:  # keras/TensorFlow's own argument errors; ours are SegdErrors (main)
         print(f"segd: {exc}", file=sys.stderr)
         return 2
     print(f"Edge TPU check: {zoo.describe_report(result.report)}", file=sys.stderr)
@@ -352,13 +448,11 @@ def cmd_models_build(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     supervisor_exit = supervise_if_pid1()
     if supervisor_exit is not None:
         return supervisor_exit
-    from segd.app.server import InsecureBind, serve
-    from segd.app.settings import load_settings
+    from segd.app.server import serve
+    from segd.settings import config_path, load_settings
 
     overrides = {
         "host": args.host, "port": args.port, "models_dir": args.models_dir, "mirror": args.mirror,
@@ -373,23 +467,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"segd: cannot read {args.api_key_file}: {exc.strerror}", file=sys.stderr)
             return 2
-    config = args.config or (Path(os.environ["SEGD_CONFIG"]) if os.environ.get("SEGD_CONFIG") else None)
-    try:
-        settings = load_settings(config, overrides=overrides)
-        serve(settings)
-    except (InsecureBind, ValueError) as exc:
-        print(f"segd: {exc}", file=sys.stderr)
-        return 2
+    config = args.config or config_path()
+    serve(load_settings(config, overrides=overrides))  # a SegdError (bad setting, insecure bind) -> main
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from segd.bench import bench_variants, format_table
+    from segd.progress import Progress
 
+    s = _settings(args)
     rows = bench_variants(
-        args.model, iterations=args.iterations, warmup=args.warmup, models_dir=args.models_dir,
-        mirror=args.mirror, accelerator=args.accelerator, device=args.device, runtime=args.runtime,
-        num_threads=args.threads,
+        args.model, iterations=args.iterations, warmup=args.warmup, models_dir=s.models_dir,
+        mirror=s.mirror, accelerator=s.accelerator, device=s.device, runtime=s.runtime,
+        num_threads=s.threads, progress=Progress("bench"),
     )  # fmt: skip
     print(format_table(rows))
     return 0
@@ -398,7 +489,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from segd import evaluate
 
-    return evaluate.run_cli(args)
+    return evaluate.run_cli(args, _settings(args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -20,9 +20,8 @@ from segd import postprocess, preprocess
 from segd.errors import ModelError, RequestTimeout, RuntimeUnavailable, WorkerCrashed
 from segd.preprocess import DecodedImage
 from segd.runtime import Runner, open_cpu
+from segd.settings import DEFAULT_MAX_PIXELS, check_accelerator
 from segd.variants import FileSpec, Variant, check_tensor, read_verified, resolve_file
-
-DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7000x5700 photo; decoded RGB is then 120 MB
 
 Box = tuple[int, int, int, int]
 
@@ -59,7 +58,7 @@ class Segmentation:
 
 def strip_model_tail(model: bytes) -> bytes:
     """Cut RESIZE_BILINEAR / ARG_MAX off the end of a model (in memory, after the checksum)."""
-    from coral_deeplab.tflite.surgery import strip_tail
+    from segd.tflite.surgery import strip_tail
 
     try:
         return strip_tail(model).model_bytes
@@ -81,7 +80,8 @@ def check_runner(variant: Variant, runner: Runner, path: Path) -> None:
                  variant.output.shape, variant.output.dtype)  # fmt: skip
 
 
-RunnerFactory = Callable[[bytes, str | None], Runner]
+#: Opens an Edge TPU runner from (model bytes, device), e.g. through a supervised worker process.
+EdgeTpuOpener = Callable[[bytes, str | None], Runner]
 
 
 def open_runner(
@@ -94,16 +94,19 @@ def open_runner(
     num_threads: int | None = None,
     mirror: str | None = None,
     download: bool = True,
-    edgetpu_factory: RunnerFactory | None = None,
+    edgetpu_factory: EdgeTpuOpener | None = None,
+    edgetpu_pairing: str = "check",
+    edgetpu_pairings: Path | None = None,
 ) -> tuple[Runner, Selection]:
     """Open the Edge TPU file when a device is there and usable, else the CPU twin.
 
     ``accelerator``: "auto" (TPU if possible, else CPU — the reason is recorded), "edgetpu"
     (fail with the reason instead of falling back) or "cpu". ``edgetpu_factory(model, device)``
-    replaces the in-process delegate, e.g. with a crash-isolated worker process.
+    replaces the in-process delegate, e.g. with a crash-isolated worker process (which checks
+    the libedgetpu/runtime pairing itself); in process, ``edgetpu_pairing`` / ``edgetpu_pairings``
+    decide it (:func:`segd.runtime.edgetpu.check_pairing`).
     """
-    if accelerator not in ("auto", "cpu", "edgetpu"):
-        raise ValueError(f"accelerator must be auto, cpu or edgetpu, not {accelerator!r}")
+    check_accelerator(accelerator)
     reason = "CPU requested"
     if accelerator != "cpu":
         if variant.edgetpu is None:
@@ -115,7 +118,8 @@ def open_runner(
                 return _open_edgetpu(
                     variant, variant.edgetpu, models_dir=models_dir, device=device,
                     runtime=runtime, num_threads=num_threads, mirror=mirror,
-                    download=download, factory=edgetpu_factory,
+                    download=download, factory=edgetpu_factory, pairing=edgetpu_pairing,
+                    pairings=edgetpu_pairings,
                 )  # fmt: skip
             except (RuntimeUnavailable, WorkerCrashed, RequestTimeout, ModelError) as exc:
                 # auto: anything wrong on the Edge TPU side (no library or device, a delegate
@@ -140,11 +144,13 @@ def _open_edgetpu(
     num_threads: int | None,
     mirror: str | None,
     download: bool,
-    factory: RunnerFactory | None,
+    factory: EdgeTpuOpener | None,
+    pairing: str = "check",
+    pairings: Path | None = None,
 ) -> tuple[Runner, Selection]:
-    from segd.runtime import edgetpu
+    from segd.runtime import edgetpu, tpu_worker
 
-    status = edgetpu.probe()
+    status = edgetpu.library_status()
     if status.reason is not None:
         raise RuntimeUnavailable(status.reason)
     path = resolve_file(spec, models_dir, mirror=mirror, download=download)
@@ -152,7 +158,10 @@ def _open_edgetpu(
     if factory is not None:
         runner = factory(data, device)
     else:
-        runner = edgetpu.open_edgetpu(data, device=device, runtime=runtime, num_threads=num_threads)
+        decision = edgetpu.check_pairing(
+            tpu_worker.runtime_versions(), policy=pairing, pairings=pairings, preferred=runtime
+        )
+        runner = edgetpu.open_edgetpu(data, device=device, runtime=decision.runtime, num_threads=num_threads)
     try:
         check_runner(variant, runner, path)
     except ModelError:
@@ -208,7 +217,10 @@ class Segmenter:
         return Prepared(preprocess.quantize(resized, self.lut), box, image.original_hw)
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
-        """Run the model; serialised by the segmenter's lock (interpreters are not thread-safe)."""
+        """Run the model; serialised by the segmenter's lock (interpreters are not thread-safe)
+        unless the runner serialises per device itself (a pool of Edge TPUs)."""
+        if getattr(self.runner, "thread_safe", False):
+            return self.runner.run(tensor)
         with self.lock:
             return self.runner.run(tensor)
 
@@ -279,5 +291,6 @@ def summary(result: Segmentation, segmenter: Segmenter) -> dict[str, Any]:
         "model": result.model,
         "backend": result.backend,
         "classes": class_summary(result.counts, segmenter.variant.labels),
+        "background": segmenter.variant.labels.background,  # the class an overlay leaves untinted
         "timings_ms": {k: round(v, 3) for k, v in result.timings.items()},
     }

@@ -12,22 +12,22 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
+import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from segd import encode, preprocess
-from segd.app.settings import Settings
-from segd.bench import probe_jpeg
+from segd import encode, preprocess, regions
 from segd.engine import Segmentation, Segmenter, open_runner, summary
 from segd.errors import (
     BadParameter,
+    ConfigError,
     ModelNotReady,
     Overloaded,
     RequestTimeout,
@@ -36,12 +36,34 @@ from segd.errors import (
     UnknownModel,
 )
 from segd.postprocess import class_pixel_counts
+from segd.runtime.pool import DevicePool
+from segd.settings import Settings
+from segd.synthetic import synthetic_jpeg
 from segd.variants import Manifest, Variant
 
 log = logging.getLogger("segd")
 
-SELFTEST_AGREEMENT = 0.98  # Edge TPU mask vs CPU twin on the probe image (Coral's own bar)
-FORMATS = ("png", "json", "overlay")
+SELFTEST_AGREEMENT = 0.98  # Edge TPU mask vs CPU twin on the synthetic image (Coral's own bar)
+FORMATS = encode.FORMATS
+
+
+class ServiceTime:
+    """How long a model takes per request, as admission needs it (seconds): an exponentially
+    weighted mean of the time between completions while other requests were in flight (the
+    rate the queue drains at, contention included), or of a request's latency when it ran
+    alone; seeded by the warm-up. Stage timings are no measure: they include waits."""
+
+    def __init__(self, seconds: float = 0.5, weight: float = 0.1) -> None:
+        self.seconds = seconds
+        self.weight = weight
+        self.last_done: float | None = None
+
+    def completed(self, now: float, latency: float, busy: bool) -> None:
+        sample = latency
+        if busy and self.last_done is not None:
+            sample = min(now - self.last_done, latency)
+        self.seconds += self.weight * (sample - self.seconds)
+        self.last_done = now
 
 
 async def in_thread(executor: Executor, fn: Any, *args: Any) -> Any:
@@ -94,6 +116,7 @@ class Result:
     backend: str
     timings: dict[str, float]
     document: dict[str, Any]  # the JSON summary (the body of format=json, a header otherwise)
+    segmentation: Segmentation | None = None  # mask and decoded image, for the camera sources
 
 
 @dataclass
@@ -112,6 +135,7 @@ class ModelSlot:
     selftest: dict[str, Any] = field(default_factory=dict)
     device_present: bool = True
     queued: int = 0  # admitted requests (in flight + waiting)
+    service: ServiceTime = field(default_factory=ServiceTime)
     requests: int = 0
     errors: int = 0
     fallbacks: int = 0
@@ -143,8 +167,8 @@ class ModelSlot:
         info = runner.describe()
         if info.get("isolation") != "process":
             return None
-        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in")
-        return {k: info.get(k) for k in keys}
+        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in", "devices", "runtime", "python", "pairing")
+        return {k: info[k] for k in keys if k in info}
 
     def describe(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -174,7 +198,7 @@ class ModelSlot:
             doc.update(
                 backend=seg["backend"], reason=seg["reason"], device=seg["device"],
                 runtime=seg["runtime"], file=seg["file"], sha256=seg["sha256"],
-                device_present=self.device_present,
+                device_present=self.device_present if seg["backend"] == "edgetpu" else None,
             )  # fmt: skip
             worker = self.worker_info()
             if worker is not None:
@@ -188,14 +212,13 @@ class ModelService:
     def __init__(self, settings: Settings, manifest: Manifest) -> None:
         self.settings = settings
         self.manifest = manifest
-        names = settings.models or [settings.default_model or manifest.default or next(iter(manifest.variants))]
+        names, self.default = settings.served_models(manifest)
         self.slots: dict[str, ModelSlot] = {}
         for name in names:
             variant = manifest.get(name)  # unknown configured model: fail at start-up
             self.slots[name] = ModelSlot(name, variant)
-        self.default = settings.default_model or (manifest.default if manifest.default in self.slots else names[0])
         if self.default not in self.slots:
-            raise ValueError(f"default model {self.default!r} is not among the served models {names}")
+            raise ConfigError(f"default model {self.default!r} is not among the served models {names}")
         self.cpu_pool = ThreadPoolExecutor(max(2, (os.cpu_count() or 1) + 1), thread_name_prefix="cpu")
         self.pixel_budget = PixelBudget(settings.pixels_in_flight or settings.max_pixels)
         self.loaded = threading.Event()
@@ -217,9 +240,12 @@ class ModelService:
         factory = None
         if accelerator != "cpu" and s.tpu_isolation:
             factory = self._worker_factory()
+        if accelerator != "cpu" and s.devices:
+            factory = self._pool_factory(factory)
         runner, selection = open_runner(
             variant, models_dir=s.models_dir, accelerator=accelerator, device=s.device,
             runtime=s.runtime, num_threads=s.threads, mirror=s.mirror, edgetpu_factory=factory,
+            edgetpu_pairing=s.edgetpu_pairing, edgetpu_pairings=s.edgetpu_pairings,
         )  # fmt: skip
         return Segmenter(variant, runner, selection, max_pixels=s.max_pixels)
 
@@ -229,9 +255,32 @@ class ModelService:
 
         s = self.settings
         return edgetpu_worker_factory(
-            runtime=s.runtime, num_threads=s.threads, call_timeout=s.tpu_timeout,
+            library=s.edgetpu_library, runtime=s.runtime, num_threads=s.threads, python=s.edgetpu_python,
+            pairing=s.edgetpu_pairing, pairings=s.edgetpu_pairings, call_timeout=s.tpu_timeout,
             backoff_base=s.worker_restart_base, backoff_max=s.worker_restart_max,
+            depth=s.tpu_pipeline,
         )  # fmt: skip
+
+    def _pool_factory(self, one: Any) -> Any:
+        """``devices = [...]``: one worker per listed Edge TPU, behind least-loaded dispatch."""
+        from segd.runtime import edgetpu, tpu_worker
+        from segd.runtime.pool import resolve_devices
+
+        s = self.settings
+
+        def open_pool(model: bytes, device: str | None) -> DevicePool:
+            paths = resolve_devices(s.devices, edgetpu.list_devices())
+            if one is not None:
+                return DevicePool.open(paths, lambda path: one(model, path))
+            decision = edgetpu.check_pairing(  # in process: this Python's runtimes
+                tpu_worker.runtime_versions(), library=s.edgetpu_library, policy=s.edgetpu_pairing,
+                pairings=s.edgetpu_pairings, preferred=s.runtime,
+            )  # fmt: skip
+            return DevicePool.open(paths, lambda path: edgetpu.open_edgetpu(
+                model, device=path, library=s.edgetpu_library, runtime=decision.runtime,
+                num_threads=s.threads))  # fmt: skip
+
+        return open_pool
 
     def load(self, slot: ModelSlot) -> None:
         """Open, warm up and self-test one variant. An Edge TPU that fails any step (opening,
@@ -250,12 +299,18 @@ class ModelService:
                     primary.close()
                     primary, fallback = self._retag(fallback, reason), None
             else:
+                t = time.perf_counter()
                 self._warm(primary)
+                slot.service = ServiceTime(time.perf_counter() - t)  # what admission starts from
                 slot.selftest = {"probe": "synthetic", "passed": True}
             if fallback is not None and self.settings.tpu_fallback != "cpu":
                 fallback.close()
                 fallback = None
             slot.primary, slot.fallback = primary, fallback
+            parallel = int(getattr(primary.runner, "parallelism", 1))
+            if parallel > 1:  # an invoke thread for every request the Edge TPU workers hold
+                slot.executor.shutdown(wait=False)
+                slot.executor = ThreadPoolExecutor(parallel, thread_name_prefix="invoke")
             slot.state = "ready"
             slot.error = None
             log.info("%s: ready on %s (%s)", slot.name, primary.backend, primary.selection.reason if primary.selection else "")
@@ -270,7 +325,7 @@ class ModelService:
             slot.load_seconds = time.perf_counter() - t0
 
     def _selftest(self, slot: ModelSlot, tpu: Segmenter, cpu: Segmenter) -> str | None:
-        """Coral's own bar: the Edge TPU mask on a probe image agrees > 0.98 with the CPU twin's.
+        """Coral's own bar: the Edge TPU mask on a synthetic image agrees > 0.98 with the CPU twin's.
         Returns why the TPU must not be used, or None."""
         try:
             agreement = self._compare(tpu, cpu)
@@ -282,6 +337,13 @@ class ModelService:
                          "required": SELFTEST_AGREEMENT, "passed": passed}  # fmt: skip
         if passed:
             return None
+        if self.settings.relax_simulated_tpu_selftest:
+            from segd.runtime import edgetpu
+
+            if edgetpu.is_simulator():
+                slot.selftest["relaxed"] = "simulated Edge TPU (relax_simulated_tpu_selftest, bench only)"
+                log.warning("%s: self-test not enforced: the Edge TPU is segd's simulator", slot.name)
+                return None
         return f"Edge TPU self-test failed: mask agreement with the CPU twin {agreement:.4f} <= {SELFTEST_AGREEMENT}"
 
     @staticmethod
@@ -293,11 +355,17 @@ class ModelService:
         return seg
 
     def _warm(self, seg: Segmenter) -> np.ndarray:
-        probe = probe_jpeg(seg.input_hw)
-        return seg.segment(probe).mask
+        return seg.segment(synthetic_jpeg(seg.input_hw)).mask
 
     def _compare(self, a: Segmenter, b: Segmenter) -> float:
-        return float((self._warm(a) == self._warm(b)).mean())
+        """Agreement of ``a`` with ``b``; with several Edge TPUs, of the worst one."""
+        reference = self._warm(b)
+        run_on_each = getattr(a.runner, "run_on_each", None)
+        if run_on_each is None:
+            return float((self._warm(a) == reference).mean())
+        prepared = a.prepare(a.decode(synthetic_jpeg(a.input_hw)))
+        masks = [a.finish(raw, prepared) for raw in run_on_each(prepared.tensor)]
+        return min(float((mask == reference).mean()) for mask in masks)
 
     # --- health ------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -312,8 +380,10 @@ class ModelService:
                     "state": s.state,
                     "ready": s.ready,
                     "backend": s.primary.backend if s.primary else None,
-                    "error": s.error,
-                    "device_present": s.device_present,
+                    "error": without_paths(s.error),
+                    # null for a model served on the CPU: there is no device to be present
+                    "device_present": s.device_present if s.primary is not None and s.primary.backend == "edgetpu" else None,
+                    **device_states(s),
                 }
                 for n, s in self.slots.items()
             },
@@ -333,6 +403,16 @@ class ModelService:
             devices = []
         for slot in tpu_slots:
             assert slot.primary is not None
+            pool = slot.primary.runner
+            if isinstance(pool, DevicePool):  # several Edge TPUs: each one on its own
+                for path, there in pool.mark_present({d.path for d in devices}):
+                    log.warning("%s: Edge TPU %s %s", slot.name, path, "is back" if there else "disappeared")
+                if self.settings.devices == ["all"] and pool.adopt([d.path for d in devices]):
+                    log.warning("%s: now serving on Edge TPUs %s", slot.name, pool.device)
+                    old, slot.executor = slot.executor, ThreadPoolExecutor(pool.parallelism, thread_name_prefix="invoke")
+                    old.shutdown(wait=False)  # what it holds still runs
+                slot.device_present = pool.any_present
+                continue
             present = device_present(slot.primary.runner.device, devices)
             if present != slot.device_present:
                 log.warning("%s: Edge TPU %s", slot.name, "is back" if present else "disappeared")
@@ -347,11 +427,11 @@ class ModelService:
         return self.slots[key]
 
     async def segment(
-        self, name: str | None, body: bytes | Callable[[], Awaitable[bytes]], *, fmt: str = "png",
-        keep_aspect: bool = False, overlay_format: str = "jpeg",
+        self, name: str | None, data: bytes, *, fmt: str = "png", keep_aspect: bool = False,
+        overlay_format: str = "jpeg", shape: regions.Shape | None = None,
     ) -> Result:  # fmt: skip
-        """Segment ``body`` (the image bytes, or a coroutine function reading them: then the
-        upload is read only once the request is admitted, so a full queue never holds bodies)."""
+        """Segment ``data``, a complete upload: a request takes a place in the model's queue only
+        once its body has arrived, so slow uploads never hold the model."""
         if fmt not in FORMATS:
             raise BadParameter(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
         if overlay_format not in ("jpeg", "png"):
@@ -359,19 +439,13 @@ class ModelService:
         slot = self.slot(name)
         if not slot.can_answer:
             raise ModelNotReady(f"model {slot.name!r} is not ready ({slot.error or slot.state})")
-        if slot.queued >= self.settings.queue_size:
-            raise Overloaded(f"model {slot.name!r} has {slot.queued} requests queued (limit {self.settings.queue_size})")
+        self.admit(slot)
         slot.queued += 1
         slot.requests += 1
-        try:
-            data = body if isinstance(body, bytes) else await body()
-        except BaseException:
-            slot.queued -= 1
-            raise
         t0 = time.perf_counter()
         try:
             result = await asyncio.wait_for(
-                self._budgeted(slot, data, fmt, keep_aspect, overlay_format), self.settings.request_timeout
+                self._budgeted(slot, data, fmt, keep_aspect, overlay_format, shape), self.settings.request_timeout
             )
         except TimeoutError:
             slot.errors += 1
@@ -383,10 +457,31 @@ class ModelService:
             slot.queued -= 1
         total = (time.perf_counter() - t0) * 1000.0
         result.timings["total"] = total
+        result.document["timings_ms"] = {k: round(v, 3) for k, v in result.timings.items()}
         slot.latencies_ms.append(total)
+        slot.service.completed(time.perf_counter(), total / 1000.0, busy=slot.queued > 0)
         return result
 
-    async def _budgeted(self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str) -> Result:
+    def admit(self, slot: ModelSlot) -> None:
+        """Admission by expected wait: the requests ahead times the measured service time. A
+        request is refused (503, Retry-After = when it would fit) only when it could not finish
+        within ``request_timeout``; ``queue_size`` (when set) is an extra hard cap."""
+        s = self.settings
+        if s.queue_size and slot.queued >= s.queue_size:
+            raise Overloaded(f"model {slot.name!r} has {slot.queued} requests queued (limit {s.queue_size})",
+                             retry_after=max(1, math.ceil(slot.service.seconds)))  # fmt: skip
+        finish = (slot.queued + 1) * slot.service.seconds
+        if slot.queued and finish > s.request_timeout:  # a lone request is always tried (and measured)
+            wait = finish - s.request_timeout
+            raise Overloaded(
+                f"model {slot.name!r} has {slot.queued} requests queued, about {finish:.1f} s of work at "
+                f"{slot.service.seconds * 1000:.0f} ms each, over the request timeout of {s.request_timeout:g} s",
+                retry_after=max(1, math.ceil(wait)),
+            )
+
+    async def _budgeted(
+        self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str, shape: regions.Shape | None
+    ) -> Result:
         """The pipeline, once the image's pixels fit in the budget (header probed off the loop;
         bad or oversized images are refused here without waiting)."""
         loop = asyncio.get_running_loop()
@@ -394,11 +489,13 @@ class ModelService:
         preprocess.check_limits(header, self.settings.max_pixels)
         held = await self.pixel_budget.acquire(header.pixels)
         try:
-            return await self._pipeline(slot, data, fmt, keep_aspect, overlay_format)
+            return await self._pipeline(slot, data, fmt, keep_aspect, overlay_format, shape)
         finally:
             await self.pixel_budget.release(held)
 
-    async def _pipeline(self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str) -> Result:
+    async def _pipeline(
+        self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str, shape: regions.Shape | None
+    ) -> Result:
         seg = slot.primary
         assert seg is not None
         timings: dict[str, float] = {}
@@ -414,25 +511,24 @@ class ModelService:
         prepared = await cpu("preprocess", lambda: seg.prepare(image, keep_aspect=keep_aspect))
         used, raw = await self._infer(slot, prepared.tensor, timings)
         n_classes = slot.variant.n_classes
+        labels = slot.variant.labels
+        keep, fill = shape.resolve(labels) if shape is not None else (None, labels.background)
 
         def finish() -> tuple[np.ndarray, np.ndarray]:
             mask = used.finish(raw, prepared)
+            if shape is not None and shape.changes_mask:
+                assert fill is not None
+                mask = regions.keep_classes(mask, keep, shape.min_area, fill)
+                return mask, class_pixel_counts(mask, 256)
             return mask, class_pixel_counts(mask, n_classes)
 
         mask, counts = await cpu("postprocess", finish)
-        labels = slot.variant.labels
-
-        def render() -> tuple[bytes, str]:
-            if fmt == "png":
-                return encode.encode_mask_png(mask, labels.palette), "image/png"
-            if fmt == "overlay":
-                blended = encode.overlay(image.rgb, mask, labels.palette)
-                return encode.encode_image(blended, overlay_format), f"image/{overlay_format}"
-            return b"", "application/json"
-
-        body, media = await cpu("encode", render)
-        document = summary(Segmentation(mask, counts, image, timings, slot.name, used.backend), used)
-        return Result(body, media, slot.name, used.backend, timings, document)
+        body, media = await cpu("encode", encode.render, fmt, mask, labels.palette, image.rgb, overlay_format, fill)
+        segmentation = Segmentation(mask, counts, image, timings, slot.name, used.backend)
+        document = summary(segmentation, used)
+        if shape is not None:
+            await cpu("regions", shape.describe, document, mask, keep, fill)
+        return Result(body, media, slot.name, used.backend, timings, document, segmentation)
 
     async def _infer(self, slot: ModelSlot, tensor: np.ndarray, timings: dict[str, float]) -> tuple[Segmenter, np.ndarray]:
         """Run the model; when the Edge TPU fails in any way (worker died or hung, delegate error)
@@ -477,6 +573,21 @@ class ModelService:
 
 
 __all__ = ["ModelService", "ModelSlot", "Result"]
+
+
+_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\":,;()]+/)*([^\s/'\":,;()]+)")
+
+
+def without_paths(text: str | None) -> str | None:
+    """``text`` with absolute file-system paths cut to their file names: /readyz is
+    unauthenticated and must not map the host's directories (/models keeps the full error)."""
+    return _PATH.sub(r"\1", text) if text else text
+def device_states(slot: ModelSlot) -> dict[str, Any]:
+    """``{"devices": {path: state}}`` for a model on several Edge TPUs, else nothing."""
+    worker = slot.worker_info() or {}
+    if "devices" not in worker:
+        return {}
+    return {"devices": {d["device"]: d["state"] for d in worker["devices"]}}
 
 
 def device_present(wanted: str | None, devices: list[Any]) -> bool:

@@ -9,17 +9,16 @@ from typing import Any
 
 from segd.errors import ModelError, RuntimeUnavailable
 from segd.runtime.base import InterpreterRunner
-
-#: runtime name -> (module holding Interpreter/load_delegate, distribution name for the version)
-RUNTIMES: dict[str, tuple[str, str]] = {
-    "litert": ("ai_edge_litert.interpreter", "ai-edge-litert"),
-    "tflite_runtime": ("tflite_runtime.interpreter", "tflite-runtime"),
-}
+from segd.runtime.tpu_worker import (  # name -> (interpreter module, distribution)
+    RUNTIMES,
+    runtime_label,
+)
+from segd.settings import env_runtime
 
 
 def runtime_module(name: str | None = None) -> tuple[str, ModuleType]:
     """The interpreter module of ``name`` or, by default, ``SEGD_RUNTIME`` or the first installed."""
-    name = name or os.environ.get("SEGD_RUNTIME") or None
+    name = name or env_runtime()
     candidates = [name] if name else list(RUNTIMES)
     errors = []
     for cand in candidates:
@@ -49,16 +48,6 @@ def available_runtimes() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             found[name] = "unknown"
     return found
-
-
-def runtime_label(name: str) -> str:
-    from importlib import metadata
-
-    dist = RUNTIMES[name][1]
-    try:
-        return f"{dist} {metadata.version(dist)}"
-    except metadata.PackageNotFoundError:
-        return dist
 
 
 def make_interpreter(

@@ -1,7 +1,7 @@
 """A Runner whose interpreter lives in a supervised child process.
 
 libedgetpu aborts the process it runs in on a USB transfer error, and a wedged device can hang
-``invoke`` forever; neither may take the HTTP server down (invariant 3). So the Edge TPU
+``invoke`` forever; neither may take the HTTP server down (docs/ARCHITECTURE.md, invariant 3). So the Edge TPU
 interpreter runs in a child started with the 'spawn' context (the parent has threads; fork would
 copy their locks), tensors cross through two ``multiprocessing.shared_memory`` segments sized
 from the TensorSpecs the child reports at start-up, and a Pipe carries small control messages.
@@ -9,6 +9,12 @@ from the TensorSpecs the child reports at start-up, and a Pipe carries small con
 When the child dies or overruns the per-call timeout, ``run`` raises ``WorkerCrashed`` /
 ``RequestTimeout`` and a supervisor thread starts a new child after an exponential backoff;
 calls made meanwhile fail at once with "restarting, retry in N s" instead of blocking.
+
+Pipelined: up to ``depth`` (2) requests are in the child at once, each in its own slot of the
+shared segments. The child runs them one after the other, so the next input is already waiting
+when an invoke ends and the device never idles while the parent wakes up, copies the previous
+result out and sends the next one. ``run`` is thread-safe; ``parallelism`` says how many callers
+it keeps busy.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -28,12 +37,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from segd import errors
 from segd.errors import RequestTimeout, RuntimeUnavailable, WorkerCrashed
+from segd.runtime import tpu_worker
 from segd.runtime.base import Runner, TensorSpec
 
 RunnerFactory = Callable[[], Runner]
@@ -82,19 +93,43 @@ class EdgeTpuFactory:
         )
 
 
+@dataclass(frozen=True)
+class EdgeTpuProgram:
+    """Recipe for a worker that runs :mod:`segd.runtime.tpu_worker` as a program under
+    ``python`` (any Python with numpy and a TFLite runtime; segd need not be installed there).
+    Before the delegate is loaded, the daemon checks the libedgetpu/runtime pairing against
+    the runtimes that Python reports (:func:`segd.runtime.edgetpu.check_pairing`)."""
+
+    model_content: bytes
+    device: str | None = None
+    library: str | None = None
+    python: str | None = None  # default: the daemon's own interpreter
+    runtime: str | None = None  # preferred runtime (used by edgetpu_pairing = "trust")
+    num_threads: int | None = None
+    pairing: str = "check"
+    pairings: Path | None = None  # extra pairings table
+    dpkg_admindir: Path | None = None
+
+    @property
+    def executable(self) -> str:
+        return self.python or sys.executable
+
+
 def edgetpu_worker_factory(
     *, library: str | None = None, runtime: str | None = None, num_threads: int | None = None,
-    **worker_options: Any,
+    python: str | None = None, pairing: str = "check", pairings: Path | None = None,
+    dpkg_admindir: Path | None = None, **worker_options: Any,
 ) -> Callable[[bytes, str | None], WorkerRunner]:  # fmt: skip
     """A ``(model_bytes, device) -> Runner`` factory (what ``segd.engine.open_runner`` takes)
-    that opens the Edge TPU interpreter inside a WorkerRunner."""
+    that runs the Edge TPU interpreter in a WorkerRunner child under ``python``."""
     from segd.runtime.edgetpu import library_path
 
     lib = library or library_path()
 
     def make(model_content: bytes, device: str | None) -> WorkerRunner:
-        factory = EdgeTpuFactory(model_content, device, lib, runtime, num_threads)
-        return WorkerRunner(factory, **worker_options)
+        program = EdgeTpuProgram(model_content, device, lib, python, runtime, num_threads,
+                                 pairing, pairings, dpkg_admindir)  # fmt: skip
+        return WorkerRunner(program, **worker_options)
 
     return make
 
@@ -121,9 +156,15 @@ def _rebuild_error(module: str, qualname: str, message: str) -> Exception:
 
 
 # --- the child ----------------------------------------------------------------------------
+def _wire_spec(spec: TensorSpec) -> dict[str, Any]:
+    """A TensorSpec as the plain dict the worker protocol carries (what tpu_worker sends)."""
+    return {"name": spec.name, "index": spec.index, "shape": list(spec.shape),
+            "dtype": spec.dtype.str, "quantization": (spec.scale, spec.zero_point)}  # fmt: skip
+
+
 def _child_main(conn: mpc.Connection) -> None:
-    """Receive the factory, open the runner, report its specs, serve run requests until told
-    to stop (or the parent is gone)."""
+    """Receive the factory, open the runner, report its specs, then serve run requests with
+    the same loop as the tpu_worker program until told to stop (or the parent is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         _, factory = conn.recv()
@@ -136,45 +177,48 @@ def _child_main(conn: mpc.Connection) -> None:
         "backend": runner.backend,
         "runtime": runner.runtime,
         "device": runner.device,
-        "input": runner.input,
-        "output": runner.output,
+        "input": _wire_spec(runner.input),
+        "output": _wire_spec(runner.output),
     }
     conn.send(("ready", info))
-    message = conn.recv()
-    in_shm = SharedMemory(name=message[1])
-    out_shm = SharedMemory(name=message[2])
-    conn.send(("attached",))
     try:
-        while True:
-            try:
-                message = conn.recv()
-            except EOFError:
-                break  # the parent is gone
-            if message[0] != "run":
-                break
-            _, seq, shape, dtype = message
-            try:
-                tensor = np.ndarray(shape, dtype=np.dtype(dtype), buffer=in_shm.buf)
-                out = np.ascontiguousarray(runner.run(tensor))
-                del tensor
-                if out.nbytes > out_shm.size:
-                    raise RuntimeError(
-                        f"output of {out.nbytes} bytes exceeds the {out_shm.size} reserved"
-                    )
-                view = np.ndarray(out.shape, dtype=out.dtype, buffer=out_shm.buf)
-                view[...] = out
-                del view
-                conn.send(("ok", seq, out.shape, out.dtype.str))
-            except Exception as exc:
-                conn.send(("error", seq, *_error_payload(exc)))
+        tpu_worker.serve(conn, runner)
+    except (EOFError, OSError):
+        pass  # the parent is gone
     finally:
-        in_shm.close()
-        out_shm.close()
-        runner.close()
         conn.close()
 
 
 # --- the parent ---------------------------------------------------------------------------
+class _Program:
+    """A ``subprocess.Popen`` with the parts of ``multiprocessing.Process`` _Child uses; its
+    sentinel is a pidfd, readable once the process has exited."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+        self.pid = proc.pid
+        self.sentinel = os.pidfd_open(proc.pid)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._proc.poll()
+
+    def is_alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.sentinel)
+
+
 class _Child:
     """One child process and its resources (owned by the parent)."""
 
@@ -183,7 +227,51 @@ class _Child:
         self.conn = conn
         self.in_shm: SharedMemory | None = None
         self.out_shm: SharedMemory | None = None
+        self.in_size = self.out_size = 0  # bytes per slot
         self.info: dict[str, Any] = {}
+        # Pipelining: free slots, replies read by one caller for another, who is reading.
+        self.free_slots: list[int] = []
+        self.in_flight = 0
+        self._replies: dict[int, Any] = {}
+        self._gone: tuple[str, Any] | None = None
+        self._reading = False
+        self._replied = threading.Condition()
+        self.send_lock = threading.Lock()
+
+    def reply(self, seq: int, timeout: float) -> tuple[str, Any]:
+        """The child's answer to request ``seq`` (as :meth:`receive`). Answers come in request
+        order; whichever caller reads the pipe files the others' answers for them."""
+        deadline = time.monotonic() + timeout
+        with self._replied:
+            while True:
+                if seq in self._replies:
+                    return "msg", self._replies.pop(seq)
+                if self._gone is not None:
+                    return self._gone
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return "timeout", None
+                if not self._reading:
+                    self._reading = True
+                    break
+                self._replied.wait(remaining)
+        kind: str = "timeout"
+        message: Any = None
+        try:
+            kind, message = self.receive(remaining)
+        except (OSError, ValueError):  # another caller tore the child down meanwhile
+            kind, message = "dead", "stopped"
+        finally:
+            with self._replied:
+                self._reading = False
+                if kind == "msg" and message is not None:
+                    self._replies[message[1]] = message
+                elif kind == "dead":
+                    self._gone = (kind, message)
+                self._replied.notify_all()
+        if kind == "timeout":
+            return kind, message
+        return self.reply(seq, max(deadline - time.monotonic(), 0.001))
 
     def receive(self, timeout: float) -> tuple[str, Any]:
         """('msg', message) | ('dead', exit description) | ('timeout', None)."""
@@ -222,13 +310,14 @@ class WorkerRunner:
 
     def __init__(
         self,
-        factory: RunnerFactory,
+        factory: RunnerFactory | EdgeTpuProgram,
         *,
         call_timeout: float = 30.0,
         start_timeout: float = 120.0,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         context: str = "spawn",
+        depth: int = 2,
     ) -> None:
         if context == "fork":
             raise ValueError("fork would copy the parent's threads' locks; use spawn or forkserver")
@@ -238,7 +327,10 @@ class WorkerRunner:
         self.start_timeout = start_timeout
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
-        self._run_lock = threading.Lock()  # one request in flight
+        self.depth = max(1, depth)
+        self.parallelism = self.depth  # callers run() keeps busy at once
+        self.thread_safe = True
+        self._run_slots = threading.BoundedSemaphore(self.depth)  # requests in the child
         self._state_lock = threading.Lock()  # state, counters, current child
         self._wake = threading.Event()  # set on close(): stops a pending restart
         self._seq = itertools.count(1)
@@ -259,8 +351,10 @@ class WorkerRunner:
         self.backend: str = info["backend"]
         self.runtime: str = info["runtime"]
         self.device: str | None = info["device"]
-        self.input: TensorSpec = info["input"]
-        self.output: TensorSpec = info["output"]
+        self.input: TensorSpec = TensorSpec.from_details(info["input"])
+        self.output: TensorSpec = TensorSpec.from_details(info["output"])
+        self.pairing: dict[str, Any] | None = info.get("pairing")
+        self.python: dict[str, Any] | None = info.get("python")
 
     @property
     def pid(self) -> int | None:
@@ -269,6 +363,8 @@ class WorkerRunner:
 
     def _spawn(self) -> _Child:
         """Start a child and wait until it serves; its start-up error is raised here, typed."""
+        if isinstance(self._factory, EdgeTpuProgram):
+            return self._spawn_program(self._factory)
         # The factory (model bytes included) goes through our socket, not the spawn pipe: a child
         # that dies while bootstrapping leaves a large spawn-pipe write blocked forever (CPython
         # keeps the pipe's read end open until the write ends). Pickled here, so an unpicklable
@@ -293,14 +389,7 @@ class WorkerRunner:
                 raise WorkerCrashed(f"Edge TPU worker died during start-up ({message})")
             if message[0] == "error":
                 raise _rebuild_error(*message[1:])
-            info = message[1]
-            child.info = info
-            child.in_shm = _segment(_nbytes(info["input"]))
-            child.out_shm = _segment(_nbytes(info["output"]))
-            child.conn.send(("shm", child.in_shm.name, child.out_shm.name))
-            kind, message = child.receive(self.start_timeout)
-            if kind != "msg" or message[0] != "attached":
-                raise WorkerCrashed(f"Edge TPU worker failed attaching shared memory ({message})")
+            self._attach(child, message[1])
         except BaseException:
             child.stop()
             raise
@@ -308,12 +397,85 @@ class WorkerRunner:
             sender.join(5.0)
         return child
 
+    def _attach(self, child: _Child, info: dict[str, Any]) -> None:
+        """Create the two segments (``depth`` slots each, sized from the child's report), and
+        wait for the child to map them."""
+        child.info = info
+        child.in_size = _nbytes(TensorSpec.from_details(info["input"]))
+        child.out_size = _nbytes(TensorSpec.from_details(info["output"]))
+        child.in_shm = _segment(child.in_size * self.depth)
+        child.out_shm = _segment(child.out_size * self.depth)
+        child.free_slots = list(range(self.depth))
+        child.conn.send(("shm", child.in_shm.name, child.out_shm.name, child.in_size, child.out_size))
+        kind, message = child.receive(self.start_timeout)
+        if kind != "msg" or message[0] != "attached":
+            raise WorkerCrashed(f"Edge TPU worker failed attaching shared memory ({message})")
+
+    def _spawn_program(self, program: EdgeTpuProgram) -> _Child:
+        """Run tpu_worker.py under ``program.python``; hear which runtimes it has, check the
+        pairing, and only then let it load the delegate (a refused pairing never loads it)."""
+        from segd.runtime import edgetpu
+
+        ours, theirs = socket.socketpair()
+        try:
+            proc = subprocess.Popen(  # -I: no PYTHONPATH, no user site, not the script's dir
+                [program.executable, "-I", tpu_worker.__file__, str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            ours.close()
+            raise RuntimeUnavailable(f"cannot start the Edge TPU worker with {program.executable}: {exc}") from exc
+        finally:
+            theirs.close()
+        conn = mpc.Connection(ours.detach())
+        child = _Child(_Program(proc), conn)
+        sender: threading.Thread | None = None
+        try:
+            kind, message = child.receive(self.start_timeout)
+            if kind == "timeout":
+                raise RuntimeUnavailable(f"Edge TPU worker did not start within {self.start_timeout:g} s")
+            if kind == "dead" or message[0] != "hello":
+                raise WorkerCrashed(f"Edge TPU worker ({program.executable}) died during start-up ({message})")
+            env = message[1]
+            decision = edgetpu.check_pairing(
+                env["runtimes"], library=program.library, policy=program.pairing,
+                pairings=program.pairings, preferred=program.runtime,
+                **({"admindir": program.dpkg_admindir} if program.dpkg_admindir else {}),
+            )  # fmt: skip
+            options = {"model": program.model_content, "library": program.library or edgetpu.library_path(),
+                       "runtime": decision.runtime, "device": program.device,
+                       "num_threads": program.num_threads}  # fmt: skip
+            payload = ForkingPickler.dumps(("start", options))
+            sender = threading.Thread(target=_send_bytes, args=(conn, payload), daemon=True)
+            sender.start()
+            kind, message = child.receive(self.start_timeout)
+            if kind == "timeout":
+                raise RuntimeUnavailable(f"Edge TPU worker did not start within {self.start_timeout:g} s")
+            if kind == "dead":
+                raise WorkerCrashed(f"Edge TPU worker died during start-up ({message})")
+            if message[0] == "error":
+                raise _rebuild_error(*message[1:])
+            info = dict(message[1])
+            info["pairing"] = decision.describe()
+            info["python"] = {"executable": env["python"], "version": env["python_version"], "numpy": env["numpy"]}
+            self._attach(child, info)
+        except BaseException:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(("close",))
+            child.stop(graceful=1.0)
+            raise
+        finally:
+            if sender is not None:
+                sender.join(5.0)
+        return child
+
     # -- failure handling and restarts --
     def _fail(self, child: _Child, reason: str) -> float:
         """Record a crash of ``child``, tear it down, schedule a restart; return the delay."""
         with self._state_lock:
-            if self._child is child:
-                self._child = None
+            if self._child is not child:  # a pipelined caller already handled this child
+                return max(self._restart_at - time.monotonic(), 0.0)
+            self._child = None
             self.state = "restarting"
         child.stop()
         with self._state_lock:
@@ -367,8 +529,9 @@ class WorkerRunner:
     # -- Runner protocol --
     def run(self, tensor: np.ndarray) -> np.ndarray:
         """Run in the child. Raises WorkerCrashed / RequestTimeout and never blocks beyond the
-        call timeout; errors the runner raises in the child come back as the same type."""
-        with self._run_lock:
+        call timeout (once more for each request ahead of it in the child); errors the runner
+        raises in the child come back as the same type. Thread-safe."""
+        with self._run_slots:
             with self._state_lock:
                 child = self._child
                 if self._closed:
@@ -379,26 +542,37 @@ class WorkerRunner:
                         f"Edge TPU worker {self.state} after: {self.last_crash}; "
                         f"retry in {max(1, math.ceil(wait))} s"
                     )
-            return self._run_in(child, tensor)
+                slot = child.free_slots.pop()
+                ahead = child.in_flight
+                child.in_flight += 1
+            try:
+                return self._run_in(child, tensor, slot, ahead)
+            finally:
+                with self._state_lock:
+                    child.in_flight -= 1
+                    child.free_slots.append(slot)
 
-    def _run_in(self, child: _Child, tensor: np.ndarray) -> np.ndarray:
+    def _run_in(self, child: _Child, tensor: np.ndarray, slot: int = 0, ahead: int = 0) -> np.ndarray:
         assert child.in_shm is not None and child.out_shm is not None
         arr = np.ascontiguousarray(tensor)
         if arr.dtype != self.input.dtype:
             raise ValueError(
                 f"input dtype {arr.dtype} does not match the model's {self.input.dtype}"
             )
-        if arr.nbytes > child.in_shm.size:
+        if arr.nbytes > child.in_size:
             raise ValueError(
                 f"input of shape {arr.shape} does not fit the model input {self.input.shape}"
             )
         in_buf, out_buf = child.in_shm.buf, child.out_shm.buf
         assert in_buf is not None and out_buf is not None
-        in_buf[: arr.nbytes] = arr.reshape(-1).view(np.uint8).data
-        seq = next(self._seq)
-        with contextlib.suppress(OSError, ValueError):  # if the child is gone, receive() says how
-            child.conn.send(("run", seq, arr.shape, arr.dtype.str))
-        kind, message = child.receive(self.call_timeout)
+        start = slot * child.in_size
+        in_buf[start : start + arr.nbytes] = arr.reshape(-1).view(np.uint8).data
+        with child.send_lock:  # sequence numbers in the order the child receives them
+            seq = next(self._seq)
+            with contextlib.suppress(OSError, ValueError):  # if the child is gone, reply() says how
+                child.conn.send(("run", seq, arr.shape, arr.dtype.str, slot))
+        # the requests ahead of this one in the child run first
+        kind, message = child.reply(seq, self.call_timeout * (1 + ahead))
         if kind == "timeout":
             delay = self._fail(child, f"no answer within {self.call_timeout:g} s (killed)")
             raise RequestTimeout(
@@ -414,7 +588,7 @@ class WorkerRunner:
             raise _rebuild_error(*message[2:])
         _, _, shape, dtype = message
         count = int(np.prod(shape, dtype=np.int64))
-        flat = np.frombuffer(out_buf, dtype=np.dtype(dtype), count=count)
+        flat = np.frombuffer(out_buf, dtype=np.dtype(dtype), count=count, offset=slot * child.out_size)
         out = flat.reshape(shape).copy()
         del flat
         with self._state_lock:
@@ -430,6 +604,8 @@ class WorkerRunner:
                 "input": self.input.describe(),
                 "output": self.output.describe(),
                 "isolation": "process",
+                "python": self.python,
+                "pairing": self.pairing,
                 "pid": self.pid,
                 "state": self.state,
                 "restarts": self.restarts,
@@ -442,7 +618,10 @@ class WorkerRunner:
 
     def close(self) -> None:
         """Stop the child (after the request in flight, if any) and free its shared memory."""
-        acquired = self._run_lock.acquire(timeout=self.call_timeout + 5.0)
+        deadline = time.monotonic() + self.call_timeout * self.depth + 5.0
+        acquired = 0
+        while acquired < self.depth and self._run_slots.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            acquired += 1
         try:
             with self._state_lock:
                 self._closed = True
@@ -455,8 +634,8 @@ class WorkerRunner:
             if supervisor is not None and supervisor is not threading.current_thread():
                 supervisor.join(self.start_timeout + 10.0)
         finally:
-            if acquired:
-                self._run_lock.release()
+            for _ in range(acquired):
+                self._run_slots.release()
 
     def __enter__(self) -> WorkerRunner:
         return self
@@ -481,6 +660,7 @@ def _segment(size: int) -> SharedMemory:
 
 __all__ = [
     "EdgeTpuFactory",
+    "EdgeTpuProgram",
     "RunnerFactory",
     "WorkerRunner",
     "backoff_delay",
