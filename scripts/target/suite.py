@@ -233,8 +233,18 @@ def main() -> int:
         cpu_file = "deeplabv3_mnv2_dm05_pascal_quant.tflite"
         sha = hashlib.sha256((tpu_models / cpu_file).read_bytes()).hexdigest()
         (tpu_models / "tpu.toml").write_text(TPU_TOML.format(name=cpu_file, sha=sha))
+        # segd loads only a libedgetpu its pairings table vouches for: register the double by its
+        # sha256, as a user registers their own build (SEGD_EDGETPU_PAIRINGS).
+        lib_sha = hashlib.sha256(args.double.read_bytes()).hexdigest()
+        pairings = out / "pairings.toml"
+        pairings.write_text(
+            f'[[build]]\nid = "test-double-{lib_sha[:8]}"\nname = "the aarch64 Edge TPU test double"\n'
+            f'sha256 = ["{lib_sha}"]\n[[build.pairing]]\nruntime = "*"\nversions = "*"\nverdict = "good"\n'
+            'note = "tests/edgetpu_double implements the C delegate ABI"\nsources = ["tests/edgetpu_double/fake_edgetpu.c"]\n'
+        )
         # 1 warm-up invoke + 2 good requests in the worker process, then the delegate aborts it.
         env = {"SEGD_EDGETPU_LIBRARY": str(args.double), "FAKE_EDGETPU_DEVICES": "usb:/sys/bus/usb/devices/2-1",
+               "SEGD_EDGETPU_PAIRINGS": str(pairings),
                "FAKE_EDGETPU_MODE": "crash_on_invoke", "FAKE_EDGETPU_CRASH_AFTER": "3",
                "SEGD_WORKER_RESTART_BASE": "0.2", "SEGD_TPU_FALLBACK": "cpu"}  # fmt: skip
         d = Daemon(tpu_models, out / "tpu.log", "--model", "tpu_dm05", env=env)
