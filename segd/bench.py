@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from segd.engine import Segmenter
+from segd.errors import SegdError
 from segd.variants import load_manifest
 
 
@@ -69,9 +70,18 @@ def bench_variants(
     rows = []
     for name in names or list(manifest.variants):
         variant = manifest.get(name)
-        seg = Segmenter.open(variant, models_dir=models_dir, **open_kwargs)
         try:
-            rows.append(bench_segmenter(seg, probe_jpeg(variant.input.hw), iterations=iterations, warmup=warmup))
+            seg = Segmenter.open(variant, models_dir=models_dir, **open_kwargs)
+        except SegdError as exc:
+            # A variant whose file is missing (e.g. the original coral-deeplab's, from Google
+            # Drive) gets a row saying why; the others are still measured.
+            rows.append({"model": name, "backend": "-", "runtime": "-", "reason": f"not measured: {exc.detail}",
+                         "invoke_ms": None, "end_to_end_ms": None, "fps": None})  # fmt: skip
+            continue
+        try:
+            row = bench_segmenter(seg, probe_jpeg(seg.input_hw), iterations=iterations, warmup=warmup)
+            row["model"] = name  # the requested variant (a CPU fallback is named in the reason)
+            rows.append(row)
         finally:
             seg.close()
     return rows
@@ -82,10 +92,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "| model | backend | runtime | invoke ms | end-to-end ms/iter | FPS |",
         "|---|---|---|---:|---:|---:|",
     ]
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['backend']} | {r['runtime']} | {r['invoke_ms']:.1f} | "
-            f"{r['end_to_end_ms']:.1f} | {r['fps']:.1f} |"
+            f"| {r['model']} | {r['backend']} | {r['runtime']} | {num(r['invoke_ms'])} | "
+            f"{num(r['end_to_end_ms'])} | {num(r['fps'])} |"
         )
     reasons = {r["model"]: r["reason"] for r in rows}
     lines.append("")

@@ -189,7 +189,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
             "default": name == manifest.default,
             "description": v.description,
             "classes": v.n_classes,
-            "input": list(v.input.hw),
+            "input": list(v.input.hw) if v.input.shape else None,  # None: read from the file
             "files": {f.name: (mdir / f.name).is_file() for f in v.files()},
         })  # fmt: skip
     if args.json:
@@ -199,7 +199,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     for r in rows:
         star = "*" if r["default"] else " "
         present = ", ".join(f"{n} [{'present' if ok else 'missing'}]" for n, ok in r["files"].items())
-        print(f"{star} {r['name']:34} {r['classes']:3d} classes  {r['input'][0]}x{r['input'][1]}  {present}")
+        size = f"{r['input'][0]}x{r['input'][1]}" if r["input"] else "from file"
+        print(f"{star} {r['name']:34} {r['classes']:3d} classes  {size}  {present}")
     return 0
 
 
@@ -211,14 +212,43 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     if names == ["all"]:
         names = list(manifest.variants)
     mdir = args.models_dir or default_models_dir()
+    failed = []
     for name in names:
         variant = manifest.get(name)
-        specs = [variant.cpu] if args.cpu_only else variant.files()
-        for spec in specs:
+        served = variant.cpu_variant()
+        pairs: list[tuple[Any, Any]] = [(served, served.cpu)] if args.cpu_only else [(variant, f) for f in variant.files()]
+        if not args.cpu_only and served is not variant:
+            pairs.append((served, served.cpu))  # what serves it without an Edge TPU
+        for owner, spec in pairs:
+            assert spec is not None
             bar = _Progress(spec.name)
-            path = resolve_file(spec, mdir, mirror=args.mirror, force=args.force, progress=bar)
-            bar.done(f"{path} ok (sha256 {spec.sha256[:12]}…)")
+            try:
+                path = resolve_file(spec, mdir, mirror=args.mirror, force=args.force, progress=bar)
+                bar.done(f"{path} ok ({_pulled_facts(owner, spec, path)})")
+            except SegdError as exc:
+                # One variant whose file never arrives must not stop the others.
+                bar.done(f"{name}: {spec.name} NOT pulled: {exc.detail}")
+                failed.append(name)
+    if failed:
+        print(f"segd: not pulled: {', '.join(dict.fromkeys(failed))}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _pulled_facts(variant: Any, spec: Any, path: Path) -> str:
+    """How the file was verified and, for entries that leave them out, its tensors."""
+    from segd.engine import settle
+    from segd.pins import pinned_sha256
+
+    if spec.sha256:
+        facts = f"sha256 {spec.sha256[:12]}…"
+    else:
+        facts = f"publisher's md5 {spec.md5} checked once, sha256 pinned {(pinned_sha256(path.parent, spec.name) or '?')[:12]}…"
+    if variant.tensors_from_file:
+        v, _ = settle(variant, spec, path)
+        facts += (f"; read from the file: input {v.input.hw[0]}x{v.input.hw[1]} {v.input.dtype}, logits "
+                  f"{v.output.shape[1]}x{v.output.shape[2]}x{v.output.shape[3]} at stride {v.output.stride}")  # fmt: skip
+    return facts
 
 
 class _Progress:

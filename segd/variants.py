@@ -11,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import tomllib
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from segd import pins
 from segd.errors import ChecksumMismatch, ModelError, ModelNotFound, UnknownModel
 from segd.fsutil import fsync_dir
 from segd.labels import Labels, palette_from
@@ -31,6 +33,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 CHECKOUT_MODELS_DIR = PACKAGE_DIR.parent / "models"
 BUILTIN_MANIFEST = PACKAGE_DIR / "data" / "variants.toml"
 CHUNK = 1 << 20
+GDRIVE_SOURCE = "gdrive:"  # a source "gdrive:<file id>" is fetched through segd.gdrive
+MAX_DOWNLOAD = 1 << 30  # bound on a download whose size the manifest does not give
 
 ProgressFn = Callable[[int, int], None]
 
@@ -38,9 +42,11 @@ ProgressFn = Callable[[int, int], None]
 @dataclass(frozen=True)
 class FileSpec:
     name: str
-    sha256: str
+    sha256: str  # "" when the publisher gave only an md5: then pinned on first use (segd.pins)
     size: int | None = None
     url: str | None = None
+    md5: str | None = None  # the publisher's md5 (checked once, then the sha256 pin rules)
+    gdrive_id: str | None = None  # Google Drive file id to download from (segd.gdrive)
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class InputSpec:
 
     @property
     def hw(self) -> tuple[int, int]:
+        if not self.shape:
+            raise ValueError("input shape not known yet: the manifest says to read it from the file")
         return int(self.shape[1]), int(self.shape[2])
 
 
@@ -72,9 +80,26 @@ class Variant:
     labels: Labels
     input: InputSpec
     output: OutputSpec
-    cpu: FileSpec
+    cpu: FileSpec | None  # None: an Edge-TPU-only file, served on the CPU by ``cpu_fallback``
     edgetpu: FileSpec | None = None
     source: Path | None = None  # manifest file it came from
+    cpu_fallback: str | None = None  # variant that serves when this one's Edge TPU file cannot
+    #: ``cpu_fallback`` resolved by load_manifest (None when the variant has its own CPU file).
+    fallback: Variant | None = field(default=None, compare=False, repr=False)
+
+    def cpu_variant(self) -> Variant:
+        """The variant whose CPU file serves this one without an Edge TPU: itself, or the
+        declared ``cpu_fallback`` (a different network, e.g. Google's model of the same size)."""
+        if self.cpu is not None:
+            return self
+        if self.fallback is None or self.fallback.cpu is None:
+            raise ModelError(f"{self.name}: Edge TPU only, and its cpu_fallback {self.cpu_fallback!r} has no CPU file")
+        return self.fallback
+
+    @property
+    def tensors_from_file(self) -> bool:
+        """The manifest leaves input/output shapes to be read from the file (segd.model_io)."""
+        return not self.input.shape or not self.output.shape
 
     @property
     def n_classes(self) -> int:
@@ -147,7 +172,23 @@ def load_manifest(
             continue
         manifest.variants, manifest.default, labels = trial.variants, trial.default, trial_labels
         manifest.sources.append(path)
+    _link_fallbacks(manifest)
     return manifest
+
+
+def _link_fallbacks(manifest: Manifest) -> None:
+    """Resolve each ``cpu_fallback`` name to its variant; a variant whose fallback is unknown
+    or has no CPU file itself is dropped and reported (it could not run without a TPU)."""
+    for name, v in list(manifest.variants.items()):
+        if v.cpu_fallback is None:
+            continue
+        target = manifest.variants.get(v.cpu_fallback)
+        if target is None or target.cpu is None:
+            manifest.problems.append(f"{v.source}: variants.{name}: cpu_fallback {v.cpu_fallback!r} is not a variant with a CPU file")
+            log.error("skipping variant %s", manifest.problems[-1])
+            del manifest.variants[name]
+            continue
+        manifest.variants[name] = replace(v, fallback=target)
 
 
 def merge_manifest(manifest: Manifest, labels: dict[str, Labels], path: Path) -> None:
@@ -179,28 +220,31 @@ def _variant(name: str, t: dict[str, Any], labels: dict[str, Labels], path: Path
         i, o, files = t["input"], t["output"], t["files"]
         output = OutputSpec(
             kind=str(o["kind"]),
-            shape=tuple(int(x) for x in o["shape"]),
-            dtype=str(o["dtype"]),
+            shape=tuple(int(x) for x in o.get("shape", ())),
+            dtype=str(o.get("dtype", "")),
             stride=int(o["stride"]) if "stride" in o else None,
             align_corners=bool(o.get("align_corners", True)),
             strip_tail=bool(o.get("strip_tail", False)),
         )
         if output.kind not in ("logits", "argmax"):
             raise ModelError(f"{where}: output.kind must be 'logits' or 'argmax', not {output.kind!r}")
+        if "cpu" not in files and not ("edgetpu" in files and t.get("cpu_fallback")):
+            raise ModelError(f"{where}: needs files.cpu, or files.edgetpu and a cpu_fallback variant")
         return Variant(
             name=name,
             description=str(t.get("description", "")),
             labels=lab_obj,
             input=InputSpec(
-                shape=tuple(int(x) for x in i["shape"]),
-                dtype=str(i["dtype"]),
+                shape=tuple(int(x) for x in i.get("shape", ())),
+                dtype=str(i.get("dtype", "")),
                 mean=_triple(i.get("mean", 128.0)),
                 std=_triple(i.get("std", 128.0)),
             ),
             output=output,
-            cpu=_file(files["cpu"]),
+            cpu=_file(files["cpu"]) if "cpu" in files else None,
             edgetpu=_file(files["edgetpu"]) if "edgetpu" in files else None,
             source=path,
+            cpu_fallback=str(t["cpu_fallback"]) if t.get("cpu_fallback") else None,
         )
     except KeyError as exc:
         raise ModelError(f"{where}: missing key {exc}") from None
@@ -216,12 +260,25 @@ def _triple(v: Any) -> tuple[float, float, float]:
 
 
 def _file(t: dict[str, Any]) -> FileSpec:
+    sha256, md5 = str(t.get("sha256", "")).lower(), str(t.get("md5", "")).lower() or None
+    if not sha256 and not md5:
+        raise ValueError(f"file {t.get('name')!r}: give its sha256 (or at least the publisher's md5)")
+    if sha256 and not _HEX64.fullmatch(sha256):
+        raise ValueError(f"file {t.get('name')!r}: sha256 must be 64 hex digits")
+    if md5 and not _HEX32.fullmatch(md5):
+        raise ValueError(f"file {t.get('name')!r}: md5 must be 32 hex digits")
     return FileSpec(
         name=str(t["name"]),
-        sha256=str(t["sha256"]).lower(),
+        sha256=sha256,
         size=int(t["size"]) if "size" in t else None,
         url=str(t["url"]) if t.get("url") else None,
+        md5=md5,
+        gdrive_id=str(t["gdrive_id"]) if t.get("gdrive_id") else None,
     )
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -253,12 +310,10 @@ def read_verified(path: Path, spec: FileSpec) -> bytes:
             f"{path}: size {len(data)} bytes, manifest says {spec.size} "
             "(truncated or wrong file; run `segd models pull --force`)"
         )
-    digest = sha256_bytes(data)
-    if digest != spec.sha256:
-        raise ChecksumMismatch(
-            f"{path}: sha256 {digest}, manifest says {spec.sha256} "
-            "(corrupt or replaced file; run `segd models pull --force`)"
-        )
+    if spec.sha256:
+        pins.verify_digests(str(path), spec, path.parent, sha256_bytes(data), None)
+    else:  # md5-only publisher checksum: the sha256 pin, else the md5 (then pinned)
+        pins.verify_digests(str(path), spec, path.parent, *pins.bytes_digests(data))
     return data
 
 
@@ -274,17 +329,19 @@ def resolve_file(
     download: bool = True,
     force: bool = False,
     progress: ProgressFn | None = None,
+    gdrive_url: str | None = None,
 ) -> Path:
     """Return the path of a verified copy of ``spec`` in the models dir, fetching it if needed."""
     mdir = models_dir or default_models_dir()
     target = mdir / spec.name
     if target.exists() and not force:
-        if (spec.size is None or target.stat().st_size == spec.size) and sha256_file(target) == spec.sha256:
-            return target
-        raise ChecksumMismatch(
-            f"{target}: does not match the manifest sha256 {spec.sha256} "
-            "(corrupt or replaced file; run `segd models pull --force` to fetch it again)"
-        )
+        if spec.size is not None and target.stat().st_size != spec.size:
+            raise ChecksumMismatch(
+                f"{target}: {target.stat().st_size} bytes, the manifest says {spec.size} "
+                "(corrupt or replaced file; run `segd models pull --force` to fetch it again)"
+            )
+        _verify_file(str(target), target, spec, mdir)
+        return target
     mirror = mirror if mirror is not None else model_mirror()
     errors: list[str] = []
     sources: list[str] = []
@@ -292,6 +349,8 @@ def resolve_file(
         sources.append(_join(mirror, spec.name))
     if download and spec.url:
         sources.append(spec.url)
+    if download and spec.gdrive_id:
+        sources.append(GDRIVE_SOURCE + spec.gdrive_id)
     if not sources:
         raise ModelNotFound(
             f"model file {spec.name} is not in {mdir} and there is no mirror or URL to fetch it from"
@@ -299,7 +358,7 @@ def resolve_file(
     mdir.mkdir(parents=True, exist_ok=True)
     for src in sources:
         try:
-            fetch(src, target, spec, progress=progress)
+            fetch(src, target, spec, progress=progress, gdrive_url=gdrive_url)
             return target
         except ChecksumMismatch:
             raise
@@ -314,11 +373,20 @@ def _join(mirror: str, name: str) -> str:
     return str(Path(mirror) / name)
 
 
-def fetch(src: str, target: Path, spec: FileSpec, *, progress: ProgressFn | None = None) -> None:
+def fetch(
+    src: str, target: Path, spec: FileSpec, *, progress: ProgressFn | None = None, gdrive_url: str | None = None
+) -> None:
     """Copy or download ``src`` to ``target`` via ``target.partial``: resumes a partial download
-    (HTTP Range), verifies size and sha256, fsyncs, then renames atomically."""
+    (HTTP Range), verifies size and sha256 (or the publisher's md5, then pins the sha256),
+    fsyncs, then renames atomically. ``gdrive:<id>`` sources go through :mod:`segd.gdrive`."""
     partial = target.with_name(target.name + ".partial")
-    if "://" not in src:
+    if src.startswith(GDRIVE_SOURCE):
+        from segd import gdrive
+
+        base = gdrive_url or gdrive_base_url()
+        gdrive.download(src[len(GDRIVE_SOURCE):], partial, base_url=base, progress=progress,
+                        max_bytes=spec.size or MAX_DOWNLOAD)  # fmt: skip
+    elif "://" not in src:
         if not Path(src).is_file():
             raise FileNotFoundError(f"not in mirror ({src})")
         partial.unlink(missing_ok=True)
@@ -346,12 +414,28 @@ def fetch(src: str, target: Path, spec: FileSpec, *, progress: ProgressFn | None
         if size > spec.size or "://" not in src:
             partial.unlink(missing_ok=True)
         raise OSError(f"got {size} bytes, expected {spec.size}")
-    digest = sha256_file(partial)
-    if digest != spec.sha256:
+    try:
+        _verify_file(src, partial, spec, target.parent)
+    except ChecksumMismatch as exc:
         partial.unlink(missing_ok=True)
-        raise ChecksumMismatch(f"{src}: sha256 {digest}, manifest says {spec.sha256}; not installed")
+        raise ChecksumMismatch(f"{exc.detail}; not installed") from None
     os.replace(partial, target)
     fsync_dir(target.parent)
+
+
+def _verify_file(where: str, path: Path, spec: FileSpec, models_dir: Path) -> None:
+    """Manifest sha256, else the sha256 pin, else the publisher's md5 (see segd.pins)."""
+    if spec.sha256:
+        pins.verify_digests(where, spec, models_dir, sha256_file(path), None)
+    else:
+        pins.verify_digests(where, spec, models_dir, *pins.file_digests(path))
+
+
+def gdrive_base_url() -> str:
+    """The Google Drive download endpoint (setting ``gdrive_url``, ``SEGD_GDRIVE_URL``)."""
+    from segd.app.settings import setting_from_env
+
+    return str(setting_from_env("gdrive_url"))
 
 
 def _copy(fin: Any, fout: Any, total: int, done: int, progress: ProgressFn | None) -> None:

@@ -97,6 +97,8 @@ def test_manifest_lists_the_coral_models_with_labels_and_geometry() -> None:
 def test_manifest_checksums_match_the_coral_test_data(test_data: Path) -> None:
     for variant in load_manifest(models_dir=Path("/nonexistent")).variants.values():
         for spec in variant.files():
+            if spec.gdrive_id:
+                continue  # the original coral-deeplab's Drive files (md5 only): not in the test data
             assert sha256_file(test_data / spec.name) == spec.sha256, spec.name
             assert (test_data / spec.name).stat().st_size == spec.size
 

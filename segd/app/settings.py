@@ -22,6 +22,7 @@ class Settings:
     port: int = 8080
     models_dir: Path | None = None
     mirror: str | None = None  # directory or base URL to fetch missing model files from
+    gdrive_url: str = "https://drive.google.com/uc"  # Google Drive download endpoint (segd.gdrive)
     models: list[str] = field(default_factory=list)  # variants to serve (default: the default one)
     default_model: str | None = None  # default: the manifest's default (or the first served)
     accelerator: str = "auto"  # auto | cpu | edgetpu
@@ -125,6 +126,18 @@ def load_settings(
     return settings
 
 
+def setting_from_env(name: str, env: Mapping[str, str] | None = None) -> Any:
+    """One setting from ``SEGD_<NAME>`` (coerced), else its default — for code that runs
+    outside the daemon (``segd models pull``, ``coral_deeplab``) and needs just that one."""
+    if name not in _FIELDS:
+        raise KeyError(name)
+    raw = (os.environ if env is None else env).get("SEGD_" + name.upper())
+    if raw is not None:
+        return _coerce(name, raw)
+    default = _FIELDS[name].default
+    return None if default is dataclasses.MISSING else default
+
+
 def validate(s: Settings) -> None:
     if s.accelerator not in ("auto", "cpu", "edgetpu"):
         raise ValueError(f"accelerator must be auto, cpu or edgetpu, not {s.accelerator!r}")
@@ -143,5 +156,7 @@ def validate(s: Settings) -> None:
         raise ValueError("worker_restart_max must be at least worker_restart_base")
     if s.retry_after < 0 or s.graceful_timeout < 0:
         raise ValueError("retry_after and graceful_timeout must not be negative")
+    if not s.gdrive_url.startswith(("http://", "https://")):
+        raise ValueError(f"gdrive_url must be an http(s) URL, not {s.gdrive_url!r}")
     if not 0 <= s.port <= 65535:
         raise ValueError(f"port out of range: {s.port}")
