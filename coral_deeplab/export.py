@@ -176,7 +176,7 @@ def export_problems(tflite_bytes: bytes) -> list[str]:
     ops (DEQUANTIZE or float islands run on the CPU) and no SPACE_TO_BATCH_ND /
     BATCH_TO_SPACE_ND (an unfused dilated convolution).
     """
-    from coral_deeplab.tflite.model import list_ops, read_model
+    from segd.tflite.model import list_ops, read_model
 
     problems = []
     scale, zero_point, dtype = input_quantization(tflite_bytes)
@@ -201,7 +201,7 @@ def export_problems(tflite_bytes: bytes) -> list[str]:
 
 def op_list(tflite_bytes: bytes) -> list[str]:
     """Op names of the main subgraph in execution order (custom ops by their custom code)."""
-    from coral_deeplab.tflite.model import list_ops, read_model
+    from segd.tflite.model import list_ops, read_model
 
     return [op.name for op in list_ops(read_model(tflite_bytes))]
 
@@ -213,7 +213,7 @@ def op_histogram(tflite_bytes: bytes) -> dict[str, int]:
 
 def input_quantization(tflite_bytes: bytes) -> tuple[float, int, str]:
     """(scale, zero point, dtype name in lower case) of the first input tensor."""
-    from coral_deeplab.tflite.model import read_model, subgraph_inputs
+    from segd.tflite.model import read_model, subgraph_inputs
 
     tensor = subgraph_inputs(read_model(tflite_bytes))[0]
     q = tensor.quantization

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from coral_deeplab.geometry import SUPPORTED_ALPHAS
 from segd.errors import SegdError
+from segd.geometry import SUPPORTED_ALPHAS
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
@@ -276,7 +276,7 @@ class _Progress:
 
 
 def cmd_models_check(args: argparse.Namespace) -> int:
-    from coral_deeplab.tflite.checker import check_model, format_report
+    from segd.tflite.checker import check_model, format_report
 
     try:
         data = args.file.read_bytes()

@@ -62,7 +62,7 @@ class Segmentation:
 
 def strip_model_tail(model: bytes) -> bytes:
     """Cut RESIZE_BILINEAR / ARG_MAX off the end of a model (in memory, after the checksum)."""
-    from coral_deeplab.tflite.surgery import strip_tail
+    from segd.tflite.surgery import strip_tail
 
     try:
         return strip_tail(model).model_bytes

@@ -468,7 +468,7 @@ def open_local(
 
     A name is a manifest variant. A file that a manifest describes (a published model with its
     ``<name>.toml`` beside it, or one of the manifest's files by sha256, e.g. Google's) runs as
-    that variant, through :func:`coral_deeplab.zoo.from_precompiled`. Any other file is
+    that variant, through :func:`segd.resolve.open_segmenter`. Any other file is
     described from its own tensors (see :func:`segmenter_for_file`).
     """
     from segd.engine import Segmenter
@@ -481,13 +481,14 @@ def open_local(
             manifest.get(model), models_dir=models_dir, accelerator=accelerator, device=device,
             runtime=runtime, num_threads=num_threads, mirror=mirror,
         )  # fmt: skip
-    from coral_deeplab.zoo import from_precompiled
     from segd.errors import UnknownModel
+    from segd.resolve import open_segmenter
 
     try:
-        return from_precompiled(
-            path, models_dir=models_dir, mirror=mirror, device=device, accelerator=accelerator
-        )
+        return open_segmenter(
+            path, models_dir=models_dir, mirror=mirror, device=device, accelerator=accelerator,
+            runtime=runtime, num_threads=num_threads,
+        )  # fmt: skip
     except UnknownModel:
         return segmenter_for_file(path, runtime=runtime, num_threads=num_threads)
 
@@ -499,7 +500,7 @@ def segmenter_for_file(
 
     Assumed, as for every coral_deeplab and Coral DeepLab file: raw RGB input bytes (mean =
     std = 128); a resize/argmax tail is stripped when present; the logits grid is DeepLab's
-    align-corners grid, checked by :func:`coral_deeplab.geometry.output_geometry` (16k+1
+    align-corners grid, checked by :func:`segd.geometry.output_geometry` (16k+1
     input sides such as 513, ``H - 1 = stride (h - 1)`` on both axes — an even input side is
     refused, as its logit positions cannot be told from the shapes); classes are named
     ``class_<i>``. A model that outputs only a class map cannot say its number of classes and
@@ -532,7 +533,7 @@ def segmenter_for_file(
             "[1, h, w, classes] logits (a class-map output does not say how many classes "
             "there are: publish the model with its labels and evaluate it by name)"
         )
-    from coral_deeplab.geometry import output_geometry
+    from segd.geometry import output_geometry
 
     try:
         stride, aligned = output_geometry(inp.shape[1:3], out.shape[1:3])

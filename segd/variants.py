@@ -142,7 +142,8 @@ def default_models_dir() -> Path:
     return Path(base) / "segd" / "models"
 
 
-def _builtin_manifest() -> Path:
+def builtin_manifest() -> Path:
+    """The built-in manifest: ``models/variants.toml`` of a source checkout, else the packaged copy."""
     checkout = CHECKOUT_MODELS_DIR / "variants.toml"
     return checkout if checkout.is_file() else BUILTIN_MANIFEST
 
@@ -152,7 +153,7 @@ def load_manifest(
 ) -> Manifest:
     """Built-in manifest, then every ``*.toml`` in the models dir (user-built variants)."""
     if paths is None:
-        builtin = _builtin_manifest()
+        builtin = builtin_manifest()
         mdir = models_dir or default_models_dir()
         extra = sorted(p for p in mdir.glob("*.toml") if p.resolve() != builtin.resolve()) if mdir.is_dir() else []
         paths = [builtin, *extra]
