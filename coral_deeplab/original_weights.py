@@ -203,6 +203,7 @@ def fetch(
     """Path of the verified .h5 for (arch, alpha): from ``directory``, else the mirror (by file
     name), else Google Drive — md5-checked, then sha256-pinned. Raises WeightsUnavailable
     saying why (offline, quota, dead link, wrong file)."""
+    from segd.app.settings import setting_from_env
     from segd.errors import SegdError
     from segd.variants import resolve_file
 
@@ -210,7 +211,7 @@ def fetch(
     target = directory if directory is not None else default_dir()
     try:
         target.mkdir(parents=True, exist_ok=True)
-        return resolve_file(spec, target, mirror=mirror)
+        return resolve_file(spec, target, mirror=mirror, gdrive_url=setting_from_env("gdrive_url"))
     except (SegdError, OSError) as exc:
         raise WeightsUnavailable(getattr(exc, "detail", None) or str(exc)) from exc
 

@@ -143,8 +143,15 @@ def _open(args: argparse.Namespace, name: str | None) -> Any:
     variant = manifest.get(name)
     return Segmenter.open(
         variant, models_dir=args.models_dir, accelerator=args.accelerator, device=args.device,
-        runtime=args.runtime, num_threads=args.threads, mirror=args.mirror,
+        runtime=args.runtime, num_threads=args.threads, mirror=args.mirror, gdrive_url=_gdrive_url(),
     )  # fmt: skip
+
+
+def _gdrive_url() -> str:
+    """The Google Drive endpoint (setting gdrive_url, SEGD_GDRIVE_URL)."""
+    from segd.app.settings import setting_from_env
+
+    return str(setting_from_env("gdrive_url"))
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -223,7 +230,7 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
             assert spec is not None
             bar = _Progress(spec.name)
             try:
-                path = resolve_file(spec, mdir, mirror=args.mirror, force=args.force, progress=bar)
+                path = resolve_file(spec, mdir, mirror=args.mirror, force=args.force, progress=bar, gdrive_url=_gdrive_url())
                 bar.done(f"{path} ok ({_pulled_facts(owner, spec, path)})")
             except SegdError as exc:
                 # One variant whose file never arrives must not stop the others.
@@ -372,7 +379,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = bench_variants(
         args.model, iterations=args.iterations, warmup=args.warmup, models_dir=args.models_dir,
         mirror=args.mirror, accelerator=args.accelerator, device=args.device, runtime=args.runtime,
-        num_threads=args.threads,
+        num_threads=args.threads, gdrive_url=_gdrive_url(),
     )  # fmt: skip
     print(format_table(rows))
     return 0

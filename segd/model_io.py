@@ -27,8 +27,8 @@ def read_tensors(variant: Variant, model: bytes, where: str) -> Variant:
     """``variant`` with input/output shape, dtype, stride and corners read from ``model``
     (already verified and tail-stripped as the entry says). Raises ModelError naming the file
     and what is wrong with it."""
-    from coral_deeplab.geometry import check_side, output_geometry
-    from coral_deeplab.tflite.model import read_model, subgraph_inputs, subgraph_outputs
+    from segd.geometry import check_side, output_geometry
+    from segd.tflite.model import read_model, subgraph_inputs, subgraph_outputs
 
     try:
         parsed = read_model(model)

@@ -384,7 +384,7 @@ def fetch(
     if src.startswith(GDRIVE_SOURCE):
         from segd import gdrive
 
-        base = gdrive_url or gdrive_base_url()
+        base = gdrive_url or gdrive.DEFAULT_BASE_URL
         gdrive.download(src[len(GDRIVE_SOURCE):], partial, base_url=base, progress=progress,
                         max_bytes=spec.size or MAX_DOWNLOAD)  # fmt: skip
     elif "://" not in src:
@@ -431,12 +431,6 @@ def _verify_file(where: str, path: Path, spec: FileSpec, models_dir: Path) -> No
     else:
         pins.verify_digests(where, spec, models_dir, *pins.file_digests(path))
 
-
-def gdrive_base_url() -> str:
-    """The Google Drive download endpoint (setting ``gdrive_url``, ``SEGD_GDRIVE_URL``)."""
-    from segd.app.settings import setting_from_env
-
-    return str(setting_from_env("gdrive_url"))
 
 
 def _copy(fin: Any, fout: Any, total: int, done: int, progress: ProgressFn | None) -> None:

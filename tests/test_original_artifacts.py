@@ -6,6 +6,7 @@ data standing in for the Drive files (Google Drive is unreachable here)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import tomllib
@@ -126,7 +127,7 @@ def test_after_the_first_verified_download_the_pin_rules_not_the_md5(stand_in_mo
     mdir = stand_in_models
     variant = load_manifest(models_dir=mdir).get("coral_deeplab_v3_dm1")
     assert variant.edgetpu is not None
-    path = resolve_file(variant.edgetpu, mdir)
+    path = resolve_file(variant.edgetpu, mdir, gdrive_url=os.environ["SEGD_GDRIVE_URL"])
     assert PIN_FILE in {p.name for p in mdir.iterdir()}
     other = (test_data / DM05_TPU).read_bytes()
     path.write_bytes(other)
@@ -135,7 +136,7 @@ def test_after_the_first_verified_download_the_pin_rules_not_the_md5(stand_in_mo
     forged = load_manifest(models_dir=mdir).get("coral_deeplab_v3_dm1").edgetpu
     assert forged is not None and forged.md5 == hashlib.md5(other).hexdigest()
     with pytest.raises(ChecksumMismatch, match="pinned"):
-        resolve_file(forged, mdir)
+        resolve_file(forged, mdir, gdrive_url=os.environ["SEGD_GDRIVE_URL"])
 
 
 def test_wrong_md5_download_is_refused_and_removed(stand_in_models: Path, drive: DriveImitation, test_data: Path) -> None:
@@ -144,7 +145,7 @@ def test_wrong_md5_download_is_refused_and_removed(stand_in_models: Path, drive:
     spec = load_manifest(models_dir=mdir).get("coral_deeplab_v3_dm1").edgetpu
     assert spec is not None
     with pytest.raises(ChecksumMismatch, match="publisher's md5"):
-        resolve_file(spec, mdir)
+        resolve_file(spec, mdir, gdrive_url=os.environ["SEGD_GDRIVE_URL"])
     assert not list(mdir.glob("*.tflite*")) and not read_pins(mdir)
 
 
@@ -155,7 +156,7 @@ def test_tensors_are_checked_against_the_entry_stride(stand_in_models: Path, tes
     (mdir / "original.toml").write_text(text.replace(IDS["coral_deeplab_v3plus_dm1"], IDS["coral_deeplab_v3_dm1"]))
     variant = load_manifest(models_dir=mdir).get("coral_deeplab_v3plus_dm1")
     assert variant.edgetpu is not None
-    path = resolve_file(variant.edgetpu, mdir)
+    path = resolve_file(variant.edgetpu, mdir, gdrive_url=os.environ["SEGD_GDRIVE_URL"])
     from segd.engine import settle
 
     with pytest.raises(ModelError, match="logits at stride 16, the manifest expects 4"):
@@ -165,7 +166,7 @@ def test_tensors_are_checked_against_the_entry_stride(stand_in_models: Path, tes
 def test_without_a_tpu_the_declared_cpu_fallback_serves_and_says_so(stand_in_models: Path, test_data: Path) -> None:
     mdir = stand_in_models
     variant = load_manifest(models_dir=mdir).get("coral_deeplab_v3_dm05")
-    seg = Segmenter.open(variant, models_dir=mdir, mirror=str(test_data))
+    seg = Segmenter.open(variant, models_dir=mdir, mirror=str(test_data), gdrive_url=os.environ["SEGD_GDRIVE_URL"])
     try:
         assert seg.backend == "cpu" and seg.variant.name == "deeplabv3_mnv2_dm05_pascal"
         assert seg.selection is not None
@@ -181,14 +182,14 @@ def test_with_a_tpu_a_file_that_never_arrives_is_the_reason_and_the_fallback_ser
 ) -> None:
     mdir = stand_in_models
     manifest = load_manifest(models_dir=mdir)
-    runner, sel = open_runner(manifest.get("coral_deeplab_v3plus_dm1"), models_dir=mdir, mirror=str(test_data))
+    runner, sel = open_runner(manifest.get("coral_deeplab_v3plus_dm1"), models_dir=mdir, mirror=str(test_data), gdrive_url=os.environ["SEGD_GDRIVE_URL"])
     try:
         assert sel.backend == "cpu" and "quota exceeded" in sel.reason and "deeplabv3_mnv2_pascal serves" in sel.reason
     finally:
         runner.close()
     # The one that arrived was downloaded for the TPU (and pinned); the double cannot run a
     # compiled Coral file, which is the reason given, and its CPU fallback serves.
-    runner, sel = open_runner(manifest.get("coral_deeplab_v3_dm1"), models_dir=mdir, mirror=str(test_data))
+    runner, sel = open_runner(manifest.get("coral_deeplab_v3_dm1"), models_dir=mdir, mirror=str(test_data), gdrive_url=os.environ["SEGD_GDRIVE_URL"])
     try:
         assert sel.backend == "cpu" and "edgetpu-custom-op" in sel.reason
         assert "deeplabv3_mnv2_dm1_voc_tainaug_os16_edgetpu.tflite" in read_pins(mdir)
