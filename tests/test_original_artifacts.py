@@ -195,3 +195,88 @@ def test_with_a_tpu_a_file_that_never_arrives_is_the_reason_and_the_fallback_ser
         assert "deeplabv3_mnv2_dm1_voc_tainaug_os16_edgetpu.tflite" in read_pins(mdir)
     finally:
         runner.close()
+
+
+# --- the daemon ------------------------------------------------------------------------------
+TPU_ONLY_TOML = """
+[variants.cdl_tpu_only]
+description = "Edge-TPU-only stand-in: Google's DM0.5 CPU file as the 'compiled' file (the double runs it)"
+labels = "pascal_voc"
+cpu_fallback = "deeplabv3_mnv2_pascal"
+[variants.cdl_tpu_only.input]
+mean = [0.0, 0.0, 0.0]
+std = [255.0, 255.0, 255.0]
+[variants.cdl_tpu_only.output]
+kind = "logits"
+stride = 16
+strip_tail = true
+[variants.cdl_tpu_only.files.edgetpu]
+name = "cdl_tpu_only_edgetpu.tflite"
+md5 = "{md5}"
+gdrive_id = "1StandInTpuOnlyFile00000"
+
+[variants.cdl_never]
+description = "Edge-TPU-only, its Drive link is dead"
+labels = "pascal_voc"
+cpu_fallback = "deeplabv3_mnv2_dm05_pascal"
+[variants.cdl_never.input]
+mean = 0.0
+std = 255.0
+[variants.cdl_never.output]
+kind = "logits"
+stride = 16
+[variants.cdl_never.files.edgetpu]
+name = "cdl_never_edgetpu.tflite"
+md5 = "00000000000000000000000000000000"
+gdrive_id = "1StandInNeverArrives0000"
+"""
+
+
+def test_daemon_serves_an_edge_tpu_only_variant_on_the_tpu_and_its_fallback_after_a_crash(
+    tmp_path: Path, models_dir: Path, test_data: Path, drive: DriveImitation, edgetpu_double: Path
+) -> None:
+    import shutil
+
+    import httpx
+    from daemon import start_daemon
+
+    mdir = tmp_path / "models"
+    mdir.mkdir()
+    for f in models_dir.iterdir():
+        shutil.copy(f, mdir / f.name)
+    stand_in = (test_data / "deeplabv3_mnv2_dm05_pascal_quant.tflite").read_bytes()
+    drive.add("1StandInTpuOnlyFile00000", stand_in, "form")
+    (mdir / "tpu_only.toml").write_text(TPU_ONLY_TOML.format(md5=hashlib.md5(stand_in).hexdigest()))
+    env = {
+        "SEGD_EDGETPU_LIBRARY": str(edgetpu_double), "FAKE_EDGETPU_DEVICES": "usb:/sys/bus/usb/devices/2-1",
+        # 1 warm-up invoke + 2 good requests, then the delegate aborts the worker process
+        "FAKE_EDGETPU_MODE": "crash_on_invoke", "FAKE_EDGETPU_CRASH_AFTER": "3",
+        "SEGD_GDRIVE_URL": drive.base_url, "SEGD_WORKER_RESTART_BASE": "0.2",
+    }  # fmt: skip
+    d = start_daemon(tmp_path, mdir, "--model", "cdl_tpu_only", "--model", "cdl_never", env=env)
+    try:
+        info = httpx.get(d.url + "/models/cdl_tpu_only").json()
+        assert info["backend"] == "edgetpu" and info["state"] == "ready", info
+        assert info["input_size"] == [513, 513] and info["output"]["shape"] == [1, 33, 33, 21]  # read from the file
+        assert info["selftest"]["passed"] and "different network" in info["selftest"]["note"]
+        never = httpx.get(d.url + "/models/cdl_never").json()
+        assert never["state"] == "ready" and never["backend"] == "cpu"
+        assert "HTTP 404" in never["reason"] and "deeplabv3_mnv2_dm05_pascal serves" in never["reason"]
+        data = (test_data / "bird.bmp").read_bytes()
+
+        def post(model: str) -> httpx.Response:
+            return httpx.post(f"{d.url}/segment?model={model}", content=data, headers={"content-type": "image/bmp"}, timeout=60)
+
+        first = [post("cdl_tpu_only") for _ in range(2)]
+        assert [r.headers["x-segd-backend"] for r in first] == ["edgetpu", "edgetpu"]
+        crashed = post("cdl_tpu_only")  # served by the CPU fallback: Google's DM1, prepared for it
+        assert crashed.status_code == 200 and crashed.headers["x-segd-backend"] == "cpu"
+        fallback = Segmenter.open(load_manifest(models_dir=mdir).get("deeplabv3_mnv2_pascal"), models_dir=mdir, accelerator="cpu")
+        from conftest import read_mask_png
+
+        assert (read_mask_png(crashed.content) == fallback.segment(data).mask).all()
+        assert post("cdl_never").status_code == 200
+        assert d.proc.poll() is None
+        assert read_pins(mdir) == {"cdl_tpu_only_edgetpu.tflite": hashlib.sha256(stand_in).hexdigest()}
+    finally:
+        d.stop()
