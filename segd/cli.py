@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=None, help="variant(s) (default: all)")
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--original", action="store_true",
+                   help="the original coral-deeplab latency table: its compiled files and Google's DM1, next to its published figures")  # fmt: skip
     _common_model_args(p)
 
     models = sub.add_parser("models", help="list, pull, check or build models").add_subparsers(dest="models_command", required=True)
@@ -374,14 +376,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from segd.bench import bench_variants, format_table
+    from segd.bench import ORIGINAL_TABLE, bench_variants, format_original_table, format_table
 
+    names = args.model or (list(ORIGINAL_TABLE) if args.original else None)
     rows = bench_variants(
-        args.model, iterations=args.iterations, warmup=args.warmup, models_dir=args.models_dir,
+        names, iterations=args.iterations, warmup=args.warmup, models_dir=args.models_dir,
         mirror=args.mirror, accelerator=args.accelerator, device=args.device, runtime=args.runtime,
         num_threads=args.threads, gdrive_url=_gdrive_url(),
     )  # fmt: skip
-    print(format_table(rows))
+    print(format_original_table(rows) if args.original else format_table(rows))
     return 0
 
 

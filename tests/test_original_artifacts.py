@@ -280,3 +280,21 @@ def test_daemon_serves_an_edge_tpu_only_variant_on_the_tpu_and_its_fallback_afte
         assert read_pins(mdir) == {"cdl_tpu_only_edgetpu.tflite": hashlib.sha256(stand_in).hexdigest()}
     finally:
         d.stop()
+
+
+def test_bench_original_prints_a_row_per_artifact_next_to_the_published_figures(models_dir: Path, tmp_path: Path) -> None:
+    """Without a TPU and with --accelerator edgetpu nothing may silently run on a fallback: each
+    artifact's row says why it was not measured; the published figures are beside them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGD_")}
+    env.update(SEGD_MODELS_DIR=str(models_dir), SEGD_EDGETPU_LIBRARY="/nonexistent/libedgetpu.so.1")
+    r = subprocess.run([sys.executable, "-m", "segd", "bench", "--original", "--accelerator", "edgetpu",
+                        "--iterations", "1", "--warmup", "0"], capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line}  # fmt: skip
+    assert set(ORIGINAL) | {"deeplabv3_mnv2_pascal"} <= set(rows)
+    assert rows["coral_deeplab_v3_dm1"][5:] == ["43.7", "143.0"]
+    assert rows["coral_deeplab_v3_dm05"][5:] == ["32.6", "129.4"]
+    assert rows["deeplabv3_mnv2_pascal"][5:] == ["147.5", "368.6"]
+    assert rows["coral_deeplab_v3plus_dm1"][3] == "-"
+    assert "coral_deeplab_v3_dm1: not measured: libedgetpu not installed" in r.stdout
