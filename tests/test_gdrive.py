@@ -106,3 +106,13 @@ def test_a_file_larger_than_expected_is_cut_off_and_removed(drive: DriveImitatio
     with pytest.raises(gdrive.DriveError, match="more than"):
         gdrive.download(FILE_ID, dest, base_url=drive.base_url, max_bytes=1000)
     assert not dest.exists()
+
+
+def test_gdrive_url_is_a_setting_read_from_the_environment() -> None:
+    from segd.app.settings import load_settings, setting_from_env
+
+    assert setting_from_env("gdrive_url", {}) == gdrive.DEFAULT_BASE_URL
+    assert setting_from_env("gdrive_url", {"SEGD_GDRIVE_URL": "http://127.0.0.1:9/uc"}) == "http://127.0.0.1:9/uc"
+    assert load_settings(env={"SEGD_GDRIVE_URL": "http://127.0.0.1:9/uc"}).gdrive_url == "http://127.0.0.1:9/uc"
+    with pytest.raises(ValueError, match="gdrive_url must be an http"):
+        load_settings(env={"SEGD_GDRIVE_URL": "file:///etc/passwd"})
