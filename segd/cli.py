@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "to int8 calibrated on your images, check the Edge TPU op mapping, compile it when edgetpu_compiler is "
         "on PATH, and publish it as a variant in the models dir (<name>.tflite + <name>.toml).",
     )  # fmt: skip
-    p.add_argument("--variant", choices=("v3", "v3plus"), default="v3", help="v3+: only the encoder is pretrained")
+    p.add_argument("--variant", choices=("v3", "v3plus"), default="v3", help="v3+: only the encoder is pretrained (from Google's files)")
+    p.add_argument("--weights", choices=("google-tflite", "coral-deeplab"), default="google-tflite",
+                   help="PASCAL VOC weights: Google's Coral model (default) or the original coral-deeplab's trained .h5 (v3 and v3+)")  # fmt: skip
     p.add_argument("--alpha", type=float, choices=SUPPORTED_ALPHAS, default=1.0, help="MobileNetV2 depth multiplier")
     p.add_argument("--input-size", type=int, default=513, help="square input side, 16k+1 (e.g. 513, 321, 257)")
     p.add_argument("--name", default=None, help="variant name (default cdl_<variant>_dm<alpha>_<size>_pascal)")
@@ -314,6 +316,7 @@ def cmd_models_build(args: argparse.Namespace) -> int:
         return 2
     from coral_deeplab import zoo
     from coral_deeplab.export import ExportError
+    from coral_deeplab.original_weights import WeightsUnavailable
 
     try:
         zoo.require_tensorflow("segd models build")
@@ -321,7 +324,7 @@ def cmd_models_build(args: argparse.Namespace) -> int:
         print(f"segd: {exc}", file=sys.stderr)
         return 2
 
-    if args.variant == "v3plus":
+    if args.variant == "v3plus" and args.weights == "google-tflite":
         print("segd: warning: v3+ gets pretrained weights for the encoder only; its decoder and logits "
               "are untrained, so its masks are meaningless until you train it", file=sys.stderr)  # fmt: skip
     try:
@@ -329,8 +332,9 @@ def cmd_models_build(args: argparse.Namespace) -> int:
             variant=args.variant, alpha=args.alpha, input_size=args.input_size, calibration=args.calibration,
             name=args.name, models_dir=args.models_dir, mirror=args.mirror, num_calibration=args.num_calibration,
             compile=not args.no_compile, cache=False if args.no_cache else None,
+            weights_source=args.weights,
         )  # fmt: skip
-    except (ValueError, ExportError) as exc:
+    except (ValueError, ExportError, WeightsUnavailable) as exc:
         print(f"segd: {exc}", file=sys.stderr)
         return 2
     print(f"Edge TPU check: {zoo.describe_report(result.report)}", file=sys.stderr)

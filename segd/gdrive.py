@@ -33,6 +33,7 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "DriveAccessDenied",
     "DriveError",
     "DriveHtmlPage",
     "DriveNotFound",
@@ -201,10 +202,10 @@ def download(
             f"Google Drive file {file_id}: transfer cut off {RESUME_ATTEMPTS + 1} times; "
             f"{dest.stat().st_size if dest.exists() else 0} bytes kept in {dest}, run again to resume"
         )
-    except DriveTruncated:
-        raise
+    except (DriveTruncated, KeyboardInterrupt):
+        raise  # what arrived is kept: the next call resumes it
     except BaseException:
-        dest.unlink(missing_ok=True)
+        dest.unlink(missing_ok=True)  # an HTML page, a refusal, an oversize file: nothing to keep
         raise
 
 

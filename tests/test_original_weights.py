@@ -130,3 +130,53 @@ def test_offline_pascal_voc_falls_back_to_googles_tflite_with_a_warning(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an explicit Google choice does not warn
         applications.CoralDeepLabV3((SIZE, SIZE, 3), alpha=0.5, weights="pascal_voc", source="google-tflite")
+
+
+def test_models_build_with_the_originals_weights_publishes_that_whole_network(
+    tmp_path: Path, test_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU model of the same trained network as the original's compiled v3+ file: decoder
+    included (Google's files only give v3+ an encoder)."""
+    import shutil
+
+    import cv2
+
+    from coral_deeplab import zoo
+    from segd.engine import Segmenter
+    from segd.pins import write_pin
+    from segd.variants import load_manifest, sha256_file
+
+    ref, h5 = saved_original(tmp_path, "v3plus", 0.5, size=65)
+    cache = tmp_path / "cache"
+    where = cache / "coral-deeplab"
+    where.mkdir(parents=True)
+    name = original_weights.H5_FILES[("v3plus", 0.5)].name
+    shutil.copy(h5, where / name)
+    # A stand-in cannot have the real file's md5: its pin stands for a first verified download.
+    write_pin(where, name, sha256_file(where / name))
+    monkeypatch.setenv("CORAL_DEEPLAB_CACHE", str(cache))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("SEGD_GDRIVE_URL", f"http://127.0.0.1:{s.getsockname()[1]}/uc")
+    images = [cv2.cvtColor(cv2.imread(str(test_data / n)), cv2.COLOR_BGR2RGB) for n in ("bird.bmp", "cat.bmp")]
+    mdir = tmp_path / "models"
+    _, result = zoo.build(variant="v3plus", alpha=0.5, input_size=65, calibration=images, models_dir=mdir,
+                          compile=False, cache=False, weights_source="coral-deeplab", mirror=str(test_data))  # fmt: skip
+    assert result.manifest_path.stem == "cdl_v3plus_dm05_65_pascal_original"
+    variant = load_manifest(models_dir=mdir).get("cdl_v3plus_dm05_65_pascal_original")
+    assert "coral-deeplab" in variant.description and "ONLY THE ENCODER" not in variant.description
+    assert variant.output.shape == (1, 17, 17, 21) and variant.output.stride == 4
+    seg = Segmenter.open(variant, models_dir=mdir, accelerator="cpu")
+    try:
+        small = cv2.resize(images[0], (65, 65), interpolation=cv2.INTER_AREA)
+        raw = seg.infer(seg.prepare(seg.decode(cv2.imencode(".png", small[:, :, ::-1])[1].tobytes())).tensor)
+        theirs = ref(small[None].astype(np.float32) / 255.0).numpy()[0]
+        out = seg.runner.output
+        logits = (raw.astype(np.float32) - out.zero_point) * out.scale
+        corr = float(np.corrcoef(logits.ravel(), theirs.ravel())[0, 1])
+        agreement = float((raw.argmax(-1) == theirs.argmax(-1)).mean())
+        # Random weights give near-uniform logits, so argmax is fragile; the logits must track.
+        print(f"int8 export vs the original float network: logits correlation {corr:.3f}, argmax agreement {agreement:.3f}")
+        assert corr > 0.9
+    finally:
+        seg.close()
