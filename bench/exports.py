@@ -18,18 +18,13 @@ mirrored, cropped); the evaluation images ``bird_segmentation.bmp`` and ``cat.bm
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as `python bench/x.py`, bench/ comes first on sys.path and bench/http.py would shadow the
-# standard library's `http`: drop that entry (`python -m bench.x` needs no such care).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2

@@ -25,6 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from segd.errors import SegdError
+from segd.settings import DEFAULT_MAX_PIXELS
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "INPUT_SCALE",
@@ -43,11 +46,13 @@ INPUT_SCALE = 1.0 / 128.0
 INPUT_ZERO_POINT = 128
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: Decoder pixel limit for calibration files (segd eval's default for dataset images).
-MAX_CALIBRATION_PIXELS = 40_000_000
+MAX_CALIBRATION_PIXELS = DEFAULT_MAX_PIXELS
 
 
-class ExportError(RuntimeError):
+class ExportError(SegdError, RuntimeError):
     """The converter produced something the Edge TPU path cannot use."""
+
+    code = "export_failed"
 
 
 def load_calibration_images(

@@ -35,6 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from coral_deeplab.weights import WeightImportError  # the .h5 and the model disagree
+from segd.errors import SegdError
+
 __all__ = [
     "DECODER_NAMES",
     "H5_FILES",
@@ -81,12 +84,10 @@ SKIP_TAP = "expanded_conv_3_expand"
 LOGITS = "logits_semantic"
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(SegdError, RuntimeError):
     """The original's weights file could not be fetched or verified (offline, Drive refused)."""
 
-
-class WeightImportError(ValueError):
-    """The .h5 and the keras model disagree (a layer missing on either side, shapes)."""
+    code = "weights_unavailable"
 
 
 def segd_layer_name(original: str) -> str:
@@ -203,15 +204,14 @@ def fetch(
     """Path of the verified .h5 for (arch, alpha): from ``directory``, else the mirror (by file
     name), else Google Drive — md5-checked, then sha256-pinned. Raises WeightsUnavailable
     saying why (offline, quota, dead link, wrong file)."""
-    from segd.app.settings import setting_from_env
-    from segd.errors import SegdError
+    from segd.settings import env_gdrive_url
     from segd.variants import resolve_file
 
     spec = spec if spec is not None else file_spec(arch, alpha)
     target = directory if directory is not None else default_dir()
     try:
         target.mkdir(parents=True, exist_ok=True)
-        return resolve_file(spec, target, mirror=mirror, gdrive_url=setting_from_env("gdrive_url"))
+        return resolve_file(spec, target, mirror=mirror, gdrive_url=env_gdrive_url())
     except (SegdError, OSError) as exc:
         raise WeightsUnavailable(getattr(exc, "detail", None) or str(exc)) from exc
 

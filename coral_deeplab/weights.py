@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from segd.errors import SegdError
 from segd.fsutil import atomic_write
 
 __all__ = [
@@ -54,8 +55,10 @@ _CODE_MODULES = ("coral_deeplab.weights", "segd.tflite.model")
 _CONV_SUFFIXES = ("/Conv2D_Fold", "/depthwise_Fold", "/Conv2D", "/depthwise")
 
 
-class WeightImportError(ValueError):
+class WeightImportError(SegdError, ValueError):
     """Google's file and the keras model disagree (missing layer, shape mismatch...)."""
+
+    code = "weight_import_failed"
 
 
 def keras_layer_name(scope: str) -> str:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segd import geometry
+from segd.errors import SegdError
 from segd.fsutil import atomic_write
 from segd.tflite.checker import CheckReport, check_model
 from segd.tflite.compiler import (
@@ -77,8 +78,11 @@ _EXPORT_CODE = (
 _VARIANTS = ("v3", "v3plus")
 
 
-class PublishError(ValueError):
+class PublishError(SegdError, ValueError):
     """The model cannot be published as asked (bad name, shapes, labels, name taken...)."""
+
+    code = "publish_failed"
+    http_status = 422
 
 
 @dataclass(frozen=True)

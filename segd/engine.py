@@ -20,9 +20,8 @@ from segd import postprocess, preprocess
 from segd.errors import ModelError, RequestTimeout, RuntimeUnavailable, WorkerCrashed
 from segd.preprocess import DecodedImage
 from segd.runtime import Runner, open_cpu
+from segd.settings import DEFAULT_MAX_PIXELS, check_accelerator
 from segd.variants import FileSpec, Variant, check_tensor, read_verified, resolve_file
-
-DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7000x5700 photo; decoded RGB is then 120 MB
 
 Box = tuple[int, int, int, int]
 
@@ -95,7 +94,8 @@ def check_runner(variant: Variant, runner: Runner, path: Path) -> None:
                  variant.output.shape, variant.output.dtype)  # fmt: skip
 
 
-RunnerFactory = Callable[[bytes, str | None], Runner]
+#: Opens an Edge TPU runner from (model bytes, device), e.g. through a supervised worker process.
+EdgeTpuOpener = Callable[[bytes, str | None], Runner]
 
 
 def open_runner(
@@ -108,7 +108,7 @@ def open_runner(
     num_threads: int | None = None,
     mirror: str | None = None,
     download: bool = True,
-    edgetpu_factory: RunnerFactory | None = None,
+    edgetpu_factory: EdgeTpuOpener | None = None,
     gdrive_url: str | None = None,
 ) -> tuple[Runner, Selection]:
     """Open the Edge TPU file when a device is there and usable, else the CPU twin.
@@ -119,8 +119,7 @@ def open_runner(
     Edge-TPU-only variant runs on the CPU as its declared ``cpu_fallback`` variant (a different
     network); ``Selection.variant`` is then that variant and the reason says so.
     """
-    if accelerator not in ("auto", "cpu", "edgetpu"):
-        raise ValueError(f"accelerator must be auto, cpu or edgetpu, not {accelerator!r}")
+    check_accelerator(accelerator)
     reason = "CPU requested"
     if accelerator != "cpu":
         if variant.edgetpu is None:
@@ -166,12 +165,12 @@ def _open_edgetpu(
     num_threads: int | None,
     mirror: str | None,
     download: bool,
-    factory: RunnerFactory | None,
+    factory: EdgeTpuOpener | None,
     gdrive_url: str | None,
 ) -> tuple[Runner, Selection]:
     from segd.runtime import edgetpu
 
-    status = edgetpu.probe()
+    status = edgetpu.library_status()
     if status.reason is not None:
         raise RuntimeUnavailable(status.reason)
     path = resolve_file(spec, models_dir, mirror=mirror, download=download, gdrive_url=gdrive_url)

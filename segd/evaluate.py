@@ -1,6 +1,6 @@
 """Evaluate any segmentation variant on a labelled dataset: mIoU, per-class IoU, pixel accuracy.
 
-TensorFlow-free on purpose (invariant 1): ``segd eval`` runs where the daemon runs, on a Pi
+TensorFlow-free on purpose (docs/ARCHITECTURE.md, invariant 1): ``segd eval`` runs where the daemon runs, on a Pi
 too, and scores exactly what segd serves — the engine's mask at the original image size
 (a local variant or ``.tflite`` file), or the mask a running daemon returns over HTTP.
 
@@ -42,6 +42,7 @@ import numpy as np
 
 from segd.errors import BadParameter, DatasetError, ModelError, RuntimeUnavailable, SegdError
 from segd.labels import Labels, voc_palette
+from segd.settings import DEFAULT_MAX_PIXELS, Settings
 
 __all__ = [
     "IGNORE_LABEL",
@@ -293,7 +294,7 @@ def read_mask(data: bytes) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def read_sample(sample: Sample, *, max_pixels: int = 40_000_000) -> tuple[np.ndarray, np.ndarray]:
+def read_sample(sample: Sample, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
     """(RGB uint8 image, uint8 mask) of a sample, decoded as the segd engine decodes images
     (EXIF orientation applied); DatasetError when unreadable or the sizes differ."""
     from segd.preprocess import decode_image
@@ -695,7 +696,7 @@ def write_report(
 
 
 # --- command line (``segd eval``) ------------------------------------------------------------
-def run_cli(args: Any) -> int:
+def run_cli(args: Any, settings: Settings) -> int:
     """``segd eval``: evaluate a local variant/file or a daemon (``--url``) on ``--data``."""
     samples = find_samples(args.data, args.split)
     if args.limit:
@@ -715,8 +716,9 @@ def run_cli(args: Any) -> int:
         if not args.model:
             raise BadParameter("--model NAME|FILE is required without --url")
         seg = open_local(
-            args.model, models_dir=args.models_dir, accelerator=args.accelerator,
-            device=args.device, runtime=args.runtime, num_threads=args.threads, mirror=args.mirror,
+            args.model, models_dir=settings.models_dir, accelerator=settings.accelerator,
+            device=settings.device, runtime=settings.runtime, num_threads=settings.threads,
+            mirror=settings.mirror,
         )  # fmt: skip
 
         def predict(data: bytes) -> np.ndarray:

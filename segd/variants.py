@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from segd import pins
+from segd import pins, settings
 from segd.errors import ChecksumMismatch, ModelError, ModelNotFound, UnknownModel
 from segd.fsutil import fsync_dir
 from segd.labels import Labels, palette_from
@@ -133,13 +133,12 @@ class Manifest:
 
 def default_models_dir() -> Path:
     """``SEGD_MODELS_DIR``; else ``models/`` of a source checkout; else the user data dir."""
-    env = os.environ.get("SEGD_MODELS_DIR")
-    if env:
-        return Path(env)
+    env = settings.env_models_dir()
+    if env is not None:
+        return env
     if (CHECKOUT_MODELS_DIR / "variants.toml").is_file():
         return CHECKOUT_MODELS_DIR
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "segd" / "models"
+    return settings.user_data_dir() / "segd" / "models"
 
 
 def builtin_manifest() -> Path:
@@ -319,7 +318,8 @@ def read_verified(path: Path, spec: FileSpec) -> bytes:
 
 
 def model_mirror() -> str | None:
-    return os.environ.get("SEGD_MODEL_MIRROR") or None
+    """The mirror when none is passed down: ``SEGD_MODEL_MIRROR``."""
+    return settings.env_mirror()
 
 
 def resolve_file(
@@ -384,7 +384,7 @@ def fetch(
     if src.startswith(GDRIVE_SOURCE):
         from segd import gdrive
 
-        base = gdrive_url or gdrive.DEFAULT_BASE_URL
+        base = gdrive_url or settings.env_gdrive_url()
         gdrive.download(src[len(GDRIVE_SOURCE):], partial, base_url=base, progress=progress,
                         max_bytes=spec.size or MAX_DOWNLOAD)  # fmt: skip
     elif "://" not in src:

@@ -108,11 +108,14 @@ def test_a_file_larger_than_expected_is_cut_off_and_removed(drive: DriveImitatio
     assert not dest.exists()
 
 
-def test_gdrive_url_is_a_setting_read_from_the_environment() -> None:
-    from segd.app.settings import load_settings, setting_from_env
+def test_gdrive_url_is_a_setting_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from segd.errors import ConfigError
+    from segd.settings import DEFAULT_GDRIVE_URL, env_gdrive_url, load_settings
 
-    assert setting_from_env("gdrive_url", {}) == gdrive.DEFAULT_BASE_URL
-    assert setting_from_env("gdrive_url", {"SEGD_GDRIVE_URL": "http://127.0.0.1:9/uc"}) == "http://127.0.0.1:9/uc"
+    monkeypatch.delenv("SEGD_GDRIVE_URL", raising=False)
+    assert env_gdrive_url() == DEFAULT_GDRIVE_URL == gdrive.DEFAULT_BASE_URL
+    monkeypatch.setenv("SEGD_GDRIVE_URL", "http://127.0.0.1:9/uc")
+    assert env_gdrive_url() == "http://127.0.0.1:9/uc"
     assert load_settings(env={"SEGD_GDRIVE_URL": "http://127.0.0.1:9/uc"}).gdrive_url == "http://127.0.0.1:9/uc"
-    with pytest.raises(ValueError, match="gdrive_url must be an http"):
+    with pytest.raises(ConfigError, match="gdrive_url must be an http"):
         load_settings(env={"SEGD_GDRIVE_URL": "file:///etc/passwd"})
