@@ -1,9 +1,11 @@
 """Model variants: the manifest (data in ``models/*.toml``) and model-file resolution.
 
 A file is found in the models directory, else copied from a mirror (directory or base URL,
-``SEGD_MODEL_MIRROR``), else downloaded from the manifest URL — sha256-verified in every case,
-written to a temporary name and renamed into place only once verified, so a crash or a full disk
-never leaves a partial or corrupt file where a model is expected.
+``SEGD_MODEL_MIRROR``), else downloaded from the manifest URL or Google Drive (``gdrive_id``,
+:mod:`segd.gdrive`) — sha256-verified in every case (a publisher that gave only an md5: the md5
+once, then the sha256 pinned at that first verification, :mod:`segd.pins`), written to a
+temporary name and renamed into place only once verified, so a crash or a full disk never leaves
+a partial or corrupt file where a model is expected.
 """
 
 from __future__ import annotations
