@@ -521,10 +521,11 @@ def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
             specs.append((variant.edgetpu, tpu_usable or settings.accelerator == "edgetpu"))
         for spec, needed in specs:
             path = mdir / spec.name
-            source = mirror or spec.url or "nowhere"
+            drive = f"Google Drive (file {spec.gdrive_id})" if spec.gdrive_id else None
+            source = mirror or spec.url or drive or "nowhere"
             if not path.is_file():
                 level = "warn" if needed else "info"
-                if not (mirror or spec.url):
+                if not (mirror or spec.url or drive):
                     level = "error" if needed else "info"
                 what = "" if needed else " (only used with an Edge TPU)"
                 found.append(Finding("models", level, f"{name}: {spec.name} is not in {mdir}{what}; segd fetches it at start-up from {source}",

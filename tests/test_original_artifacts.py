@@ -298,3 +298,18 @@ def test_bench_original_prints_a_row_per_artifact_next_to_the_published_figures(
     assert rows["deeplabv3_mnv2_pascal"][5:] == ["147.5", "368.6"]
     assert rows["coral_deeplab_v3plus_dm1"][3] == "-"
     assert "coral_deeplab_v3_dm1: not measured: libedgetpu not installed" in r.stdout
+
+
+def test_doctor_says_where_an_edge_tpu_only_variant_comes_from_and_what_serves_it(models_dir: Path, stand_in_models: Path, test_data: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEGD_", "FAKE_EDGETPU_"))}
+    env.update(SEGD_MODELS_DIR=str(stand_in_models), SEGD_MODELS="coral_deeplab_v3_dm05", SEGD_ACCELERATOR="edgetpu",
+               SEGD_EDGETPU_LIBRARY="/nonexistent/libedgetpu.so.1")  # fmt: skip
+    r = subprocess.run([sys.executable, "-m", "segd", "doctor"], env=env, capture_output=True, text=True, timeout=120)
+    out = r.stdout
+    assert "coral_deeplab_v3_dm05: deeplabv3_mnv2_dm05_pascal_quant.tflite is not in" in out  # its CPU fallback
+    assert f"deeplabv3_mnv2_dm05_voc_tainaug_os16_edgetpu.tflite is not in {stand_in_models}" in out
+    assert f"Google Drive (file {IDS['coral_deeplab_v3_dm05']})" in out
+    # once pulled (md5 checked, sha256 pinned), doctor holds the file to its pin
+    assert pull(stand_in_models, test_data, "coral_deeplab_v3_dm05").returncode == 0
+    r = subprocess.run([sys.executable, "-m", "segd", "doctor"], env=env, capture_output=True, text=True, timeout=120)
+    assert "deeplabv3_mnv2_dm05_voc_tainaug_os16_edgetpu.tflite present" in r.stdout and "(its pin, or the publisher's md5)" in r.stdout
