@@ -340,8 +340,9 @@ def resolve_file(
     if target.exists() and not force:
         if spec.size is not None and target.stat().st_size != spec.size:
             raise ChecksumMismatch(
-                f"{target}: {target.stat().st_size} bytes, the manifest says {spec.size} "
-                "(corrupt or replaced file; run `segd models pull --force` to fetch it again)"
+                f"{target}: does not match the manifest sha256 {spec.sha256} ({target.stat().st_size} bytes, "
+                f"the manifest says {spec.size}: corrupt or replaced file; run `segd models pull --force` "
+                "to fetch it again)"
             )
         _verify_file(str(target), target, spec, mdir)
         return target
