@@ -132,7 +132,7 @@ def test_offline_pascal_voc_falls_back_to_googles_tflite_with_a_warning(
         applications.CoralDeepLabV3((SIZE, SIZE, 3), alpha=0.5, weights="pascal_voc", source="google-tflite")
 
 
-@pytest.mark.slow  # one int8 conversion (~20 s of CPU)
+@pytest.mark.slow  # one int8 TFLite conversion
 def test_models_build_with_the_originals_weights_publishes_that_whole_network(
     tmp_path: Path, test_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
