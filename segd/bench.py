@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +14,23 @@ from segd.errors import SegdError
 from segd.synthetic import synthetic_jpeg
 from segd.variants import load_manifest
 
+Progress = Callable[..., None]  # progress(done, total, **notes): segd.progress.Progress
 
-def median_ms(fn: Any, iterations: int, warmup: int) -> float:
-    """Median wall time of ``fn`` in ms over ``iterations`` runs, after ``warmup`` runs."""
-    for _ in range(warmup):
+
+def median_ms(fn: Any, iterations: int, warmup: int, progress: Callable[[int], None] | None = None) -> float:
+    """Median wall time of ``fn`` in ms over ``iterations`` runs, after ``warmup`` runs;
+    ``progress(runs so far)`` after each run."""
+    for i in range(warmup):
         fn()
+        if progress:
+            progress(i + 1)
     times = []
-    for _ in range(iterations):
+    for i in range(iterations):
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1000.0)
+        if progress:
+            progress(warmup + i + 1)
     return statistics.median(times)
 
 
@@ -39,10 +47,18 @@ ORIGINAL_TABLE: dict[str, tuple[float, float] | None] = {
 }
 
 
-def bench_segmenter(seg: Segmenter, image: bytes, *, iterations: int = 50, warmup: int = 5) -> dict[str, Any]:
+def bench_segmenter(
+    seg: Segmenter, image: bytes, *, iterations: int = 50, warmup: int = 5, progress: Progress | None = None
+) -> dict[str, Any]:
     prepared = seg.prepare(seg.decode(image))
-    invoke = median_ms(lambda: seg.infer(prepared.tensor), iterations, warmup)
-    total = median_ms(lambda: seg.segment(image), iterations, warmup)
+    runs = 2 * (warmup + iterations)
+    name = seg.variant.name
+
+    def step(offset: int, what: str) -> Callable[[int], None] | None:
+        return (lambda n: progress(offset + n, runs, model=name, stage=what)) if progress else None
+
+    invoke = median_ms(lambda: seg.infer(prepared.tensor), iterations, warmup, step(0, "invoke"))
+    total = median_ms(lambda: seg.segment(image), iterations, warmup, step(warmup + iterations, "end-to-end"))
     return {
         "model": seg.variant.name,
         "runs": seg.variant.name,  # the variant whose file ran (a CPU fallback is another network)
@@ -61,6 +77,7 @@ def bench_variants(
     iterations: int = 50,
     warmup: int = 5,
     models_dir: Path | None = None,
+    progress: Progress | None = None,
     **open_kwargs: Any,
 ) -> list[dict[str, Any]]:
     manifest = load_manifest(models_dir=models_dir)
@@ -76,7 +93,8 @@ def bench_variants(
                          "invoke_ms": None, "end_to_end_ms": None, "fps": None})  # fmt: skip
             continue
         try:
-            row = bench_segmenter(seg, synthetic_jpeg(seg.input_hw), iterations=iterations, warmup=warmup)
+            row = bench_segmenter(seg, synthetic_jpeg(seg.input_hw), iterations=iterations, warmup=warmup,
+                                  progress=progress)  # fmt: skip
             row["model"] = name  # the requested variant (a CPU fallback is named in the reason)
             rows.append(row)
         finally:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from drive_imitation import DriveImitation
 
-from coral_deeplab.zoo import toml_dumps
 from segd.engine import Segmenter, open_runner
 from segd.errors import ChecksumMismatch, ModelError
+from segd.manifest import dumps as toml_dumps
 from segd.pins import PIN_FILE, read_pins
 from segd.variants import BUILTIN_MANIFEST, load_manifest, resolve_file
 

@@ -216,3 +216,16 @@ def test_pull_into_a_full_disk_fails_cleanly(tmp_path: Path, test_data: Path) ->
     assert "could not fetch deeplabv3_mnv2_pascal_quant.tflite" in r.stderr
     assert "File too large" in r.stderr
     assert not (models / "deeplabv3_mnv2_pascal_quant.tflite").exists()
+
+
+def test_every_builtin_variant_round_trips_through_dump_and_load(tmp_path: Path) -> None:
+    from segd.manifest import builtin_manifest, dump_variant, load_manifest, variant_table
+
+    for variant in load_manifest(models_dir=tmp_path / "none").variants.values():
+        path = tmp_path / f"{variant.name}.toml"
+        path.write_text(dump_variant(variant))
+        # loaded after the built-in manifest, where an Edge-TPU-only variant's cpu_fallback is
+        again = load_manifest(paths=[builtin_manifest(), path]).get(variant.name)
+        assert again.source == path
+        assert variant_table(again) == variant_table(variant)
+        assert again.labels.palette.tolist() == variant.labels.palette.tolist()
