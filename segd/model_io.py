@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from segd.errors import ModelError
-from segd.variants import Variant
+from segd.manifest import Variant
 
 __all__ = ["ALLOWED_STRIDES", "read_tensors"]
 
