@@ -109,15 +109,19 @@ def open_runner(
     mirror: str | None = None,
     download: bool = True,
     edgetpu_factory: EdgeTpuOpener | None = None,
+    edgetpu_pairing: str = "check",
+    edgetpu_pairings: Path | None = None,
     gdrive_url: str | None = None,
 ) -> tuple[Runner, Selection]:
     """Open the Edge TPU file when a device is there and usable, else the CPU twin.
 
     ``accelerator``: "auto" (TPU if possible, else CPU — the reason is recorded), "edgetpu"
     (fail with the reason instead of falling back) or "cpu". ``edgetpu_factory(model, device)``
-    replaces the in-process delegate, e.g. with a crash-isolated worker process. An
-    Edge-TPU-only variant runs on the CPU as its declared ``cpu_fallback`` variant (a different
-    network); ``Selection.variant`` is then that variant and the reason says so.
+    replaces the in-process delegate, e.g. with a crash-isolated worker process (which checks
+    the libedgetpu/runtime pairing itself); in process, ``edgetpu_pairing`` / ``edgetpu_pairings``
+    decide it (:func:`segd.runtime.edgetpu.check_pairing`). An Edge-TPU-only variant runs on the
+    CPU as its declared ``cpu_fallback`` variant (a different network); ``Selection.variant`` is
+    then that variant and the reason says so.
     """
     check_accelerator(accelerator)
     reason = "CPU requested"
@@ -131,7 +135,8 @@ def open_runner(
                 return _open_edgetpu(
                     variant, variant.edgetpu, models_dir=models_dir, device=device,
                     runtime=runtime, num_threads=num_threads, mirror=mirror,
-                    download=download, factory=edgetpu_factory, gdrive_url=gdrive_url,
+                    download=download, factory=edgetpu_factory, pairing=edgetpu_pairing,
+                    pairings=edgetpu_pairings, gdrive_url=gdrive_url,
                 )  # fmt: skip
             except (RuntimeUnavailable, WorkerCrashed, RequestTimeout, ModelError) as exc:
                 # auto: anything wrong on the Edge TPU side (no library or device, a delegate
@@ -166,9 +171,11 @@ def _open_edgetpu(
     mirror: str | None,
     download: bool,
     factory: EdgeTpuOpener | None,
-    gdrive_url: str | None,
+    pairing: str = "check",
+    pairings: Path | None = None,
+    gdrive_url: str | None = None,
 ) -> tuple[Runner, Selection]:
-    from segd.runtime import edgetpu
+    from segd.runtime import edgetpu, tpu_worker
 
     status = edgetpu.library_status()
     if status.reason is not None:
@@ -178,7 +185,10 @@ def _open_edgetpu(
     if factory is not None:
         runner = factory(data, device)
     else:
-        runner = edgetpu.open_edgetpu(data, device=device, runtime=runtime, num_threads=num_threads)
+        decision = edgetpu.check_pairing(
+            tpu_worker.runtime_versions(), policy=pairing, pairings=pairings, preferred=runtime
+        )
+        runner = edgetpu.open_edgetpu(data, device=device, runtime=decision.runtime, num_threads=num_threads)
     try:
         check_runner(variant, runner, path)
     except ModelError:

@@ -37,6 +37,8 @@ ACCELERATORS = ("auto", "cpu", "edgetpu")
 TPU_FALLBACKS = ("cpu", "503")
 #: Google Drive's download endpoint (files a manifest gives a ``gdrive_id``, segd.gdrive).
 DEFAULT_GDRIVE_URL = "https://drive.google.com/uc"
+#: Which libedgetpu/runtime pairs the Edge TPU worker loads: known-good ones only, or any.
+EDGETPU_PAIRINGS = ("check", "trust")
 #: How a camera is read: an ffmpeg subprocess, HTTP multipart, or a polled still image.
 SOURCE_KINDS = ("rtsp", "mjpeg", "snapshot")
 #: When class areas go to MQTT: when they change, or every `interval` seconds.
@@ -105,13 +107,20 @@ class Settings:
     insecure: bool = False  # allow a non-loopback bind without an API key
     max_upload_bytes: int = 20 * MiB
     max_pixels: int = DEFAULT_MAX_PIXELS
-    queue_size: int = 8  # requests admitted per variant (in flight + waiting); more -> 503
+    queue_size: int = 0  # optional hard cap on requests admitted per variant; 0: admit by expected wait only
+    upload_budget_bytes: int = 64 * MiB  # request bodies held in memory at once, all requests; more -> 503
     pixels_in_flight: int = 0  # image pixels processed at once, all requests (0: max_pixels); more wait
     request_timeout: float = 30.0  # seconds for the whole pipeline of one request
     header_timeout: float = 10.0  # seconds for a request's line and headers to arrive (slow clients get 408)
     body_timeout: float = 60.0  # seconds for a request's body to arrive after its headers (408)
+    min_upload_rate: float = 1024.0  # bytes/s an upload must average after header_timeout s (408); 0: off
+    max_connections: int = 512  # open connections; over it the longest-idle one is closed
+    max_header_bytes: int = 64 * 1024  # request line + headers (431)
     retry_after: int = 1  # seconds, sent with 503 overloaded
     tpu_isolation: bool = True  # run Edge TPU interpreters in a supervised worker process
+    edgetpu_python: str | None = None  # Python (numpy + TFLite runtime) the Edge TPU worker runs under
+    edgetpu_pairing: str = "check"  # check: only libedgetpu/runtime pairs known good | trust: load anyway
+    edgetpu_pairings: Path | None = None  # extra pairings table (format of segd/data/edgetpu_pairings.toml)
     tpu_fallback: str = "cpu"  # when the TPU worker dies: "cpu" (serve on the CPU twin) | "503"
     device_check_interval: float = 5.0  # seconds between Edge TPU presence checks
     tpu_timeout: float = 5.0  # seconds for one Edge TPU invoke; a hung TPU worker is killed and restarted
@@ -297,15 +306,23 @@ def load_settings(
 def validate(s: Settings) -> None:
     """ConfigError naming the first setting out of range."""
     check_accelerator(s.accelerator)
+    if s.edgetpu_pairing not in EDGETPU_PAIRINGS:
+        raise ConfigError(f"edgetpu_pairing must be {' or '.join(EDGETPU_PAIRINGS)}, not {s.edgetpu_pairing!r}")
     if s.devices and s.device:
         raise ConfigError("set device (one Edge TPU) or devices (several), not both")
     if "all" in s.devices and s.devices != ["all"]:
         raise ConfigError(f"devices: 'all' cannot be combined with named devices: {s.devices}")
     if s.tpu_fallback not in TPU_FALLBACKS:
         raise ConfigError(f"tpu_fallback must be {' or '.join(TPU_FALLBACKS)}, not {s.tpu_fallback!r}")
-    for name in ("max_upload_bytes", "max_pixels", "queue_size"):
+    if not s.host.strip():
+        raise ConfigError("host is empty: set SEGD_HOST (or host in the config file) to an address such as 127.0.0.1")
+    for name in ("max_upload_bytes", "max_pixels", "max_connections", "max_header_bytes"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be positive")
+    if s.queue_size < 0 or s.min_upload_rate < 0:
+        raise ConfigError("queue_size and min_upload_rate must not be negative (0 turns them off)")
+    if s.upload_budget_bytes < s.max_upload_bytes:
+        raise ConfigError("upload_budget_bytes must be at least max_upload_bytes (one upload must fit)")
     if s.tpu_pipeline < 1:
         raise ConfigError("tpu_pipeline must be at least 1")
     if s.pixels_in_flight < 0:

@@ -12,10 +12,11 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
+import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +44,26 @@ from segd.variants import Manifest, Variant
 log = logging.getLogger("segd")
 
 SELFTEST_AGREEMENT = 0.98  # Edge TPU mask vs CPU twin on the synthetic image (Coral's own bar)
-FORMATS = ("png", "json", "overlay")
+FORMATS = encode.FORMATS
+
+
+class ServiceTime:
+    """How long a model takes per request, as admission needs it (seconds): an exponentially
+    weighted mean of the time between completions while other requests were in flight (the
+    rate the queue drains at, contention included), or of a request's latency when it ran
+    alone; seeded by the warm-up. Stage timings are no measure: they include waits."""
+
+    def __init__(self, seconds: float = 0.5, weight: float = 0.1) -> None:
+        self.seconds = seconds
+        self.weight = weight
+        self.last_done: float | None = None
+
+    def completed(self, now: float, latency: float, busy: bool) -> None:
+        sample = latency
+        if busy and self.last_done is not None:
+            sample = min(now - self.last_done, latency)
+        self.seconds += self.weight * (sample - self.seconds)
+        self.last_done = now
 
 
 async def in_thread(executor: Executor, fn: Any, *args: Any) -> Any:
@@ -115,6 +135,7 @@ class ModelSlot:
     selftest: dict[str, Any] = field(default_factory=dict)
     device_present: bool = True
     queued: int = 0  # admitted requests (in flight + waiting)
+    service: ServiceTime = field(default_factory=ServiceTime)
     requests: int = 0
     errors: int = 0
     fallbacks: int = 0
@@ -146,7 +167,7 @@ class ModelSlot:
         info = runner.describe()
         if info.get("isolation") != "process":
             return None
-        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in", "devices")
+        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in", "devices", "runtime", "python", "pairing")
         return {k: info[k] for k in keys if k in info}
 
     def describe(self) -> dict[str, Any]:
@@ -226,7 +247,7 @@ class ModelService:
         runner, selection = open_runner(
             variant, models_dir=s.models_dir, accelerator=accelerator, device=s.device,
             runtime=s.runtime, num_threads=s.threads, mirror=s.mirror, edgetpu_factory=factory,
-            gdrive_url=s.gdrive_url,
+            edgetpu_pairing=s.edgetpu_pairing, edgetpu_pairings=s.edgetpu_pairings, gdrive_url=s.gdrive_url,
         )  # fmt: skip
         return Segmenter(selection.variant or variant, runner, selection, max_pixels=s.max_pixels)
 
@@ -236,14 +257,15 @@ class ModelService:
 
         s = self.settings
         return edgetpu_worker_factory(
-            runtime=s.runtime, num_threads=s.threads, call_timeout=s.tpu_timeout,
+            library=s.edgetpu_library, runtime=s.runtime, num_threads=s.threads, python=s.edgetpu_python,
+            pairing=s.edgetpu_pairing, pairings=s.edgetpu_pairings, call_timeout=s.tpu_timeout,
             backoff_base=s.worker_restart_base, backoff_max=s.worker_restart_max,
             depth=s.tpu_pipeline,
         )  # fmt: skip
 
     def _pool_factory(self, one: Any) -> Any:
         """``devices = [...]``: one worker per listed Edge TPU, behind least-loaded dispatch."""
-        from segd.runtime import edgetpu
+        from segd.runtime import edgetpu, tpu_worker
         from segd.runtime.pool import resolve_devices
 
         s = self.settings
@@ -252,8 +274,13 @@ class ModelService:
             paths = resolve_devices(s.devices, edgetpu.list_devices())
             if one is not None:
                 return DevicePool.open(paths, lambda path: one(model, path))
+            decision = edgetpu.check_pairing(  # in process: this Python's runtimes
+                tpu_worker.runtime_versions(), library=s.edgetpu_library, policy=s.edgetpu_pairing,
+                pairings=s.edgetpu_pairings, preferred=s.runtime,
+            )  # fmt: skip
             return DevicePool.open(paths, lambda path: edgetpu.open_edgetpu(
-                model, device=path, runtime=s.runtime, num_threads=s.threads))  # fmt: skip
+                model, device=path, library=s.edgetpu_library, runtime=decision.runtime,
+                num_threads=s.threads))  # fmt: skip
 
         return open_pool
 
@@ -277,7 +304,9 @@ class ModelService:
                     primary.close()
                     primary, fallback = self._retag(fallback, reason), None
             else:
+                t = time.perf_counter()
                 self._warm(primary)
+                slot.service = ServiceTime(time.perf_counter() - t)  # what admission starts from
                 slot.selftest = {"probe": "synthetic", "passed": True}
             if fallback is not None and self.settings.tpu_fallback != "cpu":
                 fallback.close()
@@ -369,7 +398,7 @@ class ModelService:
                     "state": s.state,
                     "ready": s.ready,
                     "backend": s.primary.backend if s.primary else None,
-                    "error": s.error,
+                    "error": without_paths(s.error),
                     # null for a model served on the CPU: there is no device to be present
                     "device_present": s.device_present if s.primary is not None and s.primary.backend == "edgetpu" else None,
                     **device_states(s),
@@ -416,11 +445,11 @@ class ModelService:
         return self.slots[key]
 
     async def segment(
-        self, name: str | None, body: bytes | Callable[[], Awaitable[bytes]], *, fmt: str = "png",
-        keep_aspect: bool = False, overlay_format: str = "jpeg", shape: regions.Shape | None = None,
+        self, name: str | None, data: bytes, *, fmt: str = "png", keep_aspect: bool = False,
+        overlay_format: str = "jpeg", shape: regions.Shape | None = None,
     ) -> Result:  # fmt: skip
-        """Segment ``body`` (the image bytes, or a coroutine function reading them: then the
-        upload is read only once the request is admitted, so a full queue never holds bodies)."""
+        """Segment ``data``, a complete upload: a request takes a place in the model's queue only
+        once its body has arrived, so slow uploads never hold the model."""
         if fmt not in FORMATS:
             raise BadParameter(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
         if overlay_format not in ("jpeg", "png"):
@@ -428,15 +457,9 @@ class ModelService:
         slot = self.slot(name)
         if not slot.can_answer:
             raise ModelNotReady(f"model {slot.name!r} is not ready ({slot.error or slot.state})")
-        if slot.queued >= self.settings.queue_size:
-            raise Overloaded(f"model {slot.name!r} has {slot.queued} requests queued (limit {self.settings.queue_size})")
+        self.admit(slot)
         slot.queued += 1
         slot.requests += 1
-        try:
-            data = body if isinstance(body, bytes) else await body()
-        except BaseException:
-            slot.queued -= 1
-            raise
         t0 = time.perf_counter()
         try:
             result = await asyncio.wait_for(
@@ -452,8 +475,27 @@ class ModelService:
             slot.queued -= 1
         total = (time.perf_counter() - t0) * 1000.0
         result.timings["total"] = total
+        result.document["timings_ms"] = {k: round(v, 3) for k, v in result.timings.items()}
         slot.latencies_ms.append(total)
+        slot.service.completed(time.perf_counter(), total / 1000.0, busy=slot.queued > 0)
         return result
+
+    def admit(self, slot: ModelSlot) -> None:
+        """Admission by expected wait: the requests ahead times the measured service time. A
+        request is refused (503, Retry-After = when it would fit) only when it could not finish
+        within ``request_timeout``; ``queue_size`` (when set) is an extra hard cap."""
+        s = self.settings
+        if s.queue_size and slot.queued >= s.queue_size:
+            raise Overloaded(f"model {slot.name!r} has {slot.queued} requests queued (limit {s.queue_size})",
+                             retry_after=max(1, math.ceil(slot.service.seconds)))  # fmt: skip
+        finish = (slot.queued + 1) * slot.service.seconds
+        if slot.queued and finish > s.request_timeout:  # a lone request is always tried (and measured)
+            wait = finish - s.request_timeout
+            raise Overloaded(
+                f"model {slot.name!r} has {slot.queued} requests queued, about {finish:.1f} s of work at "
+                f"{slot.service.seconds * 1000:.0f} ms each, over the request timeout of {s.request_timeout:g} s",
+                retry_after=max(1, math.ceil(wait)),
+            )
 
     async def _budgeted(
         self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str, shape: regions.Shape | None
@@ -499,16 +541,7 @@ class ModelService:
             return mask, class_pixel_counts(mask, n_classes)
 
         mask, counts = await cpu("postprocess", finish)
-
-        def render() -> tuple[bytes, str]:
-            if fmt == "png":
-                return encode.encode_mask_png(mask, labels.palette), "image/png"
-            if fmt == "overlay":
-                blended = encode.overlay(image.rgb, mask, labels.palette, background=fill)
-                return encode.encode_image(blended, overlay_format), f"image/{overlay_format}"
-            return b"", "application/json"
-
-        body, media = await cpu("encode", render)
+        body, media = await cpu("encode", encode.render, fmt, mask, labels.palette, image.rgb, overlay_format, fill)
         segmentation = Segmentation(mask, counts, image, timings, slot.name, used.backend)
         document = summary(segmentation, used)
         if shape is not None:
@@ -566,6 +599,13 @@ class ModelService:
 __all__ = ["ModelService", "ModelSlot", "Result"]
 
 
+_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\":,;()]+/)*([^\s/'\":,;()]+)")
+
+
+def without_paths(text: str | None) -> str | None:
+    """``text`` with absolute file-system paths cut to their file names: /readyz is
+    unauthenticated and must not map the host's directories (/models keeps the full error)."""
+    return _PATH.sub(r"\1", text) if text else text
 def device_states(slot: ModelSlot) -> dict[str, Any]:
     """``{"devices": {path: state}}`` for a model on several Edge TPUs, else nothing."""
     worker = slot.worker_info() or {}
