@@ -35,6 +35,8 @@ DEFAULT_MAX_PIXELS = 40_000_000
 ACCELERATORS = ("auto", "cpu", "edgetpu")
 #: What serves when the Edge TPU worker dies.
 TPU_FALLBACKS = ("cpu", "503")
+#: Google Drive's download endpoint (files a manifest gives a ``gdrive_id``, segd.gdrive).
+DEFAULT_GDRIVE_URL = "https://drive.google.com/uc"
 #: Which libedgetpu/runtime pairs the Edge TPU worker loads: known-good ones only, or any.
 EDGETPU_PAIRINGS = ("check", "trust")
 #: How a camera is read: an ffmpeg subprocess, HTTP multipart, or a polled still image.
@@ -88,6 +90,7 @@ class Settings:
     models_dir: Path | None = None
     # directory or base URL to fetch missing model files from
     mirror: str | None = field(default=None, metadata={"env": "SEGD_MODEL_MIRROR", "deprecated_env": "SEGD_MIRROR"})
+    gdrive_url: str = DEFAULT_GDRIVE_URL  # Google Drive download endpoint (segd.gdrive)
     models: list[str] = field(default_factory=list)  # variants to serve (default: the default one)
     default_model: str | None = None  # default: the manifest's default (or the first served)
     accelerator: str = "auto"  # auto | cpu | edgetpu
@@ -334,6 +337,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("retry_after and graceful_timeout must not be negative")
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"port out of range: {s.port}")
+    if not s.gdrive_url.startswith(("http://", "https://")):
+        raise ConfigError(f"gdrive_url must be an http(s) URL, not {s.gdrive_url!r}")
     for src in s.sources.values():
         validate_source(src)
     if s.mqtt is not None:
@@ -411,6 +416,11 @@ def user_data_dir() -> Path:
 def env_mirror() -> str | None:
     """``SEGD_MODEL_MIRROR`` (or the deprecated ``SEGD_MIRROR``) when set."""
     return _from_env("mirror")
+
+
+def env_gdrive_url() -> str:
+    """``SEGD_GDRIVE_URL`` when set, else Google Drive's endpoint."""
+    return _from_env("gdrive_url") or DEFAULT_GDRIVE_URL
 
 
 def env_runtime() -> str | None:
