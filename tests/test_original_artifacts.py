@@ -178,18 +178,20 @@ def test_without_a_tpu_the_declared_cpu_fallback_serves_and_says_so(stand_in_mod
 
 
 def test_with_a_tpu_a_file_that_never_arrives_is_the_reason_and_the_fallback_serves(
-    stand_in_models: Path, test_data: Path, fake_edgetpu: Path
+    stand_in_models: Path, test_data: Path, fake_edgetpu: Path, double_pairings: Path
 ) -> None:
     mdir = stand_in_models
     manifest = load_manifest(models_dir=mdir)
-    runner, sel = open_runner(manifest.get("coral_deeplab_v3plus_dm1"), models_dir=mdir, mirror=str(test_data), gdrive_url=os.environ["SEGD_GDRIVE_URL"])
+    runner, sel = open_runner(manifest.get("coral_deeplab_v3plus_dm1"), models_dir=mdir, mirror=str(test_data), gdrive_url=os.environ["SEGD_GDRIVE_URL"],
+                              edgetpu_pairings=double_pairings)  # fmt: skip
     try:
         assert sel.backend == "cpu" and "quota exceeded" in sel.reason and "deeplabv3_mnv2_pascal serves" in sel.reason
     finally:
         runner.close()
     # The one that arrived was downloaded for the TPU (and pinned); the double cannot run a
     # compiled Coral file, which is the reason given, and its CPU fallback serves.
-    runner, sel = open_runner(manifest.get("coral_deeplab_v3_dm1"), models_dir=mdir, mirror=str(test_data), gdrive_url=os.environ["SEGD_GDRIVE_URL"])
+    runner, sel = open_runner(manifest.get("coral_deeplab_v3_dm1"), models_dir=mdir, mirror=str(test_data), gdrive_url=os.environ["SEGD_GDRIVE_URL"],
+                              edgetpu_pairings=double_pairings)  # fmt: skip
     try:
         assert sel.backend == "cpu" and "edgetpu-custom-op" in sel.reason
         assert "deeplabv3_mnv2_dm1_voc_tainaug_os16_edgetpu.tflite" in read_pins(mdir)
@@ -238,6 +240,7 @@ def test_daemon_serves_an_edge_tpu_only_variant_on_the_tpu_and_its_fallback_afte
     import shutil
 
     import httpx
+    from conftest import pairings_for
     from daemon import start_daemon
 
     mdir = tmp_path / "models"
@@ -252,6 +255,7 @@ def test_daemon_serves_an_edge_tpu_only_variant_on_the_tpu_and_its_fallback_afte
         # 1 warm-up invoke + 2 good requests, then the delegate aborts the worker process
         "FAKE_EDGETPU_MODE": "crash_on_invoke", "FAKE_EDGETPU_CRASH_AFTER": "3",
         "SEGD_GDRIVE_URL": drive.base_url, "SEGD_WORKER_RESTART_BASE": "0.2",
+        "SEGD_EDGETPU_PAIRINGS": str(pairings_for(edgetpu_double, tmp_path / "pairings.toml")),
     }  # fmt: skip
     d = start_daemon(tmp_path, mdir, "--model", "cdl_tpu_only", "--model", "cdl_never", env=env)
     try:
