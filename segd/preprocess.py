@@ -51,11 +51,14 @@ __all__ = [
     "check_limits",
     "choose_reduce",
     "decode_image",
+    "decoded_hw",
     "fit_to_input",
     "input_lut",
     "normalize_float",
     "probe_image",
     "quantize",
+    "quiet_codec_warnings",
+    "request_bytes",
 ]
 
 ALPHA_BACKGROUND = 128
@@ -110,6 +113,10 @@ class ImageHeader:
     frames: int = 1  # frame count when the container says (GIF, APNG, animated WebP)
     # largest other buffer the decoder sizes from the header (e.g. a TIFF tile)
     buffer_pixels: int = 0
+    tile_pixels: int = 0  # TIFF: pixels of one strip or tile (what the decoder reads at a time)
+    # JPEG coded as several scans (progressive, or not baseline): libjpeg keeps the whole
+    # image's DCT coefficients (2 bytes a sample) while decoding
+    multiscan: bool = False
     defect: str | None = None  # why the data looks truncated/incomplete; None when complete
 
     @property
@@ -295,11 +302,12 @@ def _probe_jpeg(data: bytes) -> ImageHeader:
     sof: tuple[int, int, int, int] | None = None  # precision, height, width, components
     orientation = 1
     exif_seen = False
+    multiscan = False
     while True:
         if pos >= n:
             if sof is None:
                 raise BadImage("JPEG data ends before the frame header (SOF)")
-            return _jpeg_header(sof, orientation, "JPEG data ends before the scan (SOS)")
+            return _jpeg_header(sof, orientation, multiscan, "JPEG data ends before the scan (SOS)")
         if data[pos] != 0xFF:
             raise BadImage(f"JPEG marker expected at byte {pos}, found 0x{data[pos]:02x}")
         while pos < n and data[pos] == 0xFF:  # fill bytes
@@ -322,7 +330,7 @@ def _probe_jpeg(data: bytes) -> ImageHeader:
         if seg_end > n:
             if sof is None:
                 raise BadImage(f"JPEG segment 0x{marker:02x} runs past the end of the data")
-            return _jpeg_header(sof, orientation, "JPEG data ends inside a header segment")
+            return _jpeg_header(sof, orientation, multiscan, "JPEG data ends inside a header segment")
         if marker in _JPEG_SOF and sof is None:
             if length < 8:
                 raise BadImage("JPEG frame header (SOF) is too short")
@@ -330,6 +338,7 @@ def _probe_jpeg(data: bytes) -> ImageHeader:
             if comps not in (1, 3, 4):
                 raise BadImage(f"JPEG with {comps} colour components is not supported")
             sof = (precision, height, width, comps)
+            multiscan = marker not in (0xC0, 0xC1)
         elif marker == 0xE1 and not exif_seen and data.startswith(b"Exif\x00\x00", pos + 2):
             exif_seen = True
             orientation = _exif_orientation(data, pos + 8, seg_end)
@@ -344,12 +353,12 @@ def _probe_jpeg(data: bytes) -> ImageHeader:
                 if data.rfind(b"\xff\xd9", seg_end) != -1
                 else "JPEG data has no end-of-image marker (truncated)"
             )
-            return _jpeg_header(sof, orientation, defect)
+            return _jpeg_header(sof, orientation, multiscan, defect)
         pos = seg_end
 
 
 def _jpeg_header(
-    sof: tuple[int, int, int, int], orientation: int, defect: str | None
+    sof: tuple[int, int, int, int], orientation: int, multiscan: bool, defect: str | None
 ) -> ImageHeader:
     precision, height, width, comps = sof
     if width == 0 or height == 0:
@@ -361,6 +370,7 @@ def _jpeg_header(
         orientation=orientation,
         bit_depth=precision,
         channels=comps,
+        multiscan=multiscan,
         defect=defect,
     )
 
@@ -637,15 +647,14 @@ def _probe_tiff(data: bytes) -> ImageHeader:
     if not 1 <= orientation <= 8:
         orientation = 1
     tile_w, tile_h = ifd.first(322), ifd.first(323)
-    buffer_pixels = width * height
     if tile_w is not None and tile_h is not None:
-        buffer_pixels = max(buffer_pixels, tile_w * tile_h)
+        tile_pixels = tile_w * tile_h
         offsets, counts = ifd.ints(324), ifd.ints(325)
     else:
         rows = ifd.first(278)
-        if rows is not None:
-            buffer_pixels = max(buffer_pixels, width * min(rows, height))
+        tile_pixels = width * (height if rows is None else min(max(rows, 1), height))
         offsets, counts = ifd.ints(273), ifd.ints(279)
+    buffer_pixels = max(width * height, tile_pixels)
     defect = None
     if offsets is None:
         raise BadImage("TIFF first IFD has no strip or tile offsets")
@@ -664,6 +673,7 @@ def _probe_tiff(data: bytes) -> ImageHeader:
         channels=spp,
         has_alpha=spp in (2, 4) or (extra is not None and extra.size > 0),
         buffer_pixels=buffer_pixels,
+        tile_pixels=tile_pixels,
         defect=defect,
     )
 
@@ -683,6 +693,15 @@ class DecodedImage:
     original_hw: tuple[int, int]  # (height, width) of the full image after orientation
     reduce: int  # reduction actually applied (1 unless JPEG DCT scaling was used)
     header: ImageHeader
+
+
+def quiet_codec_warnings() -> None:
+    """OpenCV logs a warning line per oddity of a decoded file (a TIFF with 4000 unknown tags:
+    4000 lines), so one upload could flood the journal and push segd's own messages out of
+    journald's rate limit; errors are still logged. Called by the daemon and its decode
+    workers."""
+    with contextlib.suppress(AttributeError):  # builds without the logging utilities
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 def _cv_limits() -> dict[str, int]:
@@ -751,22 +770,42 @@ def _imdecode_rgb(buf: np.ndarray) -> np.ndarray | None:
     return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def decode_image(data: bytes, *, max_pixels: int, reduce: int = 1) -> DecodedImage:
+def decoded_hw(header: ImageHeader, reduce: int = 1) -> tuple[int, int]:
+    """(height, width) of what :func:`decode_image` returns for ``header``: oriented, and
+    scaled by ``reduce`` for JPEG (DCT scaling rounds up)."""
+    r = reduce if header.format == "jpeg" else 1
+    h, w = header.oriented_hw
+    return math.ceil(h / r), math.ceil(w / r)
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    reduce: int = 1,
+    header: ImageHeader | None = None,
+    out: np.ndarray | None = None,
+) -> DecodedImage:
     """Decode image bytes to oriented RGB uint8 (H x W x 3, C-contiguous).
 
-    The header is checked first (:class:`ImageTooLarge` names the size and the limit), then
-    truncated data is refused (:class:`BadImage`), then OpenCV decodes. ``reduce`` (1, 2, 4 or
-    8) asks for JPEG DCT scaling; other formats ignore it (``DecodedImage.reduce`` says what was
-    applied).
+    The header (as probed from these same bytes, or probed here) is checked first
+    (:class:`ImageTooLarge` names the size and the limit), then truncated data is refused
+    (:class:`BadImage`), then OpenCV decodes. ``reduce`` (1, 2, 4 or 8) asks for JPEG DCT
+    scaling; other formats ignore it (``DecodedImage.reduce`` says what was applied). ``out``
+    (:func:`decoded_hw` x 3, uint8) receives the pixels instead of a new array, e.g. a
+    shared-memory segment. Only the default image of a multi-frame file is decoded.
     """
     if reduce not in (1, 2, 4, 8):
         raise BadParameter(f"reduce must be 1, 2, 4 or 8, not {reduce!r}")
     if max_pixels < 1:
         raise BadParameter(f"max_pixels must be positive, not {max_pixels}")
-    header = probe_image(data)
+    if header is None:
+        header = probe_image(data)
     check_limits(header, max_pixels)
     if header.defect is not None:
         raise BadImage(header.defect)
+    if out is not None and (out.dtype != np.uint8 or out.shape != (*decoded_hw(header, reduce), 3)):
+        raise BadParameter(f"out must be a {decoded_hw(header, reduce)} x 3 uint8 array")
     buf = np.frombuffer(data, dtype=np.uint8)
     fmt = header.format.upper()
     r = reduce if header.format == "jpeg" else 1
@@ -781,15 +820,16 @@ def decode_image(data: bytes, *, max_pixels: int, reduce: int = 1) -> DecodedIma
         else:
             if header.format == "tiff":
                 buf = _tiff_without_orientation(data, buf)
+            elif header.format == "png":
+                buf = _png_default_image(data, buf)
             # UNCHANGED keeps 16-bit samples and alpha (and ignores EXIF orientation, except
             # for TIFF, see _tiff_without_orientation).
             img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-            if img is not None:
-                img = _to_rgb8(img, header)
     except cv2.error as exc:
         raise BadImage(
             f"{fmt} data could not be decoded: {str(exc).strip().splitlines()[-1]}"
         ) from exc
+    del buf
     if img is None:
         raise BadImage(f"{fmt} data could not be decoded (corrupt image data)")
     expect = (math.ceil(header.height / r), math.ceil(header.width / r))
@@ -798,10 +838,42 @@ def decode_image(data: bytes, *, max_pixels: int, reduce: int = 1) -> DecodedIma
             f"{fmt} decoder produced {img.shape[1]}x{img.shape[0]} pixels, the header declares "
             f"{expect[1]}x{expect[0]}"
         )
-    img = apply_orientation(img, header.orientation)
+    # RGB uint8 at the stored orientation, straight into ``out`` when nothing turns it.
+    target = out if header.orientation == 1 else None
+    rgb = img if header.format == "jpeg" else _to_rgb8(img, header, target)
+    del img
+    if header.orientation != 1:
+        rgb = apply_orientation(rgb, header.orientation, out)
+    elif out is not None and rgb is not out:
+        np.copyto(out, rgb)
+        rgb = out
     return DecodedImage(
-        rgb=np.ascontiguousarray(img), original_hw=header.oriented_hw, reduce=r, header=header
+        rgb=np.ascontiguousarray(rgb), original_hw=header.oriented_hw, reduce=r, header=header
     )
+
+
+_ANIMATION_CHUNKS = (b"acTL", b"fcTL", b"fdAT")
+
+
+def _png_default_image(data: bytes, buf: np.ndarray) -> np.ndarray:
+    """An APNG without its animation chunks (acTL, fcTL, fdAT): the default image (IDAT) only.
+
+    segd's policy for every multi-frame format is "the default image". For APNG it is enforced
+    here, before the decoder sees the file, because OpenCV's APNG reader (5.0) kills the
+    process (SIGSEGV after "libpng error: bad adaptive filter value") on an animation frame
+    whose rows carry an invalid filter byte. A plain PNG is returned as is (no copy)."""
+    if not any(tag in data for tag in _ANIMATION_CHUNKS):
+        return buf
+    keep = [data[:8]]
+    pos, n = 8, len(data)
+    while pos + 8 <= n:
+        (length,) = struct.unpack_from(">I", data, pos)
+        end = min(n, pos + 12 + length)
+        if data[pos + 4 : pos + 8] not in _ANIMATION_CHUNKS:
+            keep.append(data[pos:end])
+        pos = end
+    keep.append(data[pos:])
+    return np.frombuffer(b"".join(keep), dtype=np.uint8)
 
 
 def _tiff_without_orientation(data: bytes, buf: np.ndarray) -> np.ndarray:
@@ -823,8 +895,14 @@ def _tiff_without_orientation(data: bytes, buf: np.ndarray) -> np.ndarray:
     return np.frombuffer(patched, dtype=np.uint8)
 
 
-def _to_rgb8(img: np.ndarray, header: ImageHeader) -> np.ndarray:
-    """OpenCV IMREAD_UNCHANGED output (gray/BGR/BGRA, 8/16-bit) -> RGB uint8."""
+STRIP_PIXELS = 1 << 16
+"""Pixels converted per strip (16-bit -> 8-bit, alpha compositing): the wide temporaries of
+that arithmetic are this big, never the size of the frame."""
+
+
+def _to_rgb8(img: np.ndarray, header: ImageHeader, out: np.ndarray | None = None) -> np.ndarray:
+    """OpenCV IMREAD_UNCHANGED output (gray/BGR/BGRA, 8/16-bit) -> RGB uint8, a strip of rows
+    at a time, into ``out`` (a new array when None)."""
     if img.dtype not in (np.uint8, np.uint16):
         raise UnsupportedImage(
             f"{header.format.upper()} image with {img.dtype} samples is not supported "
@@ -832,25 +910,25 @@ def _to_rgb8(img: np.ndarray, header: ImageHeader) -> np.ndarray:
         )
     if img.ndim == 2:
         img = img[:, :, None]
-    ch = img.shape[2]
-    alpha: np.ndarray | None
-    if ch == 2:  # gray + alpha
-        color, alpha = img[:, :, :1], img[:, :, 1]
-    elif ch == 4:
-        color, alpha = img[:, :, :3], img[:, :, 3]
-    elif ch in (1, 3):
-        color, alpha = img, None
-    else:
+    h, w, ch = img.shape
+    if ch not in (1, 2, 3, 4):
         raise UnsupportedImage(f"{header.format.upper()} image with {ch} channels is not supported")
-    if alpha is not None and header.format == "bmp" and not alpha.any():
-        alpha = None  # 32-bit BMP "alpha" that is all zero is unused padding
-    if alpha is not None:
-        color = _composite(color, alpha)
-    elif color.dtype == np.uint16:
-        color = ((color.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    if color.shape[2] == 1:
-        return cv2.cvtColor(np.ascontiguousarray(color), cv2.COLOR_GRAY2RGB)
-    return cv2.cvtColor(np.ascontiguousarray(color), cv2.COLOR_BGR2RGB)
+    has_alpha = ch in (2, 4)
+    if has_alpha and header.format == "bmp" and not img[:, :, ch - 1].any():
+        has_alpha = False  # 32-bit BMP "alpha" that is all zero is unused padding
+    if out is None:
+        out = np.empty((h, w, 3), dtype=np.uint8)
+    code = cv2.COLOR_GRAY2RGB if ch <= 2 else cv2.COLOR_BGR2RGB
+    rows = max(1, STRIP_PIXELS // w)
+    for y in range(0, h, rows):
+        part = img[y : y + rows]
+        color = part[:, :, : 1 if ch <= 2 else 3]
+        if has_alpha:
+            color = _composite(color, part[:, :, ch - 1])
+        elif color.dtype == np.uint16:
+            color = ((color.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        cv2.cvtColor(np.ascontiguousarray(color), code, dst=out[y : y + rows])
+    return out
 
 
 def _composite(color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -868,29 +946,36 @@ def _composite(color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return ((mix64 + den // np.uint64(2)) // den).astype(np.uint8)
 
 
-def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
-    """Turn stored pixels into display pixels for an EXIF orientation value (1..8).
+def apply_orientation(img: np.ndarray, orientation: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Turn stored pixels into display pixels for an EXIF orientation value (1..8), into
+    ``out`` when given (it must have the turned shape).
 
     Per the EXIF table (row 0 / column 0 of the stored image are the visual ...):
     1 top/left, 2 top/right (mirror), 3 bottom/right (180), 4 bottom/left (flip),
     5 left/top (transpose), 6 right/top (rotate 90 cw), 7 right/bottom (transverse),
     8 left/bottom (rotate 90 ccw). Anything else is ignored.
     """
+    turned: np.ndarray
     if orientation == 2:
-        return cv2.flip(img, 1)
-    if orientation == 3:
-        return cv2.flip(img, -1)
-    if orientation == 4:
-        return cv2.flip(img, 0)
-    if orientation == 5:
-        return cv2.transpose(img)
-    if orientation == 6:
-        return cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE)
-    if orientation == 7:
-        return cv2.flip(cv2.transpose(img), -1)
-    if orientation == 8:
-        return cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE)
-    return img
+        turned = cv2.flip(img, 1, dst=out)
+    elif orientation == 3:
+        turned = cv2.flip(img, -1, dst=out)
+    elif orientation == 4:
+        turned = cv2.flip(img, 0, dst=out)
+    elif orientation == 5:
+        turned = cv2.transpose(img, dst=out)
+    elif orientation == 6:
+        turned = cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE, dst=out)
+    elif orientation == 7:
+        turned = cv2.flip(cv2.transpose(img), -1, dst=out)
+    elif orientation == 8:
+        turned = cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE, dst=out)
+    elif out is not None:
+        np.copyto(out, img)
+        turned = out
+    else:
+        turned = img
+    return turned
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1043,3 +1128,49 @@ def normalize_float(
     lut = input_lut(mean, std, 1.0, 0, np.float32)
     assert lut is not None
     return quantize(rgb, lut)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+# ----------------------------------------------------------------------------------------------
+REQUEST_FIXED_BYTES = 16 * 1024 * 1024
+"""Per-request bytes that do not grow with the image: strip temporaries (STRIP_PIXELS,
+encode.OVERLAY_STRIP_PIXELS), the model input and output tensors, buffers of the codecs."""
+
+_OUTPUT_BYTES_PER_PIXEL = {"json": 0.0, "png": 2.0, "overlay-jpeg": 5.0, "overlay-png": 9.0}
+"""Bytes per original-size pixel of rendering the answer, beside the mask: the indexed PNG's
+filtered rows + zlib output + the joined body; an overlay's BGR copy for the encoder, the
+encoded image and the body (a level-1 PNG of a noisy photo is ~3 bytes a pixel)."""
+
+
+def request_bytes(header: ImageHeader, *, reduce: int, output: str, upload: int) -> int:
+    """Peak bytes one request may need, read from its header before anything is decoded: what
+    the memory budget charges (and what tests/test_memory.py holds each request to).
+
+    Decode worker: its copy of the upload, the decoder's own output (16-bit samples 2 bytes,
+    alpha a 4th channel, JPEG DCT-scaled by ``reduce``), libjpeg's coefficient buffer for
+    multi-scan JPEG, libtiff's strip or tile buffer, libwebp's RGBA buffer, a turned copy for EXIF orientation, and the
+    RGB result in shared memory. Daemon: the upload (and a multipart copy), the RGB result
+    (the same shared pages, counted again: both processes' peaks show them), the mask at the
+    original size and rendering ``output`` ("json", "png", "overlay-jpeg", "overlay-png").
+    """
+    if output not in _OUTPUT_BYTES_PER_PIXEL:
+        raise BadParameter(f"unknown output {output!r}")
+    h, w = decoded_hw(header, reduce)
+    decoded = h * w
+    full = header.pixels
+    sample = 2 if header.bit_depth > 8 else 1
+    if header.format == "jpeg":
+        decoder = decoded * 3 + decoded * 3  # libjpeg's RGB, then copied into the segment
+        if header.multiscan:
+            decoder += full * header.channels * 2
+    else:
+        decoder = decoded * (4 if header.has_alpha else 3) * sample
+        if header.format == "tiff":
+            decoder += header.tile_pixels * max(header.channels, 3) * sample
+        elif header.format == "webp":
+            decoder += decoded * 4  # libwebp decodes into its own RGBA buffer first
+    turned = decoded * 3 if header.orientation != 1 else 0
+    worker = 2 * upload + decoder + turned + decoded * 3
+    daemon = 2 * upload + decoded * 3 + full * (1 + _OUTPUT_BYTES_PER_PIXEL[output])
+    return int(worker + daemon + REQUEST_FIXED_BYTES)

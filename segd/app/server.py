@@ -4,7 +4,6 @@ in-flight requests, then exit)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import signal
@@ -16,6 +15,7 @@ import uvicorn
 from uvicorn.protocols.http import h11_impl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from segd import preprocess
 from segd.app.main import create_app
 from segd.app.settings import Settings
 
@@ -166,16 +166,6 @@ async def _service_unavailable(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def quiet_codec_warnings() -> None:
-    """OpenCV logs a warning line per oddity of a decoded file (a TIFF with 4000 unknown tags:
-    4000 lines), so one upload could flood the journal and push segd's own messages out of
-    journald's rate limit; errors are still logged."""
-    import cv2
-
-    with contextlib.suppress(AttributeError):  # builds without the logging utilities
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-
-
 def guarded_protocol(settings: Settings) -> type[GuardedH11Protocol]:
     return type(
         "SegdH11Protocol", (GuardedH11Protocol,),
@@ -188,7 +178,7 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     h11_impl.service_unavailable = _service_unavailable
-    quiet_codec_warnings()
+    preprocess.quiet_codec_warnings()
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -33,12 +33,14 @@ class Settings:
     max_upload_bytes: int = 20 * MiB
     max_pixels: int = DEFAULT_MAX_PIXELS
     queue_size: int = 8  # requests admitted per variant (in flight + waiting); more -> 503
-    pixels_in_flight: int = 0  # image pixels processed at once, all requests (0: max_pixels); more wait
+    memory_budget: int = 448 * MiB  # bytes all requests in process may take at once (charged from each header); more wait, a request over it alone gets 413
     request_timeout: float = 30.0  # seconds for the whole pipeline of one request
     header_timeout: float = 10.0  # seconds for a request's line and headers to arrive (slow clients get 408)
     body_timeout: float = 60.0  # seconds for a request's body to arrive after its headers (408)
     retry_after: int = 1  # seconds, sent with 503 overloaded
     tpu_isolation: bool = True  # run Edge TPU interpreters in a supervised worker process
+    decode_isolation: bool = True  # decode images in supervised worker processes (a decoder crash costs one request)
+    decode_workers: int = 2  # image decode processes (each ~30 MB idle; decodes run in parallel up to this)
     tpu_fallback: str = "cpu"  # when the TPU worker dies: "cpu" (serve on the CPU twin) | "503"
     device_check_interval: float = 5.0  # seconds between Edge TPU presence checks
     tpu_timeout: float = 5.0  # seconds for one Edge TPU invoke; a hung TPU worker is killed and restarted
@@ -130,11 +132,11 @@ def validate(s: Settings) -> None:
         raise ValueError(f"accelerator must be auto, cpu or edgetpu, not {s.accelerator!r}")
     if s.tpu_fallback not in ("cpu", "503"):
         raise ValueError(f"tpu_fallback must be cpu or 503, not {s.tpu_fallback!r}")
-    for name in ("max_upload_bytes", "max_pixels", "queue_size"):
+    for name in ("max_upload_bytes", "max_pixels", "queue_size", "decode_workers"):
         if getattr(s, name) < 1:
             raise ValueError(f"{name} must be positive")
-    if s.pixels_in_flight < 0:
-        raise ValueError("pixels_in_flight must be 0 (= max_pixels) or positive")
+    if s.memory_budget < 16 * MiB:
+        raise ValueError("memory_budget must be at least 16 MiB (16777216 bytes)")
     for name in ("request_timeout", "header_timeout", "body_timeout", "tpu_timeout",
                  "device_check_interval", "worker_restart_base"):  # fmt: skip
         if getattr(s, name) <= 0:

@@ -13,17 +13,14 @@ calls made meanwhile fail at once with "restarting, retry in N s" instead of blo
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import itertools
 import math
 import multiprocessing as mp
 import multiprocessing.connection as mpc
-import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
@@ -32,33 +29,20 @@ from typing import Any
 
 import numpy as np
 
-from segd import errors
+from segd.child import (
+    SHM_PREFIX,
+    Child,
+    backoff_delay,
+    describe_exit,
+    error_payload,
+    new_segment,
+    rebuild_error,
+    start_child,
+)
 from segd.errors import RequestTimeout, RuntimeUnavailable, WorkerCrashed
 from segd.runtime.base import Runner, TensorSpec
 
 RunnerFactory = Callable[[], Runner]
-
-SHM_PREFIX = "segd_"
-
-
-def backoff_delay(failures: int, base: float, maximum: float) -> float:
-    """Seconds to wait before restart number ``failures`` (1, 2, ...) in a row: base * 2^(n-1)."""
-    if failures <= 0:
-        return 0.0
-    return float(min(maximum, base * 2.0 ** min(failures - 1, 62)))
-
-
-def describe_exit(exitcode: int | None) -> str:
-    """'killed by SIGABRT', 'exited with code 3', ... for a child's exit code."""
-    if exitcode is None:
-        return "still running"
-    if exitcode < 0:
-        try:
-            return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exited with code {exitcode}"
-
 
 @dataclass(frozen=True)
 class EdgeTpuFactory:
@@ -99,27 +83,6 @@ def edgetpu_worker_factory(
     return make
 
 
-# --- errors across the process boundary -----------------------------------------------------
-def _error_payload(exc: BaseException) -> tuple[str, str, str]:
-    return type(exc).__module__, type(exc).__qualname__, str(exc)
-
-
-def _rebuild_error(module: str, qualname: str, message: str) -> Exception:
-    """The child's exception as the same type when it is one of ours or a builtin."""
-    cls: Any = None
-    if module == errors.__name__:
-        cls = getattr(errors, qualname, None)
-    elif module == "builtins":
-        cls = getattr(builtins, qualname, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
-            rebuilt: Exception = cls(message)
-            return rebuilt
-        except Exception:
-            pass  # a constructor with other arguments: fall back to a generic error
-    return RuntimeError(f"{qualname}: {message}")
-
-
 # --- the child ----------------------------------------------------------------------------
 def _child_main(conn: mpc.Connection) -> None:
     """Receive the factory, open the runner, report its specs, serve run requests until told
@@ -129,7 +92,7 @@ def _child_main(conn: mpc.Connection) -> None:
         _, factory = conn.recv()
         runner = factory()
     except BaseException as exc:
-        conn.send(("error", *_error_payload(exc)))
+        conn.send(("error", *error_payload(exc)))
         conn.close()
         return
     info = {
@@ -166,7 +129,7 @@ def _child_main(conn: mpc.Connection) -> None:
                 del view
                 conn.send(("ok", seq, out.shape, out.dtype.str))
             except Exception as exc:
-                conn.send(("error", seq, *_error_payload(exc)))
+                conn.send(("error", seq, *error_payload(exc)))
     finally:
         in_shm.close()
         out_shm.close()
@@ -175,48 +138,6 @@ def _child_main(conn: mpc.Connection) -> None:
 
 
 # --- the parent ---------------------------------------------------------------------------
-class _Child:
-    """One child process and its resources (owned by the parent)."""
-
-    def __init__(self, proc: Any, conn: mpc.Connection) -> None:
-        self.proc = proc
-        self.conn = conn
-        self.in_shm: SharedMemory | None = None
-        self.out_shm: SharedMemory | None = None
-        self.info: dict[str, Any] = {}
-
-    def receive(self, timeout: float) -> tuple[str, Any]:
-        """('msg', message) | ('dead', exit description) | ('timeout', None)."""
-        ready = mpc.wait([self.conn, self.proc.sentinel], timeout)
-        if self.conn in ready:
-            try:
-                return "msg", self.conn.recv()
-            except (EOFError, OSError):
-                pass
-        elif not ready:
-            return "timeout", None
-        self.proc.join(5)
-        return "dead", describe_exit(self.proc.exitcode)
-
-    def stop(self, graceful: float = 0.0) -> None:
-        """End the process (politely first when ``graceful``), reap it, free the segments."""
-        if graceful and self.proc.is_alive():
-            with contextlib.suppress(OSError, ValueError):
-                self.conn.send(("close",))
-            self.proc.join(graceful)
-        if self.proc.is_alive():
-            self.proc.kill()
-        self.proc.join()
-        self.proc.close()
-        self.conn.close()
-        for shm in (self.in_shm, self.out_shm):
-            if shm is not None:
-                shm.close()
-                with contextlib.suppress(FileNotFoundError):
-                    shm.unlink()
-        self.in_shm = self.out_shm = None
-
-
 class WorkerRunner:
     """Runner protocol over a child process; survives the child's crashes and hangs."""
 
@@ -250,7 +171,7 @@ class WorkerRunner:
         self._failures = 0  # crashes / failed restarts since the last good request
         self._restart_at = 0.0
         self._closed = False
-        self._child: _Child | None = self._spawn()
+        self._child: Child | None = self._spawn()
         self._adopt(self._child.info)
         self.state = "ready"
 
@@ -267,22 +188,14 @@ class WorkerRunner:
         child = self._child
         return child.proc.pid if child is not None else None
 
-    def _spawn(self) -> _Child:
+    def _spawn(self) -> Child:
         """Start a child and wait until it serves; its start-up error is raised here, typed."""
         # The factory (model bytes included) goes through our socket, not the spawn pipe: a child
         # that dies while bootstrapping leaves a large spawn-pipe write blocked forever (CPython
         # keeps the pipe's read end open until the write ends). Pickled here, so an unpicklable
         # factory fails in the caller; sent from a thread, so a stuck child cannot block us.
         payload = ForkingPickler.dumps(("start", self._factory))
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(  # type: ignore[attr-defined]
-            target=_child_main, args=(child_conn,), name="segd-edgetpu-worker", daemon=True
-        )
-        proc.start()
-        child_conn.close()  # so the parent sees EOF when the child dies
-        child = _Child(proc, parent_conn)
-        sender = threading.Thread(target=_send_bytes, args=(parent_conn, payload), daemon=True)
-        sender.start()
+        child, sender = start_child(self._ctx, _child_main, payload, "segd-edgetpu-worker")
         try:
             kind, message = child.receive(self.start_timeout)
             if kind == "timeout":
@@ -292,11 +205,11 @@ class WorkerRunner:
             if kind == "dead":
                 raise WorkerCrashed(f"Edge TPU worker died during start-up ({message})")
             if message[0] == "error":
-                raise _rebuild_error(*message[1:])
+                raise rebuild_error(*message[1:])
             info = message[1]
             child.info = info
-            child.in_shm = _segment(_nbytes(info["input"]))
-            child.out_shm = _segment(_nbytes(info["output"]))
+            child.in_shm = new_segment(_nbytes(info["input"]))
+            child.out_shm = new_segment(_nbytes(info["output"]))
             child.conn.send(("shm", child.in_shm.name, child.out_shm.name))
             kind, message = child.receive(self.start_timeout)
             if kind != "msg" or message[0] != "attached":
@@ -309,7 +222,7 @@ class WorkerRunner:
         return child
 
     # -- failure handling and restarts --
-    def _fail(self, child: _Child, reason: str) -> float:
+    def _fail(self, child: Child, reason: str) -> float:
         """Record a crash of ``child``, tear it down, schedule a restart; return the delay."""
         with self._state_lock:
             if self._child is child:
@@ -381,7 +294,7 @@ class WorkerRunner:
                     )
             return self._run_in(child, tensor)
 
-    def _run_in(self, child: _Child, tensor: np.ndarray) -> np.ndarray:
+    def _run_in(self, child: Child, tensor: np.ndarray) -> np.ndarray:
         assert child.in_shm is not None and child.out_shm is not None
         arr = np.ascontiguousarray(tensor)
         if arr.dtype != self.input.dtype:
@@ -411,7 +324,7 @@ class WorkerRunner:
                 f"Edge TPU worker {message} during the request; restarting in {delay:.1f} s"
             )
         if message[0] == "error":
-            raise _rebuild_error(*message[2:])
+            raise rebuild_error(*message[2:])
         _, _, shape, dtype = message
         count = int(np.prod(shape, dtype=np.int64))
         flat = np.frombuffer(out_buf, dtype=np.dtype(dtype), count=count)
@@ -465,21 +378,12 @@ class WorkerRunner:
         self.close()
 
 
-def _send_bytes(conn: mpc.Connection, payload: Any) -> None:
-    with contextlib.suppress(OSError, ValueError):  # the child died: receive() reports it
-        conn.send_bytes(payload)
-
-
 def _nbytes(spec: TensorSpec) -> int:
     return max(1, int(np.prod(spec.shape, dtype=np.int64)) * spec.dtype.itemsize)
 
 
-def _segment(size: int) -> SharedMemory:
-    name = f"{SHM_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}"
-    return SharedMemory(name=name, create=True, size=size)
-
-
 __all__ = [
+    "SHM_PREFIX",
     "EdgeTpuFactory",
     "RunnerFactory",
     "WorkerRunner",
