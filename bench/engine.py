@@ -8,16 +8,11 @@ all medians from one run, on this machine's CPU backend.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as `python bench/x.py`, bench/ comes first on sys.path and bench/http.py would shadow the
-# standard library's `http`: drop that entry (`python -m bench.x` needs no such care).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import cv2

@@ -1,6 +1,6 @@
 """Export benchmark: invoke time of our int8 DeepLab v3 exports (DM1, DM0.5) against Google's
 Coral CPU models — unmodified (in-graph 513x513 resize + argmax) and tail-stripped (logits out,
-cut by coral_deeplab.tflite.surgery) — in one run, on one runtime, with the same thread count;
+cut by segd.tflite.surgery) — in one run, on one runtime, with the same thread count;
 plus how well each logits model's mask (segd's exact upsample + argmax) agrees with Google's
 in-graph output on bird and cat, and the bird pixel-IoU against Coral's reference mask.
 
@@ -18,18 +18,13 @@ mirrored, cropped); the evaluation images ``bird_segmentation.bmp`` and ``cat.bm
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as `python bench/x.py`, bench/ comes first on sys.path and bench/http.py would shadow the
-# standard library's `http`: drop that entry (`python -m bench.x` needs no such care).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -42,10 +37,10 @@ if str(REPO) not in sys.path:
 from bench.report import write_section
 from coral_deeplab import zoo
 from coral_deeplab.export import op_list
-from coral_deeplab.tflite.checker import check_model
-from coral_deeplab.tflite.surgery import strip_tail
 from segd.postprocess import SampleGrid, upsample_argmax
 from segd.runtime import open_cpu
+from segd.tflite.checker import check_model
+from segd.tflite.surgery import strip_tail
 from segd.variants import default_models_dir
 
 SIZE = 513

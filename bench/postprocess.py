@@ -11,19 +11,14 @@ equals the float64 reference (``upsample_argmax_reference``) for that case.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as `python bench/x.py`, bench/ comes first on sys.path and bench/http.py would shadow the
-# standard library's `http`: drop that entry (`python -m bench.x` needs no such care).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import functools
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import cv2

@@ -18,10 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as `python bench/x.py`, bench/ comes first on sys.path and bench/http.py would shadow the
-# standard library's `http` package: drop that entry before anything imports it.
 HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 REPO = HERE.parent
 for extra in (REPO, REPO / "tests"):
     if str(extra) not in sys.path:

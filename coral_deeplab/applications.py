@@ -1,6 +1,6 @@
 """DeepLab v3 / v3+ with a MobileNetV2 backbone, built from ops the Edge TPU runs.
 
-(:mod:`coral_deeplab.tflite.checker` predicts that every op of an int8 v3 export maps; no
+(:mod:`segd.tflite.checker` predicts that every op of an int8 v3 export maps; no
 ``edgetpu_compiler`` was available to confirm it where this was written.)
 
 The network is Google's mobile DeepLab (the ``deeplabv3_mnv2_*pascal*`` Coral models) layer for
@@ -25,7 +25,7 @@ Input sizes: each side ``16k + 1`` (513, 321, 257...), at least 33 — Google's 
 feature ``i`` sits exactly on pixel ``16 i`` so upsampling with ``align_corners=True`` is exact
 (v3 logits ``k + 1``, v3+ logits ``4k + 1``). Even sizes are refused: TF "SAME" padding pads
 them only at the bottom/right, which puts logit ``i`` on pixel ``16 i + 15``. The rules live in
-:mod:`coral_deeplab.geometry`.
+:mod:`segd.geometry`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
-from coral_deeplab.geometry import OUTPUT_STRIDE, SUPPORTED_ALPHAS, check_alpha, check_input_shape
 from coral_deeplab.layers import BroadcastTo2D, DilatedDepthwiseConv2D, ResizeBilinear
+from segd.geometry import OUTPUT_STRIDE, SUPPORTED_ALPHAS, check_alpha, check_input_shape
 
 __all__ = [
     "SUPPORTED_ALPHAS",
@@ -78,7 +78,7 @@ def _depth(channels: int, alpha: float) -> int:
 
 
 def validate_input_shape(input_shape: Sequence[Any]) -> tuple[int, int, int]:
-    """Check a channels-last ``(H, W, 3)`` shape (rules: :mod:`coral_deeplab.geometry`);
+    """Check a channels-last ``(H, W, 3)`` shape (rules: :mod:`segd.geometry`);
     return it as ints or raise ValueError."""
     if keras.backend.image_data_format() != "channels_last":
         raise ValueError(

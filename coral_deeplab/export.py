@@ -25,6 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from segd.errors import SegdError
+from segd.settings import DEFAULT_MAX_PIXELS
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "INPUT_SCALE",
@@ -43,11 +46,13 @@ INPUT_SCALE = 1.0 / 128.0
 INPUT_ZERO_POINT = 128
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: Decoder pixel limit for calibration files (segd eval's default for dataset images).
-MAX_CALIBRATION_PIXELS = 40_000_000
+MAX_CALIBRATION_PIXELS = DEFAULT_MAX_PIXELS
 
 
-class ExportError(RuntimeError):
+class ExportError(SegdError, RuntimeError):
     """The converter produced something the Edge TPU path cannot use."""
+
+    code = "export_failed"
 
 
 def load_calibration_images(
@@ -176,7 +181,7 @@ def export_problems(tflite_bytes: bytes) -> list[str]:
     ops (DEQUANTIZE or float islands run on the CPU) and no SPACE_TO_BATCH_ND /
     BATCH_TO_SPACE_ND (an unfused dilated convolution).
     """
-    from coral_deeplab.tflite.model import list_ops, read_model
+    from segd.tflite.model import list_ops, read_model
 
     problems = []
     scale, zero_point, dtype = input_quantization(tflite_bytes)
@@ -201,7 +206,7 @@ def export_problems(tflite_bytes: bytes) -> list[str]:
 
 def op_list(tflite_bytes: bytes) -> list[str]:
     """Op names of the main subgraph in execution order (custom ops by their custom code)."""
-    from coral_deeplab.tflite.model import list_ops, read_model
+    from segd.tflite.model import list_ops, read_model
 
     return [op.name for op in list_ops(read_model(tflite_bytes))]
 
@@ -213,7 +218,7 @@ def op_histogram(tflite_bytes: bytes) -> dict[str, int]:
 
 def input_quantization(tflite_bytes: bytes) -> tuple[float, int, str]:
     """(scale, zero point, dtype name in lower case) of the first input tensor."""
-    from coral_deeplab.tflite.model import read_model, subgraph_inputs
+    from segd.tflite.model import read_model, subgraph_inputs
 
     tensor = subgraph_inputs(read_model(tflite_bytes))[0]
     q = tensor.quantization

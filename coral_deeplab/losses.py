@@ -7,7 +7,7 @@ does the latter, as DeepLab does by default (``upsample_logits=True``), because:
 
 * it trains exactly what is served: segd's mask is the argmax of the logits bilinearly
   upsampled with the same geometry (``align_corners=True``: coral_deeplab inputs are 16k+1,
-  such as 513, where logit ``i`` sits on pixel ``16 i`` — see :mod:`coral_deeplab.geometry`),
+  such as 513, where logit ``i`` sits on pixel ``16 i`` — see :mod:`segd.geometry`),
   so the loss scores the very mask the user gets, object borders included;
 * nearest-downsampled labels keep one pixel in 256 at stride 16 — a 129x129 crop leaves 81
   labels, thin or small objects vanish and the gradient is noisy;

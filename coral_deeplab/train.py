@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coral_deeplab.geometry import SUPPORTED_ALPHAS
 from segd.fsutil import atomic_write
+from segd.geometry import SUPPORTED_ALPHAS
 
 __all__ = [
     "DESCRIPTION",
@@ -97,7 +97,7 @@ class TrainConfig:
     architecture: str = "v3"  # "v3" | "v3plus"
     alpha: float = 0.5
     #: Crop / model input size: one side or [height, width]; each 16k+1 (e.g. 321), see
-    #: :mod:`coral_deeplab.geometry`.
+    #: :mod:`segd.geometry`.
     input_size: int | list[int] = 321
     #: Input size of the exported model (default: input_size); e.g. train on 321 crops and
     #: serve at 513. All weights are size-independent.
@@ -164,8 +164,8 @@ class TrainConfig:
         return self.weights is None or self.batch_size >= 12
 
     def validate(self) -> None:
-        from coral_deeplab import geometry
         from coral_deeplab.zoo import NAME_PATTERN
+        from segd import geometry
 
         if not NAME_PATTERN.fullmatch(self.name):
             raise ValueError(f"name {self.name!r} must match {NAME_PATTERN.pattern} (a file name)")
@@ -210,7 +210,7 @@ class TrainResult:
     weights_path: Path | None = None
     tflite_path: Path | None = None
     tflite: bytes | None = None
-    #: Op-mapping report of the exported file (coral_deeplab.tflite.checker.CheckReport).
+    #: Op-mapping report of the exported file (segd.tflite.checker.CheckReport).
     check: Any = None
     #: coral_deeplab.zoo.PublishResult when published.
     published: Any = None
@@ -352,7 +352,7 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     n_classes = len(labels)
     data.check_masks([*train_samples, *val_samples], n_classes)
     crop_hw = config.input_hw()
-    aligned = True  # 16k+1 inputs: logit i on pixel 16 i (coral_deeplab.geometry)
+    aligned = True  # 16k+1 inputs: logit i on pixel 16 i (segd.geometry)
 
     config_path = out / "config.json"
     ckpt_dir = out / "checkpoints"
@@ -557,7 +557,7 @@ def _export(
 
     from coral_deeplab import export
     from coral_deeplab.data import load_pair
-    from coral_deeplab.tflite.checker import check_model
+    from segd.tflite.checker import check_model
 
     # A fresh model at the export size with the trained weights (all size-independent): the
     # converter also saves the model it is given, and one that has trained carries traced

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from segd.errors import SegdError
 from segd.fsutil import atomic_write
 
 __all__ = [
@@ -50,12 +51,14 @@ PASCAL_VARIANTS: dict[float, str] = {
 }
 LOGITS = "logits_semantic"
 #: Modules whose code decides the extracted arrays (part of the cache file name).
-_CODE_MODULES = ("coral_deeplab.weights", "coral_deeplab.tflite.model")
+_CODE_MODULES = ("coral_deeplab.weights", "segd.tflite.model")
 _CONV_SUFFIXES = ("/Conv2D_Fold", "/depthwise_Fold", "/Conv2D", "/depthwise")
 
 
-class WeightImportError(ValueError):
+class WeightImportError(SegdError, ValueError):
     """Google's file and the keras model disagree (missing layer, shape mismatch...)."""
+
+    code = "weight_import_failed"
 
 
 def keras_layer_name(scope: str) -> str:
@@ -79,7 +82,7 @@ def extract_weights(tflite_bytes: bytes) -> dict[str, np.ndarray]:
     Returns ``{"<layer>/kernel": (kh, kw, cin, cout) or (kh, kw, c, 1), "<layer>/bias": (cout,)}``
     keyed by keras layer name. Raises WeightImportError on duplicates or unreadable tensors.
     """
-    from coral_deeplab.tflite.model import dequantize, list_ops, read_model, tensor_data
+    from segd.tflite.model import dequantize, list_ops, read_model, tensor_data
 
     try:
         model = read_model(tflite_bytes)

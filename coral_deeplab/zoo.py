@@ -26,21 +26,22 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from coral_deeplab import geometry
-from coral_deeplab.tflite.checker import CheckReport, check_model
-from coral_deeplab.tflite.compiler import (
+from segd import geometry
+from segd.errors import SegdError
+from segd.fsutil import atomic_write
+from segd.tflite.checker import CheckReport, check_model
+from segd.tflite.compiler import (
     COMPILER,
     CompileLog,
     compile_edgetpu,
 )
-from coral_deeplab.tflite.model import read_model, subgraph_inputs, subgraph_outputs
-from segd.fsutil import atomic_write
+from segd.tflite.model import read_model, subgraph_inputs, subgraph_outputs
 
 if TYPE_CHECKING:
     from segd.engine import Segmenter
@@ -70,15 +71,18 @@ _EXPORT_CODE = (
     "coral_deeplab.applications",
     "coral_deeplab.layers",
     "coral_deeplab.weights",
-    "coral_deeplab.tflite.model",
+    "segd.tflite.model",
     "coral_deeplab.export",
     "segd.preprocess",
 )
 _VARIANTS = ("v3", "v3plus")
 
 
-class PublishError(ValueError):
+class PublishError(SegdError, ValueError):
     """The model cannot be published as asked (bad name, shapes, labels, name taken...)."""
+
+    code = "publish_failed"
+    http_status = 422
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,7 @@ def _file_entry(name: str, data: bytes) -> dict[str, Any]:
 
 def output_geometry(input_hw: tuple[int, int], logits_hw: tuple[int, int]) -> tuple[int, bool]:
     """(stride, align_corners) relating a logits grid to the model input — the rule of
-    :func:`coral_deeplab.geometry.output_geometry` (16k+1 inputs, ``N - 1 = s (n - 1)``, always
+    :func:`segd.geometry.output_geometry` (16k+1 inputs, ``N - 1 = s (n - 1)``, always
     align-corners), raising PublishError for a grid that does not fit it."""
     try:
         return geometry.output_geometry(input_hw, logits_hw)
@@ -235,7 +239,7 @@ def publish(
     """Install an exported logits ``.tflite`` as segd variant ``name`` in ``models_dir``.
 
     The file must have one ``[1, H, W, 3]`` input and one ``[1, h, w, len(labels)]`` logits
-    output (strip a resize/argmax tail first with :mod:`coral_deeplab.tflite.surgery`). Writes
+    output (strip a resize/argmax tail first with :mod:`segd.tflite.surgery`). Writes
     ``<name>.tflite``, ``<name>_edgetpu.tflite`` when ``compile`` and ``edgetpu_compiler`` is on
     PATH, and last ``<name>.toml`` — each atomically (temporary file, fsync, rename), so no
     file is ever partial and a new variant only exists once its manifest does. Re-publishing a
@@ -274,7 +278,7 @@ def publish(
     if len(out.shape) != 4 or out.shape[0] != 1 or out.is_dynamic:
         raise PublishError(
             f"output must be static [1, h, w, classes] logits, got {list(out.shape)}; a model "
-            "ending in RESIZE_BILINEAR/ARG_MAX needs coral_deeplab.tflite.surgery.strip_tail first"
+            "ending in RESIZE_BILINEAR/ARG_MAX needs segd.tflite.surgery.strip_tail first"
         )
     if out.shape[3] != len(names):
         raise PublishError(
@@ -578,40 +582,6 @@ def build(
 # --- open ------------------------------------------------------------------------------------
 
 
-def _variant_for_file(path: Path, models_dir: Path | None) -> Any:
-    """The manifest variant a ``.tflite`` path belongs to: from ``<stem>.toml`` beside it (a
-    published model), else any known variant whose file has the same sha256 (e.g. Google's
-    file under another name). The variant returned names the file as it is on disk."""
-    from segd.errors import UnknownModel
-    from segd.variants import BUILTIN_MANIFEST, CHECKOUT_MODELS_DIR, load_manifest, sha256_file
-
-    digest = sha256_file(path)
-    candidates: list[Any] = []
-    stem = path.stem[: -len("_edgetpu")] if path.stem.endswith("_edgetpu") else path.stem
-    beside = path.with_name(f"{stem}.toml")
-    if beside.is_file():
-        builtin = CHECKOUT_MODELS_DIR / "variants.toml"
-        base = builtin if builtin.is_file() else BUILTIN_MANIFEST
-        paths = [base] if beside.resolve() == base.resolve() else [base, beside]
-        manifest = load_manifest(paths=paths)
-        candidates += [v for v in manifest.variants.values() if v.source == beside]
-    candidates += list(load_manifest(models_dir=models_dir).variants.values())
-    for variant in candidates:
-        for kind in ("cpu", "edgetpu"):
-            spec = getattr(variant, kind)
-            if spec is not None and spec.sha256 == digest:
-                others = {k: getattr(variant, k) for k in ("cpu", "edgetpu") if k != kind}
-                renamed = {kind: replace(spec, name=path.name)}
-                if kind == "edgetpu":
-                    # The CPU twin is needed as a fallback; keep its manifest name beside it.
-                    return replace(variant, **renamed, cpu=others["cpu"])
-                return replace(variant, **renamed, edgetpu=others["edgetpu"])
-    raise UnknownModel(
-        f"{path}: no manifest describes this file (sha256 {digest[:12]}…); publish it with "
-        "coral_deeplab.zoo.publish, or put its <name>.toml beside it"
-    )
-
-
 def from_precompiled(
     name_or_path: str | os.PathLike[str],
     *,
@@ -620,36 +590,17 @@ def from_precompiled(
     device: str | None = None,
     accelerator: str = "auto",
 ) -> Segmenter:
-    """A ready :class:`segd.engine.Segmenter` for a variant name or a ``.tflite`` path.
+    """A ready :class:`segd.engine.Segmenter` for a variant name or a ``.tflite`` path — the
+    resolver :func:`segd.resolve.open_segmenter` under the name the original coral-deeplab used.
 
-    A name is looked up in the manifest (built-in + ``*.toml`` in the models dir); the file the
-    chosen backend needs is taken from the models dir, else the mirror, else its URL — sha256
-    verified in every case. A path must be a file a manifest describes: a published model
-    (``<name>.toml`` beside it) or a known file (matched by sha256); it is used in place.
-
-    ``accelerator='auto'`` runs the Edge TPU file when a device and libedgetpu are there, else
-    the CPU file (``segmenter.selection.reason`` says why). Unlike the original
-    coral-deeplab's ``from_precompiled``, which downloaded a compiled ``_edgetpu.tflite`` and
-    returned its path for a pycoral interpreter (Edge TPU only, md5 from Google Drive), this
-    returns the whole pipeline — preprocessing, invoke, exact upsample + argmax at the
-    original image size — on CPU or Edge TPU, and never imports TensorFlow:
+    Unlike the original ``from_precompiled``, which downloaded a compiled ``_edgetpu.tflite``
+    and returned its path for a pycoral interpreter (Edge TPU only, md5 from Google Drive), this
+    returns the whole pipeline — preprocessing, invoke, exact upsample + argmax at the original
+    image size — on CPU or Edge TPU, sha256-verified, and never imports TensorFlow:
     ``from_precompiled("cdl_v3_dm05_513_pascal").segment(jpeg_bytes).mask``.
     """
-    from segd.engine import Segmenter
-    from segd.errors import ModelNotFound
-    from segd.variants import load_manifest
+    from segd.resolve import open_segmenter
 
-    text = os.fspath(name_or_path)
-    path = Path(text)
-    if path.suffix == ".tflite" or os.sep in text or isinstance(name_or_path, os.PathLike):
-        if not path.is_file():
-            raise ModelNotFound(f"model file {path} does not exist")
-        variant = _variant_for_file(path, models_dir)
-        return Segmenter.open(
-            variant, models_dir=path.parent, mirror=mirror, device=device,
-            accelerator=accelerator, download=False,
-        )  # fmt: skip
-    variant = load_manifest(models_dir=models_dir).get(text)
-    return Segmenter.open(
-        variant, models_dir=models_dir, mirror=mirror, device=device, accelerator=accelerator
+    return open_segmenter(
+        name_or_path, models_dir=models_dir, mirror=mirror, device=device, accelerator=accelerator
     )

@@ -8,26 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
-
 from segd.engine import Segmenter
+from segd.synthetic import synthetic_jpeg
 from segd.variants import load_manifest
-
-
-def probe_jpeg(hw: tuple[int, int], seed: int = 0) -> bytes:
-    """A deterministic photo-like JPEG (smooth gradients + blobs) of the given size."""
-    rng = np.random.default_rng(seed)
-    h, w = hw
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([xx / w * 255, yy / h * 255, (xx + yy) / (h + w) * 255], axis=2)
-    for _ in range(6):
-        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.05, 0.3) * min(h, w)
-        color = rng.uniform(0, 255, 3)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = color
-    ok, buf = cv2.imencode(".jpg", img.astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    assert ok
-    return buf.tobytes()
 
 
 def median_ms(fn: Any, iterations: int, warmup: int) -> float:
@@ -71,7 +54,7 @@ def bench_variants(
         variant = manifest.get(name)
         seg = Segmenter.open(variant, models_dir=models_dir, **open_kwargs)
         try:
-            rows.append(bench_segmenter(seg, probe_jpeg(variant.input.hw), iterations=iterations, warmup=warmup))
+            rows.append(bench_segmenter(seg, synthetic_jpeg(variant.input.hw), iterations=iterations, warmup=warmup))
         finally:
             seg.close()
     return rows

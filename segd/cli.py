@@ -8,21 +8,26 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from coral_deeplab.geometry import SUPPORTED_ALPHAS
 from segd.errors import SegdError
+from segd.geometry import SUPPORTED_ALPHAS
+from segd.runtime.cpu import RUNTIMES
+from segd.settings import ACCELERATORS
+
+if TYPE_CHECKING:
+    from segd.settings import Settings
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models-dir", type=Path, default=None, help="where model files live (SEGD_MODELS_DIR)")
     p.add_argument("--mirror", default=None, help="directory or base URL to fetch models from (SEGD_MODEL_MIRROR)")
     p.add_argument(
-        "--accelerator", choices=("auto", "cpu", "edgetpu"), default="auto",
+        "--accelerator", choices=ACCELERATORS, default="auto",
         help="auto: Edge TPU when present, else CPU (default)",
     )  # fmt: skip
     p.add_argument("--device", default=None, help="Edge TPU device: usb, usb:0, pci:0, ...")
-    p.add_argument("--runtime", choices=("litert", "tflite_runtime"), default=None, help="CPU runtime (default: first installed)")
+    p.add_argument("--runtime", choices=tuple(RUNTIMES), default=None, help="CPU runtime (default: first installed)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the interpreter")
 
 
@@ -135,15 +140,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --- commands ------------------------------------------------------------------------------
 
 
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """The settings a command runs with: ``SEGD_*`` environment < this command's flags. The CLI
+    passes them down, so library code never looks at the environment for it."""
+    from segd.settings import load_settings
+
+    flags = {name: getattr(args, flag, None) for name, flag in (
+        ("models_dir", "models_dir"), ("mirror", "mirror"), ("device", "device"),
+        ("runtime", "runtime"), ("threads", "threads"),
+    )}  # fmt: skip
+    accelerator = getattr(args, "accelerator", None)
+    flags["accelerator"] = accelerator if accelerator != "auto" else None
+    return load_settings(overrides={**flags, **overrides})
+
+
+def _models_dir(settings: Settings) -> Path:
+    from segd.variants import default_models_dir
+
+    return settings.models_dir or default_models_dir()
+
+
 def _open(args: argparse.Namespace, name: str | None) -> Any:
     from segd.engine import Segmenter
     from segd.variants import load_manifest
 
-    manifest = load_manifest(models_dir=args.models_dir)
-    variant = manifest.get(name)
+    s = _settings(args)
+    variant = load_manifest(models_dir=s.models_dir).get(name)
     return Segmenter.open(
-        variant, models_dir=args.models_dir, accelerator=args.accelerator, device=args.device,
-        runtime=args.runtime, num_threads=args.threads, mirror=args.mirror,
+        variant, models_dir=s.models_dir, accelerator=s.accelerator, device=s.device,
+        runtime=s.runtime, num_threads=s.threads, mirror=s.mirror,
     )  # fmt: skip
 
 
@@ -178,10 +203,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from segd.variants import default_models_dir, load_manifest
+    from segd.variants import load_manifest
 
-    mdir = args.models_dir or default_models_dir()
-    manifest = load_manifest(models_dir=args.models_dir)
+    mdir = _models_dir(_settings(args))
+    manifest = load_manifest(models_dir=mdir)
     rows: list[dict[str, Any]] = []
     for name, v in manifest.variants.items():
         rows.append({
@@ -204,19 +229,20 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
-    from segd.variants import default_models_dir, load_manifest, resolve_file
+    from segd.variants import load_manifest, resolve_file
 
-    manifest = load_manifest(models_dir=args.models_dir)
+    s = _settings(args)
+    mdir = _models_dir(s)
+    manifest = load_manifest(models_dir=mdir)
     names = args.names or [manifest.default]
     if names == ["all"]:
         names = list(manifest.variants)
-    mdir = args.models_dir or default_models_dir()
     for name in names:
         variant = manifest.get(name)
         specs = [variant.cpu] if args.cpu_only else variant.files()
         for spec in specs:
             bar = _Progress(spec.name)
-            path = resolve_file(spec, mdir, mirror=args.mirror, force=args.force, progress=bar)
+            path = resolve_file(spec, mdir, mirror=s.mirror, force=args.force, progress=bar)
             bar.done(f"{path} ok (sha256 {spec.sha256[:12]}…)")
     return 0
 
@@ -246,7 +272,7 @@ class _Progress:
 
 
 def cmd_models_check(args: argparse.Namespace) -> int:
-    from coral_deeplab.tflite.checker import check_model, format_report
+    from segd.tflite.checker import check_model, format_report
 
     try:
         data = args.file.read_bytes()
@@ -274,7 +300,6 @@ def cmd_models_build(args: argparse.Namespace) -> int:
         print(f"segd: --calibration {args.calibration} is not a directory", file=sys.stderr)
         return 2
     from coral_deeplab import zoo
-    from coral_deeplab.export import ExportError
 
     try:
         zoo.require_tensorflow("segd models build")
@@ -291,7 +316,7 @@ def cmd_models_build(args: argparse.Namespace) -> int:
             name=args.name, models_dir=args.models_dir, mirror=args.mirror, num_calibration=args.num_calibration,
             compile=not args.no_compile, cache=False if args.no_cache else None,
         )  # fmt: skip
-    except (ValueError, ExportError) as exc:
+    except ValueError as exc:  # keras/TensorFlow's own argument errors; ours are SegdErrors (main)
         print(f"segd: {exc}", file=sys.stderr)
         return 2
     print(f"Edge TPU check: {zoo.describe_report(result.report)}", file=sys.stderr)
@@ -308,10 +333,8 @@ def cmd_models_build(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
-    from segd.app.server import InsecureBind, serve
-    from segd.app.settings import load_settings
+    from segd.app.server import serve
+    from segd.settings import config_path, load_settings
 
     overrides = {
         "host": args.host, "port": args.port, "models_dir": args.models_dir, "mirror": args.mirror,
@@ -326,23 +349,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"segd: cannot read {args.api_key_file}: {exc.strerror}", file=sys.stderr)
             return 2
-    config = args.config or (Path(os.environ["SEGD_CONFIG"]) if os.environ.get("SEGD_CONFIG") else None)
-    try:
-        settings = load_settings(config, overrides=overrides)
-        serve(settings)
-    except (InsecureBind, ValueError) as exc:
-        print(f"segd: {exc}", file=sys.stderr)
-        return 2
+    config = args.config or config_path()
+    serve(load_settings(config, overrides=overrides))  # a SegdError (bad setting, insecure bind) -> main
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from segd.bench import bench_variants, format_table
 
+    s = _settings(args)
     rows = bench_variants(
-        args.model, iterations=args.iterations, warmup=args.warmup, models_dir=args.models_dir,
-        mirror=args.mirror, accelerator=args.accelerator, device=args.device, runtime=args.runtime,
-        num_threads=args.threads,
+        args.model, iterations=args.iterations, warmup=args.warmup, models_dir=s.models_dir,
+        mirror=s.mirror, accelerator=s.accelerator, device=s.device, runtime=s.runtime,
+        num_threads=s.threads,
     )  # fmt: skip
     print(format_table(rows))
     return 0
@@ -351,7 +370,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from segd import evaluate
 
-    return evaluate.run_cli(args)
+    return evaluate.run_cli(args, _settings(args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ is configured to serve (no runtime, a corrupt model file, no Edge TPU with
 ``accelerator=edgetpu``); warnings are what makes it slower or fall back to the CPU. The exit
 status is 1 when there is an error.
 
-The checks read the machine through paths in :class:`Probe` (``/sys``, ``/dev``, the udev and
+The checks read the machine through paths in :class:`MachinePaths` (``/sys``, ``/dev``, the udev and
 dpkg directories) so they can be pointed at a copy; nothing here writes anything.
 """
 
@@ -25,8 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from segd.settings import ACCELERATORS, config_path, environment
+
 if TYPE_CHECKING:  # the settings module pulls in numpy/OpenCV: not needed to build the CLI parser
-    from segd.app.settings import Settings
+    from segd.settings import Settings
 
 LEVELS = ("ok", "info", "warn", "error")
 SERVICE_ENV_FILE = Path("/etc/segd/segd.env")
@@ -60,7 +62,7 @@ class Finding:
 
 
 @dataclass
-class Probe:
+class MachinePaths:
     """Where the checks look. Defaults are the real machine."""
 
     settings: Settings
@@ -75,7 +77,7 @@ class Probe:
     service: bool = False
     unit: Path = SERVICE_UNIT
     env_file: Path | None = None
-    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    env: Mapping[str, str] = field(default_factory=environment)
 
 
 # --- python and runtimes ---------------------------------------------------------------------
@@ -490,9 +492,7 @@ def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
         return [
             Finding("models", "error", f"cannot read the model manifest: {exc}", "reinstall segd")
         ]
-    names = settings.models or [
-        settings.default_model or manifest.default or next(iter(manifest.variants))
-    ]
+    names, _ = settings.served_models(manifest)
     mirror = settings.mirror or model_mirror()
     found: list[Finding] = []
     if not mdir.is_dir():
@@ -560,14 +560,14 @@ def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
 
 
 # --- all together ----------------------------------------------------------------------------
-def run_checks(probe: Probe) -> list[Finding]:
+def run_checks(machine: MachinePaths) -> list[Finding]:
     from segd.errors import RuntimeUnavailable
     from segd.runtime import edgetpu
     from segd.runtime.cpu import available_runtimes, runtime_module
 
-    s = probe.settings
+    s = machine.settings
     findings = check_python()
-    status = edgetpu.probe(probe.library)
+    status = edgetpu.library_status(machine.library)
     versions = available_runtimes()
     try:
         chosen: str | None = runtime_module(s.runtime)[0]
@@ -575,20 +575,20 @@ def run_checks(probe: Probe) -> list[Finding]:
         chosen = None
     findings += check_runtime(versions, chosen, status.version, s.accelerator)
     findings += check_libedgetpu(
-        status, s.accelerator, dpkg_packages(probe.dpkg_status), probe.env.get(edgetpu.ENV_LIBRARY)
+        status, s.accelerator, dpkg_packages(machine.dpkg_status), s.edgetpu_library
     )
-    usb = usb_tpus(probe.sysfs, probe.dev)
-    pcie = check_pcie(probe.sysfs, probe.dev)
-    usb_visible = (probe.sysfs / "bus" / "usb" / "devices").is_dir()
+    usb = usb_tpus(machine.sysfs, machine.dev)
+    pcie = check_pcie(machine.sysfs, machine.dev)
+    usb_visible = (machine.sysfs / "bus" / "usb" / "devices").is_dir()
     findings += check_devices(
         status, s.accelerator, usb, any(f.level != "info" for f in pcie), usb_visible
     )
-    findings += check_usb(probe.sysfs, probe.dev, list(status.devices))
+    findings += check_usb(machine.sysfs, machine.dev, list(status.devices))
     findings += pcie
-    findings += check_udev(probe.udev_dirs, s.accelerator)
-    findings += check_groups(probe.service)
-    if probe.service:
-        findings += check_service(probe.unit, probe.env_file)
+    findings += check_udev(machine.udev_dirs, s.accelerator)
+    findings += check_groups(machine.service)
+    if machine.service:
+        findings += check_service(machine.unit, machine.env_file)
     findings += check_models(s, status.available and s.accelerator != "cpu")
     return findings
 
@@ -649,7 +649,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--accelerator",
-        choices=("auto", "cpu", "edgetpu"),
+        choices=ACCELERATORS,
         default=None,
         help="check for this accelerator setting (SEGD_ACCELERATOR)",
     )
@@ -658,10 +658,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from segd import __version__
-    from segd.app.settings import load_settings
     from segd.runtime import edgetpu
+    from segd.settings import load_settings
 
-    env = dict(os.environ)
+    env = environment()
     env_file = args.env_file
     if args.service:
         env.setdefault("SEGD_MODELS_DIR", SERVICE_MODELS_DIR)
@@ -674,7 +674,7 @@ def run(args: argparse.Namespace) -> int:
             if not (args.service and args.env_file is None and isinstance(exc, FileNotFoundError)):
                 print(f"segd doctor: cannot read {env_file}: {exc.strerror}", file=sys.stderr)
                 return 2
-    config = args.config or (Path(env["SEGD_CONFIG"]) if env.get("SEGD_CONFIG") else None)
+    config = args.config or config_path(env)
     try:
         settings = load_settings(
             config,
@@ -684,9 +684,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"segd doctor: {exc}", file=sys.stderr)
         return 2
-    probe = Probe(settings, env.get(edgetpu.ENV_LIBRARY) or edgetpu.DEFAULT_LIBRARY,
+    machine = MachinePaths(settings, settings.edgetpu_library or edgetpu.DEFAULT_LIBRARY,
                   service=args.service, env_file=env_file, env=env)  # fmt: skip
-    findings = run_checks(probe)
+    findings = run_checks(machine)
     if args.json:
         print(
             json.dumps(

@@ -20,9 +20,8 @@ from segd import postprocess, preprocess
 from segd.errors import ModelError, RequestTimeout, RuntimeUnavailable, WorkerCrashed
 from segd.preprocess import DecodedImage, ImageHeader
 from segd.runtime import Runner, open_cpu
+from segd.settings import DEFAULT_MAX_PIXELS, check_accelerator
 from segd.variants import FileSpec, Variant, check_tensor, read_verified, resolve_file
-
-DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7000x5700 photo; decoded RGB is then 120 MB
 
 Box = tuple[int, int, int, int]
 
@@ -59,7 +58,7 @@ class Segmentation:
 
 def strip_model_tail(model: bytes) -> bytes:
     """Cut RESIZE_BILINEAR / ARG_MAX off the end of a model (in memory, after the checksum)."""
-    from coral_deeplab.tflite.surgery import strip_tail
+    from segd.tflite.surgery import strip_tail
 
     try:
         return strip_tail(model).model_bytes
@@ -81,7 +80,8 @@ def check_runner(variant: Variant, runner: Runner, path: Path) -> None:
                  variant.output.shape, variant.output.dtype)  # fmt: skip
 
 
-RunnerFactory = Callable[[bytes, str | None], Runner]
+#: Opens an Edge TPU runner from (model bytes, device), e.g. through a supervised worker process.
+EdgeTpuOpener = Callable[[bytes, str | None], Runner]
 
 
 def open_runner(
@@ -94,7 +94,7 @@ def open_runner(
     num_threads: int | None = None,
     mirror: str | None = None,
     download: bool = True,
-    edgetpu_factory: RunnerFactory | None = None,
+    edgetpu_factory: EdgeTpuOpener | None = None,
 ) -> tuple[Runner, Selection]:
     """Open the Edge TPU file when a device is there and usable, else the CPU twin.
 
@@ -102,8 +102,7 @@ def open_runner(
     (fail with the reason instead of falling back) or "cpu". ``edgetpu_factory(model, device)``
     replaces the in-process delegate, e.g. with a crash-isolated worker process.
     """
-    if accelerator not in ("auto", "cpu", "edgetpu"):
-        raise ValueError(f"accelerator must be auto, cpu or edgetpu, not {accelerator!r}")
+    check_accelerator(accelerator)
     reason = "CPU requested"
     if accelerator != "cpu":
         if variant.edgetpu is None:
@@ -140,11 +139,11 @@ def _open_edgetpu(
     num_threads: int | None,
     mirror: str | None,
     download: bool,
-    factory: RunnerFactory | None,
+    factory: EdgeTpuOpener | None,
 ) -> tuple[Runner, Selection]:
     from segd.runtime import edgetpu
 
-    status = edgetpu.probe()
+    status = edgetpu.library_status()
     if status.reason is not None:
         raise RuntimeUnavailable(status.reason)
     path = resolve_file(spec, models_dir, mirror=mirror, download=download)

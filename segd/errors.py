@@ -5,7 +5,9 @@ from __future__ import annotations
 
 
 class SegdError(Exception):
-    """Base of every error segd raises on purpose."""
+    """Base of every error segd and coral_deeplab raise on purpose: the HTTP layer answers with
+    ``http_status`` and :func:`error_body`, the command line prints ``code: detail`` and exits 2.
+    Errors that were ValueErrors (or RuntimeErrors) before they had a code still are, too."""
 
     code = "error"
     http_status = 500
@@ -13,6 +15,39 @@ class SegdError(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+
+
+def error_body(code: str, detail: str) -> dict[str, str]:
+    """The JSON body of every error answer: ``{"error": code, "detail": message}``."""
+    return {"error": code, "detail": detail}
+
+
+# --- configuration ------------------------------------------------------------------------
+class ConfigError(SegdError, ValueError):
+    """A setting (TOML file, ``SEGD_*`` environment, flag) is unknown or out of range. Also a
+    ValueError, as settings errors were before they had a code."""
+
+    code = "bad_setting"
+    http_status = 500
+
+
+class InsecureBind(SegdError, ValueError):
+    """A non-loopback bind without an API key (or with a weak one)."""
+
+    code = "insecure_bind"
+
+
+class InstallError(SegdError):
+    """``segd install-service`` cannot do what was asked (missing file, bad path, not root)."""
+
+    code = "install_failed"
+
+
+class GeometryError(SegdError, ValueError):
+    """An input size, depth multiplier or logits grid that DeepLab's geometry does not allow."""
+
+    code = "bad_geometry"
+    http_status = 422
 
 
 # --- client input -------------------------------------------------------------------------
@@ -120,6 +155,13 @@ class WorkerCrashed(SegdError):
 class RequestTimeout(SegdError):
     code = "timeout"
     http_status = 503
+
+
+class PageNotFound(SegdError):
+    """An unknown path under the web page."""
+
+    code = "not_found"
+    http_status = 404
 
 
 # --- datasets (evaluation and training) ----------------------------------------------------

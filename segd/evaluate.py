@@ -1,6 +1,6 @@
 """Evaluate any segmentation variant on a labelled dataset: mIoU, per-class IoU, pixel accuracy.
 
-TensorFlow-free on purpose (invariant 1): ``segd eval`` runs where the daemon runs, on a Pi
+TensorFlow-free on purpose (docs/ARCHITECTURE.md, invariant 1): ``segd eval`` runs where the daemon runs, on a Pi
 too, and scores exactly what segd serves — the engine's mask at the original image size
 (a local variant or ``.tflite`` file), or the mask a running daemon returns over HTTP.
 
@@ -42,6 +42,7 @@ import numpy as np
 
 from segd.errors import BadParameter, DatasetError, ModelError, RuntimeUnavailable, SegdError
 from segd.labels import Labels, voc_palette
+from segd.settings import DEFAULT_MAX_PIXELS, Settings
 
 __all__ = [
     "IGNORE_LABEL",
@@ -293,7 +294,7 @@ def read_mask(data: bytes) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def read_sample(sample: Sample, *, max_pixels: int = 40_000_000) -> tuple[np.ndarray, np.ndarray]:
+def read_sample(sample: Sample, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
     """(RGB uint8 image, uint8 mask) of a sample, decoded as the segd engine decodes images
     (EXIF orientation applied); DatasetError when unreadable or the sizes differ."""
     from segd.preprocess import decode_image
@@ -468,7 +469,7 @@ def open_local(
 
     A name is a manifest variant. A file that a manifest describes (a published model with its
     ``<name>.toml`` beside it, or one of the manifest's files by sha256, e.g. Google's) runs as
-    that variant, through :func:`coral_deeplab.zoo.from_precompiled`. Any other file is
+    that variant, through :func:`segd.resolve.open_segmenter`. Any other file is
     described from its own tensors (see :func:`segmenter_for_file`).
     """
     from segd.engine import Segmenter
@@ -481,13 +482,14 @@ def open_local(
             manifest.get(model), models_dir=models_dir, accelerator=accelerator, device=device,
             runtime=runtime, num_threads=num_threads, mirror=mirror,
         )  # fmt: skip
-    from coral_deeplab.zoo import from_precompiled
     from segd.errors import UnknownModel
+    from segd.resolve import open_segmenter
 
     try:
-        return from_precompiled(
-            path, models_dir=models_dir, mirror=mirror, device=device, accelerator=accelerator
-        )
+        return open_segmenter(
+            path, models_dir=models_dir, mirror=mirror, device=device, accelerator=accelerator,
+            runtime=runtime, num_threads=num_threads,
+        )  # fmt: skip
     except UnknownModel:
         return segmenter_for_file(path, runtime=runtime, num_threads=num_threads)
 
@@ -499,7 +501,7 @@ def segmenter_for_file(
 
     Assumed, as for every coral_deeplab and Coral DeepLab file: raw RGB input bytes (mean =
     std = 128); a resize/argmax tail is stripped when present; the logits grid is DeepLab's
-    align-corners grid, checked by :func:`coral_deeplab.geometry.output_geometry` (16k+1
+    align-corners grid, checked by :func:`segd.geometry.output_geometry` (16k+1
     input sides such as 513, ``H - 1 = stride (h - 1)`` on both axes — an even input side is
     refused, as its logit positions cannot be told from the shapes); classes are named
     ``class_<i>``. A model that outputs only a class map cannot say its number of classes and
@@ -532,7 +534,7 @@ def segmenter_for_file(
             "[1, h, w, classes] logits (a class-map output does not say how many classes "
             "there are: publish the model with its labels and evaluate it by name)"
         )
-    from coral_deeplab.geometry import output_geometry
+    from segd.geometry import output_geometry
 
     try:
         stride, aligned = output_geometry(inp.shape[1:3], out.shape[1:3])
@@ -694,7 +696,7 @@ def write_report(
 
 
 # --- command line (``segd eval``) ------------------------------------------------------------
-def run_cli(args: Any) -> int:
+def run_cli(args: Any, settings: Settings) -> int:
     """``segd eval``: evaluate a local variant/file or a daemon (``--url``) on ``--data``."""
     samples = find_samples(args.data, args.split)
     if args.limit:
@@ -714,8 +716,9 @@ def run_cli(args: Any) -> int:
         if not args.model:
             raise BadParameter("--model NAME|FILE is required without --url")
         seg = open_local(
-            args.model, models_dir=args.models_dir, accelerator=args.accelerator,
-            device=args.device, runtime=args.runtime, num_threads=args.threads, mirror=args.mirror,
+            args.model, models_dir=settings.models_dir, accelerator=settings.accelerator,
+            device=settings.device, runtime=settings.runtime, num_threads=settings.threads,
+            mirror=settings.mirror,
         )  # fmt: skip
 
         def predict(data: bytes) -> np.ndarray:

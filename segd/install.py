@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from segd.errors import InstallError
 from segd.fsutil import atomic_write
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -42,10 +43,6 @@ SYSTEM_ONLY = {
     "ProtectControlGroups", "ProtectClock", "ProtectHostname", "ProtectProc", "RemoveIPC",
     "PrivateDevices", "DevicePolicy", "DeviceAllow",
 }  # fmt: skip
-
-
-class InstallError(Exception):
-    """The installation cannot go ahead; the message says what to do instead."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ argmax of those logits bilinearly upsampled to the *original* image (anything fr
 4000x3000). Doing that naively materialises H x W x C floats; here only the pixels whose
 answer is actually in doubt are computed.
 
-Why the shortcut is exact (invariant 2: identical to the float64 reference). Every output
+Why the shortcut is exact (docs/ARCHITECTURE.md, invariant 2: identical to the float64 reference). Every output
 value is computed as ``((v00*wx0 + v01*wx1)*wy0 + (v10*wx0 + v11*wx1)*wy1)`` with weights
 ``>= 0``, and each IEEE multiply by a non-negative weight and each add is monotone. So if
 class k is >= class j at all four corners of a cell, the interpolated k is >= j too. If k is

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from segd import settings
 from segd.errors import ChecksumMismatch, ModelError, ModelNotFound, UnknownModel
 from segd.fsutil import fsync_dir
 from segd.labels import Labels, palette_from
@@ -108,16 +109,16 @@ class Manifest:
 
 def default_models_dir() -> Path:
     """``SEGD_MODELS_DIR``; else ``models/`` of a source checkout; else the user data dir."""
-    env = os.environ.get("SEGD_MODELS_DIR")
-    if env:
-        return Path(env)
+    env = settings.env_models_dir()
+    if env is not None:
+        return env
     if (CHECKOUT_MODELS_DIR / "variants.toml").is_file():
         return CHECKOUT_MODELS_DIR
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "segd" / "models"
+    return settings.user_data_dir() / "segd" / "models"
 
 
-def _builtin_manifest() -> Path:
+def builtin_manifest() -> Path:
+    """The built-in manifest: ``models/variants.toml`` of a source checkout, else the packaged copy."""
     checkout = CHECKOUT_MODELS_DIR / "variants.toml"
     return checkout if checkout.is_file() else BUILTIN_MANIFEST
 
@@ -127,7 +128,7 @@ def load_manifest(
 ) -> Manifest:
     """Built-in manifest, then every ``*.toml`` in the models dir (user-built variants)."""
     if paths is None:
-        builtin = _builtin_manifest()
+        builtin = builtin_manifest()
         mdir = models_dir or default_models_dir()
         extra = sorted(p for p in mdir.glob("*.toml") if p.resolve() != builtin.resolve()) if mdir.is_dir() else []
         paths = [builtin, *extra]
@@ -263,7 +264,8 @@ def read_verified(path: Path, spec: FileSpec) -> bytes:
 
 
 def model_mirror() -> str | None:
-    return os.environ.get("SEGD_MODEL_MIRROR") or None
+    """The mirror when none is passed down: ``SEGD_MODEL_MIRROR``."""
+    return settings.env_mirror()
 
 
 def resolve_file(

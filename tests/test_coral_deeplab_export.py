@@ -20,7 +20,7 @@ from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 from coral_deeplab import applications, export, weights  # noqa: E402
 from coral_deeplab.layers import DilatedDepthwiseConv2D  # noqa: E402
-from coral_deeplab.tflite.checker import check_model, format_report  # noqa: E402
+from segd.tflite.checker import check_model, format_report  # noqa: E402
 
 GOOGLE = {1.0: "deeplabv3_mnv2_pascal_quant.tflite", 0.5: "deeplabv3_mnv2_dm05_pascal_quant.tflite"}
 IMAGES = ("bird_segmentation.bmp", "cat.bmp")

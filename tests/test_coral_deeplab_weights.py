@@ -23,6 +23,7 @@ from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 from coral_deeplab import applications, weights  # noqa: E402
 from segd.errors import ChecksumMismatch  # noqa: E402
+from segd.tflite import model as segd_tflite_model  # noqa: E402
 
 GOOGLE = {1.0: "deeplabv3_mnv2_pascal_quant.tflite", 0.5: "deeplabv3_mnv2_dm05_pascal_quant.tflite"}
 IMAGES = ("bird_segmentation.bmp", "cat.bmp")
@@ -227,11 +228,11 @@ def test_a_change_to_the_extraction_code_does_not_reuse_old_cache_entries(
     assert before.is_file()
     # The same modules with one changed byte: a new code version, a new entry.
     edited = tmp_path / "model.py"
-    edited.write_bytes((Path(weights.__file__).parent / "tflite" / "model.py").read_bytes() + b"#")
+    edited.write_bytes(Path(segd_tflite_model.__file__).read_bytes() + b"#")
     real_find_spec = weights.importlib.util.find_spec
 
     def find_spec(name, *args):
-        if name == "coral_deeplab.tflite.model":
+        if name == "segd.tflite.model":
             return importlib.machinery.ModuleSpec(name, None, origin=str(edited))
         return real_find_spec(name, *args)
 

@@ -335,7 +335,7 @@ def test_entrypoint_port_and_venv_paths_agree(stages: list[Stage]) -> None:
     # The image's settings load, and the non-loopback bind is refused without a key: the docs
     # must (and do) tell users to pass SEGD_API_KEY.
     from segd.app.server import InsecureBind, check_bind
-    from segd.app.settings import load_settings
+    from segd.settings import load_settings
 
     settings = load_settings(env={k: v for k, v in env.items() if k.startswith("SEGD_")})
     assert (settings.host, settings.port) == ("0.0.0.0", 8080)

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coral_deeplab.tflite.checker import check_model, format_report
-from coral_deeplab.tflite.model import list_ops, read_model
+from segd.tflite.checker import check_model, format_report
+from segd.tflite.model import list_ops, read_model
 
 GOOGLE_MODELS = [
     "deeplabv3_mnv2_pascal_quant",

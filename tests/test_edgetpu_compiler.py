@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coral_deeplab.tflite.compiler import (
+from segd.errors import RuntimeUnavailable
+from segd.tflite.compiler import (
     EdgeTpuCompilerUnavailable,
     compile_edgetpu,
     parse_compiler_log,
 )
-from segd.errors import RuntimeUnavailable
 
 LOGS = Path(__file__).parent / "data" / "edgetpu_compiler"
 

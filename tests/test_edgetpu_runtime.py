@@ -73,7 +73,7 @@ def test_probe_without_the_library_says_how_to_install_it(
 ) -> None:
     missing = tmp_path / "libedgetpu.so.1"
     monkeypatch.setenv("SEGD_EDGETPU_LIBRARY", str(missing))
-    status = edgetpu.probe()
+    status = edgetpu.library_status()
     assert not status.loadable and not status.available
     assert status.devices == () and status.version is None
     assert status.reason is not None
@@ -88,7 +88,7 @@ def test_probe_without_the_library_says_how_to_install_it(
 def test_probe_of_a_library_that_is_not_libedgetpu(edgetpu_double: Path) -> None:
     # any real shared library without the edgetpu_c.h symbols: the Python extension of numpy's core
     other = sorted(Path(np.__file__).parent.glob("*/_multiarray_umath*.so"))[0]
-    status = edgetpu.probe(str(other))
+    status = edgetpu.library_status(str(other))
     assert status.loadable and not status.available
     assert status.reason == f"{other} is not libedgetpu (it has no edgetpu_list_devices)"
 
@@ -97,7 +97,7 @@ def test_probe_with_the_library_but_no_device(
     fake_edgetpu: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_EDGETPU_DEVICES", "")
-    status = edgetpu.probe()
+    status = edgetpu.library_status()
     assert status.loadable and not status.available and status.devices == ()
     assert (
         status.reason
@@ -109,7 +109,7 @@ def test_probe_with_devices_reports_them_and_no_reason(
     fake_edgetpu: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_EDGETPU_DEVICES", f"pci:{PCI}")
-    status = edgetpu.probe()
+    status = edgetpu.library_status()
     assert status.available and status.reason is None
     assert status.library == str(fake_edgetpu)
     assert status.devices == (edgetpu.EdgeTpuDevice("pci", PCI),)

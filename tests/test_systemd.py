@@ -20,8 +20,8 @@ import httpx
 import pytest
 from daemon import Daemon, start_daemon
 
-from segd.app.settings import Settings, load_settings
 from segd.app.systemd import Notifier, watchdog_interval
+from segd.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "segd.service"

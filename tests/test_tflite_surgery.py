@@ -14,7 +14,7 @@ import pytest
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.interpreter import Interpreter
 
-from coral_deeplab.tflite.model import (
+from segd.tflite.model import (
     builtin_code,
     dequantize,
     find_tensor,
@@ -23,7 +23,7 @@ from coral_deeplab.tflite.model import (
     subgraph_outputs,
     tensor_data,
 )
-from coral_deeplab.tflite.surgery import TAIL_OPS, strip_tail
+from segd.tflite.surgery import TAIL_OPS, strip_tail
 
 CPU_MODELS = [
     ("deeplabv3_mnv2_pascal_quant", "bird_segmentation.bmp"),

@@ -19,11 +19,12 @@ from conftest import REPO, pixel_iou, read_mask_png, read_rgb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coral_deeplab import geometry, zoo
-from coral_deeplab.tflite.compiler import EdgeTpuCompileFailed
-from coral_deeplab.tflite.surgery import strip_tail
+from coral_deeplab import zoo
+from segd import geometry
 from segd.engine import Segmenter
 from segd.errors import ChecksumMismatch, UnknownModel
+from segd.tflite.compiler import EdgeTpuCompileFailed
+from segd.tflite.surgery import strip_tail
 from segd.variants import load_manifest
 
 GOOGLE_DM05 = "deeplabv3_mnv2_dm05_pascal_quant.tflite"
@@ -499,7 +500,7 @@ def test_export_cache_key_changes_with_the_code_of_every_module_that_shapes_an_e
 
 
 def test_the_export_cache_key_covers_the_flatbuffer_reader_and_calibration_preprocessing() -> None:
-    assert {"coral_deeplab.tflite.model", "coral_deeplab.weights", "segd.preprocess"} <= set(zoo._EXPORT_CODE)
+    assert {"segd.tflite.model", "coral_deeplab.weights", "segd.preprocess"} <= set(zoo._EXPORT_CODE)
 
 
 @pytest.mark.tf

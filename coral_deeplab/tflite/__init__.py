@@ -1,56 +1,6 @@
-"""TensorFlow-free ``.tflite`` tooling: read models, cut their resize/argmax tail, predict the
-Edge TPU op mapping, and drive/parse ``edgetpu_compiler``.
+"""Compatibility names: the TensorFlow-free ``.tflite`` tools live in :mod:`segd.tflite`
+(serving needs them and ``segd`` never imports ``coral_deeplab``). Kept because the README and
+earlier code import ``coral_deeplab.tflite`` and ``coral_deeplab.tflite.checker``."""
 
-Only numpy, flatbuffers and ``ai_edge_litert``'s generated schema are imported, so ``segd``
-can use this on a Raspberry Pi.
-"""
-
-from coral_deeplab.tflite.checker import CheckReport, OpRow, check_model, format_report
-from coral_deeplab.tflite.compiler import (
-    CompileLog,
-    CompileResult,
-    EdgeTpuCompileFailed,
-    EdgeTpuCompilerUnavailable,
-    compile_edgetpu,
-    parse_compiler_log,
-)
-from coral_deeplab.tflite.model import (
-    OpInfo,
-    QuantParams,
-    TensorInfo,
-    dequantize,
-    find_tensor,
-    list_ops,
-    read_model,
-    subgraph_inputs,
-    subgraph_outputs,
-    tensor_data,
-    tensor_info,
-)
-from coral_deeplab.tflite.surgery import StripResult, strip_tail
-
-__all__ = [
-    "CheckReport",
-    "CompileLog",
-    "CompileResult",
-    "EdgeTpuCompileFailed",
-    "EdgeTpuCompilerUnavailable",
-    "OpInfo",
-    "OpRow",
-    "QuantParams",
-    "StripResult",
-    "TensorInfo",
-    "check_model",
-    "compile_edgetpu",
-    "dequantize",
-    "find_tensor",
-    "format_report",
-    "list_ops",
-    "parse_compiler_log",
-    "read_model",
-    "strip_tail",
-    "subgraph_inputs",
-    "subgraph_outputs",
-    "tensor_data",
-    "tensor_info",
-]
+from segd.tflite import *  # noqa: F403
+from segd.tflite import __all__ as __all__

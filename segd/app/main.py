@@ -19,8 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from segd import __version__
 from segd.app.metrics import Metrics
 from segd.app.service import ModelService
-from segd.app.settings import Settings
-from segd.errors import SegdError, UploadTooLarge
+from segd.errors import SegdError, UploadTooLarge, error_body
+from segd.settings import Settings
 from segd.variants import Manifest, load_manifest
 
 log = logging.getLogger("segd")
@@ -37,7 +37,7 @@ HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "m
 
 
 def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+    return JSONResponse(error_body(code, detail), status_code=status, headers=headers)
 
 
 class BodyLimit:

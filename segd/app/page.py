@@ -14,7 +14,7 @@ from importlib import resources
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from segd.errors import SegdError
+from segd.errors import PageNotFound
 
 MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -35,11 +35,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
-
-
-class PageNotFound(SegdError):
-    code = "not_found"
-    http_status = 404
 
 
 @functools.cache

@@ -18,12 +18,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from segd import preprocess
 from segd.app.main import create_app
 from segd.app.settings import Settings
+from segd.errors import InsecureBind
 
 log = logging.getLogger("segd")
-
-
-class InsecureBind(ValueError):
-    pass
 
 
 def check_bind(settings: Settings) -> None:

@@ -23,11 +23,10 @@ from typing import Any
 import numpy as np
 
 from segd import encode, preprocess
-from segd.app.settings import MiB, Settings
-from segd.bench import probe_jpeg
 from segd.engine import Segmentation, Segmenter, open_runner, summary
 from segd.errors import (
     BadParameter,
+    ConfigError,
     ImageTooLarge,
     ModelNotReady,
     Overloaded,
@@ -37,11 +36,13 @@ from segd.errors import (
     UnknownModel,
 )
 from segd.postprocess import class_pixel_counts
+from segd.settings import MiB, Settings
+from segd.synthetic import synthetic_jpeg
 from segd.variants import Manifest, Variant
 
 log = logging.getLogger("segd")
 
-SELFTEST_AGREEMENT = 0.98  # Edge TPU mask vs CPU twin on the probe image (Coral's own bar)
+SELFTEST_AGREEMENT = 0.98  # Edge TPU mask vs CPU twin on the synthetic image (Coral's own bar)
 FORMATS = ("png", "json", "overlay")
 
 
@@ -195,14 +196,13 @@ class ModelService:
     def __init__(self, settings: Settings, manifest: Manifest) -> None:
         self.settings = settings
         self.manifest = manifest
-        names = settings.models or [settings.default_model or manifest.default or next(iter(manifest.variants))]
+        names, self.default = settings.served_models(manifest)
         self.slots: dict[str, ModelSlot] = {}
         for name in names:
             variant = manifest.get(name)  # unknown configured model: fail at start-up
             self.slots[name] = ModelSlot(name, variant)
-        self.default = settings.default_model or (manifest.default if manifest.default in self.slots else names[0])
         if self.default not in self.slots:
-            raise ValueError(f"default model {self.default!r} is not among the served models {names}")
+            raise ConfigError(f"default model {self.default!r} is not among the served models {names}")
         self.cpu_pool = ThreadPoolExecutor(max(2, (os.cpu_count() or 1) + 1), thread_name_prefix="cpu")
         self.memory_budget = MemoryBudget(settings.memory_budget)
         self.decode_pool = self._decode_pool()
@@ -291,7 +291,7 @@ class ModelService:
             slot.load_seconds = time.perf_counter() - t0
 
     def _selftest(self, slot: ModelSlot, tpu: Segmenter, cpu: Segmenter) -> str | None:
-        """Coral's own bar: the Edge TPU mask on a probe image agrees > 0.98 with the CPU twin's.
+        """Coral's own bar: the Edge TPU mask on a synthetic image agrees > 0.98 with the CPU twin's.
         Returns why the TPU must not be used, or None."""
         try:
             agreement = self._compare(tpu, cpu)
@@ -314,8 +314,7 @@ class ModelService:
         return seg
 
     def _warm(self, seg: Segmenter) -> np.ndarray:
-        probe = probe_jpeg(seg.input_hw)
-        return seg.segment(probe).mask
+        return seg.segment(synthetic_jpeg(seg.input_hw)).mask
 
     def _compare(self, a: Segmenter, b: Segmenter) -> float:
         return float((self._warm(a) == self._warm(b)).mean())

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from segd.app.service import ModelService
-    from segd.app.settings import Settings
+    from segd.settings import Settings
 
 log = logging.getLogger("segd")
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from segd.errors import ModelError, RuntimeUnavailable
 from segd.runtime.base import InterpreterRunner
+from segd.settings import env_runtime
 
 #: runtime name -> (module holding Interpreter/load_delegate, distribution name for the version)
 RUNTIMES: dict[str, tuple[str, str]] = {
@@ -19,7 +20,7 @@ RUNTIMES: dict[str, tuple[str, str]] = {
 
 def runtime_module(name: str | None = None) -> tuple[str, ModuleType]:
     """The interpreter module of ``name`` or, by default, ``SEGD_RUNTIME`` or the first installed."""
-    name = name or os.environ.get("SEGD_RUNTIME") or None
+    name = name or env_runtime()
     candidates = [name] if name else list(RUNTIMES)
     errors = []
     for cand in candidates:

@@ -29,10 +29,10 @@ from typing import Any
 from segd.errors import ModelError, RuntimeUnavailable
 from segd.runtime.base import InterpreterRunner
 from segd.runtime.cpu import make_interpreter, runtime_label, runtime_module
+from segd.settings import env_edgetpu_library
 
 log = logging.getLogger(__name__)
 
-ENV_LIBRARY = "SEGD_EDGETPU_LIBRARY"
 DEFAULT_LIBRARY = "libedgetpu.so.1"
 CUSTOM_OP = "edgetpu-custom-op"
 INSTALL_HINT = "install libedgetpu1-std from the Coral apt repository"
@@ -84,7 +84,7 @@ class EdgeTpuStatus:
 
 def library_path() -> str:
     """The libedgetpu to load: ``SEGD_EDGETPU_LIBRARY`` or the soname the dynamic loader finds."""
-    return os.environ.get(ENV_LIBRARY) or DEFAULT_LIBRARY
+    return env_edgetpu_library() or DEFAULT_LIBRARY
 
 
 def _load(library: str | None) -> tuple[str, ctypes.CDLL]:
@@ -154,7 +154,7 @@ def _short_version(version: str | None) -> str:
     return version or "of unknown version"
 
 
-def probe(library: str | None = None) -> EdgeTpuStatus:
+def library_status(library: str | None = None) -> EdgeTpuStatus:
     """Can an Edge TPU be used here, and if not, why (a sentence a person can act on)?"""
     lib = library or library_path()
     try:
@@ -172,6 +172,9 @@ def probe(library: str | None = None) -> EdgeTpuStatus:
         )
         return EdgeTpuStatus(lib, True, version, (), reason)
     return EdgeTpuStatus(lib, True, version, tuple(devices), None)
+
+
+probe = library_status  # the name before "probe" was taken by the image header; use library_status
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:

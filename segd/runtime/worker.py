@@ -1,7 +1,7 @@
 """A Runner whose interpreter lives in a supervised child process.
 
 libedgetpu aborts the process it runs in on a USB transfer error, and a wedged device can hang
-``invoke`` forever; neither may take the HTTP server down (invariant 3). So the Edge TPU
+``invoke`` forever; neither may take the HTTP server down (docs/ARCHITECTURE.md, invariant 3). So the Edge TPU
 interpreter runs in a child started with the 'spawn' context (the parent has threads; fork would
 copy their locks), tensors cross through two ``multiprocessing.shared_memory`` segments sized
 from the TensorSpecs the child reports at start-up, and a Pipe carries small control messages.

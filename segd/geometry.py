@@ -10,7 +10,7 @@ with ``align_corners=True`` is then exact — in the training loss, in the v3+ d
 segd's postprocess. On an even side SAME pads 0 pixels before and 1 after, so output ``j``
 sits on pixel ``2 j + 1`` and logit ``i`` on ``16 i + 15``: neither align-corners nor
 half-pixel upsampling (``16 i + 7.5``) matches that grid, and the served masks would be
-shifted by up to 7.5 pixels. Such sizes are refused with a ValueError saying so.
+shifted by up to 7.5 pixels. Such sizes are refused with a GeometryError (a ValueError) saying so.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from typing import Any
+
+from segd.errors import GeometryError
 
 __all__ = [
     "MIN_SIDE",
@@ -48,17 +50,17 @@ def nearest_supported(side: int) -> tuple[int, int]:
 
 
 def check_side(side: Any, what: str = "input side") -> int:
-    """``side`` as an int if it is a supported input side (``16k + 1``, >= 33), else ValueError."""
+    """``side`` as an int if it is a supported input side (``16k + 1``, >= 33), else GeometryError."""
     if isinstance(side, bool):
-        raise ValueError(f"{what} must be an integer, got {side!r}")
+        raise GeometryError(f"{what} must be an integer, got {side!r}")
     try:
         value = int(side)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be an integer, got {side!r}") from None
+        raise GeometryError(f"{what} must be an integer, got {side!r}") from None
     if value != side:
-        raise ValueError(f"{what} must be an integer, got {side!r}")
+        raise GeometryError(f"{what} must be an integer, got {side!r}")
     if value < MIN_SIDE:
-        raise ValueError(f"{what} {value} is below the minimum of {MIN_SIDE} (16 * 2 + 1)")
+        raise GeometryError(f"{what} {value} is below the minimum of {MIN_SIDE} (16 * 2 + 1)")
     if value % OUTPUT_STRIDE != 1:
         below, above = nearest_supported(value)
         reason = (
@@ -67,7 +69,7 @@ def check_side(side: Any, what: str = "input side") -> int:
             if value % 2 == 0
             else "only 16k+1 sides put logit i exactly on pixel 16 i"
         )
-        raise ValueError(
+        raise GeometryError(
             f"{what} {value} is not 16k+1 (use {below} or {above}, like Google's 513): {reason}"
         )
     return value
@@ -76,34 +78,34 @@ def check_side(side: Any, what: str = "input side") -> int:
 def check_input_hw(hw: Sequence[Any], what: str = "input") -> tuple[int, int]:
     """(height, width) as ints when both sides are supported (see :func:`check_side`)."""
     if len(hw) != 2:
-        raise ValueError(f"{what} size must be (height, width), got {hw!r}")
+        raise GeometryError(f"{what} size must be (height, width), got {hw!r}")
     return check_side(hw[0], f"{what} height"), check_side(hw[1], f"{what} width")
 
 
 def check_input_shape(input_shape: Sequence[Any]) -> tuple[int, int, int]:
-    """A channels-last ``(H, W, 3)`` model input shape as ints, or ValueError."""
+    """A channels-last ``(H, W, 3)`` model input shape as ints, or GeometryError."""
     shape = tuple(input_shape)
     if len(shape) != 3 or any(s is None for s in shape):
-        raise ValueError(f"input_shape must be a fully defined (H, W, 3), got {input_shape!r}")
+        raise GeometryError(f"input_shape must be a fully defined (H, W, 3), got {input_shape!r}")
     try:
         height, width, channels = (int(s) for s in shape)
     except (TypeError, ValueError):
-        raise ValueError(f"input_shape must be integers, got {input_shape!r}") from None
+        raise GeometryError(f"input_shape must be integers, got {input_shape!r}") from None
     if channels != 3:
         if height == 3 and channels > 3:
-            raise ValueError(
+            raise GeometryError(
                 f"input_shape {shape} looks channels-first; give (H, W, 3) (channels last)"
             )
-        raise ValueError(f"input_shape must have 3 (RGB) channels last, got {shape}")
+        raise GeometryError(f"input_shape must have 3 (RGB) channels last, got {shape}")
     height, width = check_input_hw((height, width))
     return height, width, channels
 
 
 def check_alpha(alpha: Any) -> float:
-    """``alpha`` as a float if it is a supported depth multiplier, else ValueError."""
+    """``alpha`` as a float if it is a supported depth multiplier, else GeometryError."""
     value = float(alpha) if isinstance(alpha, numbers.Real) else float("nan")
     if isinstance(alpha, bool) or value not in SUPPORTED_ALPHAS:
-        raise ValueError(
+        raise GeometryError(
             f"alpha must be one of {SUPPORTED_ALPHAS} (the depth multipliers Google published "
             f"PASCAL VOC weights for), got {alpha!r}"
         )
@@ -128,31 +130,31 @@ def output_geometry(input_hw: Sequence[int], logits_hw: Sequence[int]) -> tuple[
     align-corners geometry (so ``align_corners`` is always True; it is returned for the
     manifest). Even input sides are refused (see the module docstring): from the tensor shapes
     alone their logit positions cannot be known, and for TF "SAME" models no upsampling
-    convention matches them. ValueError for anything else.
+    convention matches them. GeometryError for anything else.
     """
     if len(input_hw) != 2 or len(logits_hw) != 2:
-        raise ValueError(f"expected (H, W) and (h, w), got {input_hw!r} and {logits_hw!r}")
+        raise GeometryError(f"expected (H, W) and (h, w), got {input_hw!r} and {logits_hw!r}")
     strides = set()
     for axis, big, small in zip(("height", "width"), input_hw, logits_hw, strict=True):
         big, small = int(big), int(small)
         if small < 2 or big < small:
-            raise ValueError(
+            raise GeometryError(
                 f"logits {axis} {small} vs input {axis} {big}: not a dense prediction grid"
             )
         if big % 2 == 0:
-            raise ValueError(
+            raise GeometryError(
                 f"input {axis} {big} is even: its logits grid does not line up with the pixel "
                 "grid (TF 'SAME' padding puts logit i on pixel s i + s - 1), so no upsampling "
                 "convention is exact; only 16k+1 inputs such as 513 are supported"
             )
         if (big - 1) % (small - 1) or not _power_of_two((big - 1) // (small - 1)):
-            raise ValueError(
+            raise GeometryError(
                 f"logits {tuple(logits_hw)} do not line up with input {tuple(input_hw)}: "
                 "expected N - 1 = s (n - 1) on each axis with s a power of two (513 -> 33)"
             )
         strides.add((big - 1) // (small - 1))
     if len(strides) != 1:
-        raise ValueError(
+        raise GeometryError(
             f"height and width disagree on the stride: {sorted(strides)} "
             f"(input {tuple(input_hw)}, logits {tuple(logits_hw)})"
         )

@@ -2,7 +2,7 @@
 with 1, 4 and 16 concurrent clients, against the engine's own end-to-end rate measured in the
 same run — how much HTTP, multipart-free raw upload, queueing and PNG encoding cost.
 
-    python bench/http.py [--model NAME] [--requests 400] [--write]
+    python bench/http_load.py [--model NAME] [--requests 400] [--write]
 
 Starts ``segd serve`` on a free 127.0.0.1 port (CPU backend), models from ``SEGD_MODELS_DIR``
 (or the checkout's models/, fetched from ``SEGD_MODEL_MIRROR`` / the manifest URLs if missing).
@@ -13,10 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as `python bench/http.py`, this file's directory comes first on sys.path and this module
-# would shadow the standard library's `http` package: drop that entry before anything imports it.
 HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 import argparse
 import tempfile
@@ -48,9 +45,9 @@ def probe_image(test_data: Path | None) -> bytes:
         if bgr is None:
             raise SystemExit(f"cannot read {test_data / 'bird_segmentation.bmp'}")
         return cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
-    from segd.bench import probe_jpeg
+    from segd.synthetic import synthetic_jpeg
 
-    return probe_jpeg((513, 513))
+    return synthetic_jpeg((513, 513))
 
 
 def engine_rate(seg: Segmenter, image: bytes, seconds: float = 5.0) -> float:
@@ -141,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['throughput']:.1f} | "
             f"{r['throughput'] / rate:.2f}x | {r['p50']:.1f} | {r['p99']:.1f} |"
         )
-    lines += ["", "Reproduce: `.venv/bin/python bench/http.py --write`"]
+    lines += ["", "Reproduce: `.venv/bin/python bench/http_load.py --write`"]
     text = "\n".join(lines)
     print(text)
     if args.write:
