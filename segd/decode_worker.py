@@ -38,13 +38,8 @@ from segd.child import (
     start_child,
 )
 from segd.errors import BadImage, RuntimeUnavailable
-from segd.preprocess import (
-    DecodedImage,
-    ImageHeader,
-    decode_image,
-    decoded_hw,
-    quiet_codec_warnings,
-)
+from segd.image.decode import DecodedImage, decode_image, decoded_hw, quiet_codec_warnings
+from segd.image.header import ImageHeader
 
 log = logging.getLogger("segd")
 

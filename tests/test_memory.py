@@ -1,6 +1,6 @@
 """Peak memory of one request, in bytes, on the real daemon: formats x bit depths x alpha x
 output formats, each held to what the memory budget charges for it
-(``segd.preprocess.request_bytes``, computed from the header before decoding).
+(``segd.image.decode.request_bytes``, computed from the header before decoding).
 
 Measured as the growth of peak RSS (VmHWM, reset through /proc/PID/clear_refs before each
 request) of the daemon plus its decode worker. The decoded image lives in shared memory that
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from daemon import Daemon, start_daemon
 
-from segd.preprocess import choose_reduce, probe_image, request_bytes
+from segd.image.decode import choose_reduce, request_bytes
+from segd.image.header import probe_image
 
 DM05 = "deeplabv3_mnv2_dm05_pascal"
 H, W = 1000, 1600  # 1.6 MP: the per-pixel costs dominate the fixed ones

@@ -62,7 +62,7 @@ async def in_thread(executor: Executor, fn: Any, *args: Any) -> Any:
 
 class MemoryBudget:
     """Bounds the bytes of all the requests being processed at once. A request holds what its
-    header says it may need at peak (``preprocess.request_bytes``: the upload, the decoder's
+    header says it may need at peak (``segd.image.decode.request_bytes``: the upload, the decoder's
     buffers by bit depth / channels / alpha, the RGB image, the mask and the rendered answer)
     from decode until its answer is encoded. Without it, four 10 MP 16-bit RGBA PNGs were
     admitted together and took 2.5 GB. Large images wait for each other; small ones still run
