@@ -169,6 +169,33 @@ def test_decoded_pixels_outlive_the_segment_name(pool: DecodePool) -> None:
     np.testing.assert_array_equal(rgb, decode_image(jpeg, max_pixels=BIG).rgb)
 
 
+def test_mutated_animation_chunks_never_reach_the_decoder(pool: DecodePool) -> None:
+    """The report: mutating the APNG's animation chunks finds more crashers within seconds.
+    Whatever those chunks say (filter bytes, frame sizes and offsets, sequence numbers, counts),
+    the default image is what is decoded: no worker dies, every answer is that image. (Handed
+    to OpenCV 5.0 as they are, 9 of the first 12 of these files kill the process.)"""
+    rng = np.random.default_rng(11)
+    expected = decode_image(crashing_apng(), max_pixels=BIG).rgb
+    crashes = pool.describe()["crashes"]
+    for _ in range(60):
+        w = h = 4
+        fw, fh = (int(v) for v in rng.integers(1, 5, 2))
+        fctl = struct.pack(">IIIIIHHBB", 1, fw, fh, int(rng.integers(0, 5 - fw)), int(rng.integers(0, 5 - fh)),
+                           1, 10, int(rng.integers(0, 3)), int(rng.integers(0, 2)))  # fmt: skip
+        rows = b"".join(bytes([int(rng.integers(5, 256))]) + rng.bytes(3 * fw) for _ in range(fh))  # bad filter bytes
+        data = b"".join((
+            b"\x89PNG\r\n\x1a\n",
+            png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)),
+            png_chunk(b"acTL", struct.pack(">II", int(rng.integers(1, 4)), int(rng.integers(0, 3)))),
+            png_chunk(b"IDAT", zlib.compress(b"".join(b"\x00" + bytes(range(3 * w)) for _ in range(h)))),
+            png_chunk(b"fcTL", fctl),
+            png_chunk(b"fdAT", struct.pack(">I", 2) + zlib.compress(rows)),
+            png_chunk(b"IEND", b""),
+        ))  # fmt: skip
+        np.testing.assert_array_equal(decode_in(pool, data), expected)
+    assert pool.describe()["crashes"] == crashes
+
+
 # --- over HTTP ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Daemon]:
