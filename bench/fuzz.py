@@ -2,6 +2,7 @@
 tests/test_fuzz.py; both use the same seed corpus, mutations and property).
 
     python bench/fuzz.py [--cases 10000] [--random-cases 2000] [--atheris-runs 100000] [--seed N] [--write]
+    python bench/fuzz.py --per-format SECONDS [--formats jpeg,png,bmp,gif,webp,tiff] [--seed N] [--write]
 
 Two engines:
 
@@ -12,6 +13,11 @@ Two engines:
   instrumented, so inputs that reach new branches are kept and mutated further; OpenCV's C
   decoders are exercised but not instrumented. Crashes (a non-segd exception, a signal, a
   >20 s case or >3 GB RSS) stop it with the input saved.
+
+``--per-format`` runs atheris once per format, seeded with that format's files only (APNG
+and multi-page TIFF included), each bounded in time; a crash is saved and the run continues
+from the grown corpus. It calls the decode entry point in-process (the function the daemon's
+decode workers run), so a native crash is seen as one instead of being absorbed by a worker.
 
 Exit status 0 only with zero failures. ``--write`` puts the table into docs/RELIABILITY.md.
 Test data (Coral's photos) from SEGD_TEST_DATA (default ../shared/coral-test-data).
