@@ -9,7 +9,7 @@ in-graph output on bird and cat, and the bird pixel-IoU against Coral's referenc
 Our exports take minutes of TensorFlow to build, so they come from coral_deeplab.zoo's export
 cache (``$CORAL_DEEPLAB_CACHE/exports``, default ``~/.cache/coral_deeplab/exports``), keyed on
 the sha256 of Google's source file, the calibration pixels, the builder arguments, a hash of
-the code that shapes an export (``coral_deeplab.zoo._EXPORT_CODE``: builders, layers, weight
+the code that shapes an export (``coral_deeplab.pretrained._EXPORT_CODE``: builders, layers, weight
 import, flatbuffer reader, export, and segd's decoder/resize used for calibration) and the
 TensorFlow versions — a change to any of those builds a new export. They are
 calibrated on 6 images made from ``bird.bmp`` and ``cityscapes_segmentation.bmp`` (as is,

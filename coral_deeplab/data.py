@@ -1,12 +1,12 @@
 """tf.data input pipelines for training DeepLab on labelled images.
 
-Datasets are read in the two layouts :mod:`segd.evaluate` scores (the same discovery code, so
+Datasets are read in the two layouts :mod:`segd.eval <segd.evaluate>` scores (the same discovery code, so
 what trains is what evaluates): PASCAL VOC (``JPEGImages/``, ``SegmentationClass/`` palette
 PNGs, ``ImageSets/Segmentation/{train,val}.txt``) or a folder pair ``images/`` + ``masks/``
 with same-named PNG masks. Mask pixels are class ids; 255 means "ignore".
 
-Images are decoded by segd's own decoder (:func:`segd.evaluate.read_sample`: EXIF orientation
-applied, exactly like the daemon sees them) and masks by :func:`segd.evaluate.read_mask`
+Images are decoded by segd's own decoder (:func:`segd.dataset.read_sample`: EXIF orientation
+applied, exactly like the daemon sees them) and masks by :func:`segd.dataset.read_mask`
 (palette indices, not colours). Both run in ``tf.numpy_function``: TensorFlow's PNG decoder
 expands palettes to colours, and a second decoder would be a second truth.
 
@@ -33,8 +33,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from segd.errors import DatasetError
-from segd.evaluate import (
+from segd.dataset import (
     IGNORE_LABEL,
     Sample,
     dataset_layout,
@@ -43,6 +42,7 @@ from segd.evaluate import (
     read_sample,
     voc_samples,
 )
+from segd.errors import DatasetError
 
 __all__ = [
     "IGNORE_LABEL",

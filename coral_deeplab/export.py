@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from segd.dataset import IMAGE_SUFFIXES
 from segd.errors import SegdError
 from segd.settings import DEFAULT_MAX_PIXELS
 
@@ -44,7 +45,6 @@ __all__ = [
 
 INPUT_SCALE = 1.0 / 128.0
 INPUT_ZERO_POINT = 128
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: Decoder pixel limit for calibration files (segd eval's default for dataset images).
 MAX_CALIBRATION_PIXELS = DEFAULT_MAX_PIXELS
 

@@ -24,6 +24,8 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
+from segd import dataset
+
 __all__ = [
     "IGNORE_LABEL",
     "SegmentationLoss",
@@ -31,7 +33,7 @@ __all__ = [
     "upsample_logits",
 ]
 
-IGNORE_LABEL = 255
+IGNORE_LABEL = dataset.IGNORE_LABEL  # one value for the loss, the metrics and the datasets
 
 
 def upsample_logits(logits: tf.Tensor, size_hw: Any, *, align_corners: bool = True) -> tf.Tensor:

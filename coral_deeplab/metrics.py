@@ -1,6 +1,6 @@
 """Mean IoU with per-class IoU, from a confusion matrix over labelled pixels (255 ignored).
 
-The definition is :mod:`segd.evaluate`'s (one matrix summed over every pixel of every image,
+The definition is :mod:`segd.metrics`' (one matrix summed over every pixel of every image,
 ``IoU_c = TP / (TP + FP + FN)``, mean over the classes that occur) so training-time numbers and
 ``segd eval`` numbers mean the same thing; the numpy helpers are re-exported from there.
 Predictions are the argmax of the logits upsampled like :mod:`coral_deeplab.losses` does.
@@ -15,7 +15,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from coral_deeplab.losses import IGNORE_LABEL, upsample_logits
-from segd.evaluate import iou_per_class, mean_iou
+from segd.metrics import iou_per_class, mean_iou
 
 __all__ = [
     "SegmentationMeanIoU",

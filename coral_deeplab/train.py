@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -45,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coral_deeplab.loop import TrainingRun
 from segd.fsutil import atomic_write
 from segd.geometry import SUPPORTED_ALPHAS
 
@@ -249,10 +249,6 @@ def resolve_labels(config: TrainConfig, samples: Sequence[Any]) -> list[str]:
     return ["background", *(f"class_{i}" for i in range(1, n))]
 
 
-def _is_backbone(layer_name: str) -> bool:
-    return layer_name.startswith(("Conv", "expanded_conv"))
-
-
 def _config_json(config: TrainConfig, labels: list[str]) -> dict[str, Any]:
     doc = dataclasses.asdict(config)
     doc["labels"] = labels
@@ -260,50 +256,11 @@ def _config_json(config: TrainConfig, labels: list[str]) -> dict[str, Any]:
     return doc
 
 
-def _read_history(path: Path, last_step: int) -> list[str]:
-    """Lines of ``history.jsonl`` up to ``last_step``. A line that does not parse (the partial
-    last line of a run killed while writing) is dropped: the log is a record, not state."""
-    kept = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-            step = int(entry["step"])
-        except (ValueError, KeyError, TypeError):
-            continue
-        if step <= last_step:
-            kept.append(line)
-    return kept
-
-
 def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     diff = [k for k in _IDENTITY_FIELDS if saved.get(k) != current.get(k)]
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
         raise ValueError(f"cannot resume: {path} was made with different settings ({shown})")
-
-
-class _Bar:
-    """tqdm when ``progress`` (to stderr), else nothing."""
-
-    def __init__(self, enabled: bool, total: int, initial: int, desc: str) -> None:
-        self.bar: Any = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
-
-    def update(self, **postfix: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(1)
-
-    def write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -328,18 +285,34 @@ def train(
 
 
 def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
-    """:func:`train` for a ready :class:`TrainConfig`."""
+    """:func:`train` for a ready :class:`TrainConfig`: data, run directory, model, the loop, then
+    the weights file and the export."""
     config.validate()
     started = time.perf_counter()
-    import numpy as np
-    import tensorflow as tf
-    import tf_keras as keras
-
-    from coral_deeplab import applications, data, losses, metrics
-    from segd.evaluate import find_samples
-
     out = config.output_dir()
     out.mkdir(parents=True, exist_ok=True)
+    train_samples, val_samples, labels = _samples_and_labels(config)
+    _start_run_dir(config, out, labels)
+    run = TrainingRun(config, out, labels, val_samples)
+    result = TrainResult(config, out, labels, start_step=run.start_step)
+    run.loop(result, train_samples, progress=progress)
+    if not result.stopped:
+        run.configure(False)
+        result.weights_path = out / "weights.h5"
+        partial = out / ".weights.partial.h5"
+        run.model.save_weights(str(partial))
+        os.replace(partial, result.weights_path)  # never a half-written weights.h5
+        if config.export:
+            _export(config, run.model, run.builder, labels, train_samples, result)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _samples_and_labels(config: TrainConfig) -> tuple[list[Any], list[Any], list[str]]:
+    """Training and validation samples, the class names, and every mask checked against them."""
+    from coral_deeplab import data
+    from segd.dataset import find_samples
+
     train_samples, val_samples = data.split_samples(
         config.data, train_split=config.train_split, val_split=config.val_split,
         val_fraction=config.val_fraction, seed=config.seed,
@@ -349,11 +322,12 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     if config.max_val_images:
         val_samples = val_samples[: config.max_val_images]
     labels = resolve_labels(config, train_samples)
-    n_classes = len(labels)
-    data.check_masks([*train_samples, *val_samples], n_classes)
-    crop_hw = config.input_hw()
-    aligned = True  # 16k+1 inputs: logit i on pixel 16 i (segd.geometry)
+    data.check_masks([*train_samples, *val_samples], len(labels))
+    return list(train_samples), list(val_samples), labels
 
+
+def _start_run_dir(config: TrainConfig, out: Path, labels: list[str]) -> None:
+    """Write ``config.json``; a resumed run must match it, a new one must not find checkpoints."""
     config_path = out / "config.json"
     ckpt_dir = out / "checkpoints"
     current = _config_json(config, labels)
@@ -365,187 +339,6 @@ def train_config(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             "or choose another out_dir"
         )
     atomic_write(config_path, json.dumps(current, indent=2) + "\n")
-
-    keras.utils.set_random_seed(config.seed)
-    builder = (
-        applications.CoralDeepLabV3 if config.architecture == "v3" else applications.CoralDeepLabV3Plus
-    )
-    model = builder((*crop_hw, 3), alpha=float(config.alpha), n_classes=n_classes, weights=None)
-    # Resuming, every weight comes from the checkpoint: the start weights are not needed.
-    restoring = config.resume and tf.train.latest_checkpoint(str(ckpt_dir)) is not None
-    start_weights = None if restoring else config.weights
-    if start_weights == "pascal_voc":
-        from coral_deeplab.weights import load_pascal_voc
-
-        load_pascal_voc(
-            model, alpha=float(config.alpha),
-            skip_logits=n_classes != 21 or config.architecture != "v3",
-            models_dir=Path(config.source_models_dir) if config.source_models_dir else None,
-            mirror=config.mirror,
-            cache=Path(config.weights_cache) if config.weights_cache else None,
-        )  # fmt: skip
-    elif start_weights is not None:
-        model.load_weights(os.fspath(start_weights))
-
-    schedule = keras.optimizers.schedules.PolynomialDecay(
-        config.lr(), decay_steps=config.steps, end_learning_rate=0.0, power=0.9
-    )
-    optimizer: Any = (
-        keras.optimizers.Adam(schedule)
-        if config.optimizer == "adam"
-        else keras.optimizers.SGD(schedule, momentum=0.9)
-    )
-    all_vars = [v for v in model.variables if v.trainable]
-    optimizer.build(all_vars)
-    step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
-    manager = tf.train.CheckpointManager(checkpoint, str(ckpt_dir), max_to_keep=config.keep_checkpoints)
-    if config.resume and manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    start_step = int(step_var.numpy())
-
-    train_bn = config.batchnorm_trains()
-    bn_layers = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
-
-    def configure(backbone_frozen: bool) -> list[tf.Variable]:
-        """Set layer trainability; return the variables the optimizer updates."""
-        for layer in model.layers:
-            layer.trainable = not (backbone_frozen and _is_backbone(layer.name))
-        for layer in bn_layers:
-            if not (backbone_frozen and _is_backbone(layer.name)):
-                layer.trainable = train_bn
-        var_list = list(model.trainable_variables)
-        if not train_bn:  # statistics frozen (inference-mode BN), scale/offset still train
-            for layer in bn_layers:
-                if not (backbone_frozen and _is_backbone(layer.name)):
-                    var_list += [layer.gamma, layer.beta]
-        return var_list
-
-    def make_step(var_list: list[tf.Variable]) -> Any:
-        @tf.function
-        def step(images: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-            with tf.GradientTape() as tape:
-                logits = model(images, training=True)
-                ce = losses.masked_cross_entropy(targets, logits, align_corners=aligned)
-                total = ce + tf.add_n(model.losses) if model.losses else ce
-            grads = tape.gradient(total, var_list)
-            optimizer.apply_gradients(zip(grads, var_list, strict=True))
-            step_var.assign_add(1)
-            pred = metrics.predict_labels(logits, tf.shape(targets)[1:3], align_corners=aligned)
-            return ce, total, metrics.batch_confusion(targets, pred, n_classes)
-
-        return step
-
-    @tf.function
-    def predict(images: tf.Tensor) -> tf.Tensor:
-        logits = model(images, training=False)
-        return metrics.predict_labels(logits, tf.shape(images)[1:3], align_corners=aligned)
-
-    val_ds = (
-        data.eval_dataset(val_samples, crop_hw, config.batch_size, n_classes=n_classes)
-        if val_samples
-        else None
-    )
-
-    def validate() -> tuple[float, list[float | None], np.ndarray] | None:
-        if val_ds is None:
-            return None
-        cm = np.zeros((n_classes, n_classes), np.int64)
-        for images, targets in val_ds:
-            cm += metrics.batch_confusion(targets, predict(images), n_classes).numpy()
-        iou = metrics.iou_per_class(cm)
-        return metrics.mean_iou(cm), [None if math.isnan(x) else float(x) for x in iou], cm
-
-    result = TrainResult(config, out, labels, start_step=start_step)
-    history_path = out / "history.jsonl"
-    history = _read_history(history_path, start_step) if config.resume and history_path.is_file() else []
-    # Rewritten atomically, then appended to: a crash leaves the old log or the new one.
-    atomic_write(history_path, "".join(line + "\n" for line in history))
-    history_file = history_path.open("a")
-
-    def log(entry: dict[str, Any]) -> None:
-        history_file.write(json.dumps(entry) + "\n")
-        history_file.flush()
-
-    bar = _Bar(progress, config.steps, start_step, config.name)
-
-    def record_eval(step: int) -> None:
-        got = validate()
-        if got is None:
-            return
-        miou, per_class, _ = got
-        result.evals.append((step, miou, per_class))
-        log({"step": step, "val_miou": miou, "val_iou": per_class})
-        shown = ", ".join(f"{n} {'n/a' if v is None else f'{v:.3f}'}" for n, v in zip(labels, per_class, strict=True))
-        bar.write(f"step {step}: val mIoU {miou:.4f} ({shown})")
-
-    try:
-        if config.eval_before and start_step < config.steps:
-            record_eval(start_step)
-        stream = iter(
-            data.train_dataset(
-                train_samples, crop_hw, config.batch_size, n_classes=n_classes,
-                augment=data.Augment(config.min_scale, config.max_scale, config.scale_step, config.flip),
-                seed=config.seed, start_step=start_step,
-            )
-        )  # fmt: skip
-        frozen: bool | None = None
-        step_fn: Any = None
-        window_cm = np.zeros((n_classes, n_classes), np.int64)
-        window_loss: list[float] = []
-        end = config.steps if config.stop_at is None else min(config.steps, config.stop_at)
-        for step in range(start_step, end):
-            want_frozen = config.freeze_backbone == -1 or step < config.freeze_backbone
-            if want_frozen != frozen:
-                frozen = want_frozen
-                step_fn = make_step(configure(frozen))
-            images, targets = next(stream)
-            ce, total, cm = step_fn(images, targets)
-            ce_value = float(ce.numpy())
-            result.losses.append((step + 1, ce_value))
-            window_loss.append(ce_value)
-            window_cm += cm.numpy()
-            train_miou = metrics.mean_iou(window_cm)
-            bar.update(loss=f"{np.mean(window_loss):.4f}", miou=f"{train_miou:.3f}")
-            done = step + 1
-            if done % 10 == 0 or done == config.steps:
-                lr = float(schedule(done - 1))
-                log({"step": done, "loss": float(np.mean(window_loss)), "total_loss": float(total.numpy()),
-                     "train_miou": train_miou, "lr": lr})  # fmt: skip
-                window_loss, window_cm = [], np.zeros_like(window_cm)
-            if config.checkpoint_every and done % config.checkpoint_every == 0:
-                manager.save(checkpoint_number=done)
-            if config.eval_every and done % config.eval_every == 0 and done != config.steps:
-                record_eval(done)
-        if end < config.steps:
-            result.stopped = True
-            if int(step_var.numpy()) > start_step:
-                manager.save(checkpoint_number=end)
-        elif start_step < config.steps:
-            manager.save(checkpoint_number=config.steps)
-            record_eval(config.steps)
-    except tf.errors.OpError as exc:
-        # A bad sample met inside the tf.data pipeline: report it like the up-front checks.
-        err = data.dataset_error(exc)
-        if err is None:
-            raise
-        raise err from None
-    finally:
-        bar.close()
-        history_file.close()
-
-    if result.stopped:
-        result.seconds = time.perf_counter() - started
-        return result
-    configure(False)
-    result.weights_path = out / "weights.h5"
-    partial = out / ".weights.partial.h5"
-    model.save_weights(str(partial))
-    os.replace(partial, result.weights_path)  # never a half-written weights.h5
-    if config.export:
-        _export(config, model, builder, labels, train_samples, result)
-    result.seconds = time.perf_counter() - started
-    return result
 
 
 def _export(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,23 +13,38 @@ from segd.engine import Segmenter
 from segd.synthetic import synthetic_jpeg
 from segd.variants import load_manifest
 
+Progress = Callable[..., None]  # progress(done, total, **notes): segd.progress.Progress
 
-def median_ms(fn: Any, iterations: int, warmup: int) -> float:
-    """Median wall time of ``fn`` in ms over ``iterations`` runs, after ``warmup`` runs."""
-    for _ in range(warmup):
+
+def median_ms(fn: Any, iterations: int, warmup: int, progress: Callable[[int], None] | None = None) -> float:
+    """Median wall time of ``fn`` in ms over ``iterations`` runs, after ``warmup`` runs;
+    ``progress(runs so far)`` after each run."""
+    for i in range(warmup):
         fn()
+        if progress:
+            progress(i + 1)
     times = []
-    for _ in range(iterations):
+    for i in range(iterations):
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1000.0)
+        if progress:
+            progress(warmup + i + 1)
     return statistics.median(times)
 
 
-def bench_segmenter(seg: Segmenter, image: bytes, *, iterations: int = 50, warmup: int = 5) -> dict[str, Any]:
+def bench_segmenter(
+    seg: Segmenter, image: bytes, *, iterations: int = 50, warmup: int = 5, progress: Progress | None = None
+) -> dict[str, Any]:
     prepared = seg.prepare(seg.decode(image))
-    invoke = median_ms(lambda: seg.infer(prepared.tensor), iterations, warmup)
-    total = median_ms(lambda: seg.segment(image), iterations, warmup)
+    runs = 2 * (warmup + iterations)
+    name = seg.variant.name
+
+    def step(offset: int, what: str) -> Callable[[int], None] | None:
+        return (lambda n: progress(offset + n, runs, model=name, stage=what)) if progress else None
+
+    invoke = median_ms(lambda: seg.infer(prepared.tensor), iterations, warmup, step(0, "invoke"))
+    total = median_ms(lambda: seg.segment(image), iterations, warmup, step(warmup + iterations, "end-to-end"))
     return {
         "model": seg.variant.name,
         "backend": seg.backend,
@@ -46,6 +62,7 @@ def bench_variants(
     iterations: int = 50,
     warmup: int = 5,
     models_dir: Path | None = None,
+    progress: Progress | None = None,
     **open_kwargs: Any,
 ) -> list[dict[str, Any]]:
     manifest = load_manifest(models_dir=models_dir)
@@ -54,7 +71,8 @@ def bench_variants(
         variant = manifest.get(name)
         seg = Segmenter.open(variant, models_dir=models_dir, **open_kwargs)
         try:
-            rows.append(bench_segmenter(seg, synthetic_jpeg(variant.input.hw), iterations=iterations, warmup=warmup))
+            rows.append(bench_segmenter(seg, synthetic_jpeg(variant.input.hw), iterations=iterations, warmup=warmup,
+                                        progress=progress))  # fmt: skip
         finally:
             seg.close()
     return rows

@@ -19,11 +19,12 @@ import threading
 import uuid
 from multiprocessing.context import BaseContext
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any
+from typing import Any, TypeVar
 
 from segd import errors
 
 SHM_PREFIX = "segd_"
+C = TypeVar("C", bound="Child")
 _SHM_DIR = "/dev/shm"  # where Linux's shm_open puts its files (POSIX shared memory)
 
 
@@ -111,9 +112,10 @@ class Child:
 
 
 def start_child(
-    ctx: BaseContext, target: Any, payload: bytes | memoryview, name: str
-) -> tuple[Child, threading.Thread]:
-    """Start ``target(conn)`` in a new process and send it ``payload`` (pickled bytes).
+    ctx: BaseContext, target: Any, payload: bytes | memoryview, name: str, kind: type[C] = Child  # type: ignore[assignment]
+) -> tuple[C, threading.Thread]:
+    """Start ``target(conn)`` in a new process and send it ``payload`` (pickled bytes); the
+    parent's handle is a ``kind`` (a :class:`Child` subclass may add per-use state).
 
     The payload goes through our socket, not the spawn pipe: a child that dies while
     bootstrapping leaves a large spawn-pipe write blocked forever (CPython keeps the pipe's read
@@ -126,7 +128,7 @@ def start_child(
     child_conn.close()  # so the parent sees EOF when the child dies
     sender = threading.Thread(target=send_bytes, args=(parent_conn, payload), daemon=True)
     sender.start()
-    return Child(proc, parent_conn), sender
+    return kind(proc, parent_conn), sender
 
 
 def send_bytes(conn: mpc.Connection, payload: Any) -> None:

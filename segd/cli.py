@@ -1,15 +1,24 @@
-"""``segd`` command line: serve, segment, models list|pull|check|build, bench, doctor, eval, train."""
+"""``segd`` command line: serve, segment, models list|pull|check|build, bench, doctor, eval, train.
+
+Exit codes: 0 success; 1 the command ran but its answer is "no" (``models check``: not every op
+maps to the Edge TPU; ``doctor``: something to fix); 2 bad usage or input (unreadable file, bad
+image, unknown model, bad settings), also when any of several images failed; 130 interrupted
+(Ctrl-C); 141 the reader of stdout went away (``segd ... | head``), as for a shell tool killed by
+SIGPIPE.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from segd import __version__
 from segd.errors import SegdError
 from segd.geometry import SUPPORTED_ALPHAS
 from segd.runtime.cpu import RUNTIMES
@@ -17,6 +26,7 @@ from segd.settings import ACCELERATORS
 
 if TYPE_CHECKING:
     from segd.settings import Settings
+
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
@@ -32,15 +42,22 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segd", description=__doc__)
+    parser = argparse.ArgumentParser(prog="segd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"segd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("segment", help="segment one image file")
-    p.add_argument("image", type=Path)
+    p = sub.add_parser(
+        "segment", help="segment image files, directories of images, or stdin",
+        description="Segment each IMAGE (a file, a directory: its images, or - for stdin). One image: "
+        "the answer goes to -o FILE, or to stdout for json and with -o -. Several: json is printed as "
+        "one JSON document per line (with its 'file'), or every answer is written into -o DIR "
+        "(<name>.json / .png / .jpg). A progress bar is shown on a terminal.",
+    )  # fmt: skip
+    p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--model", default=None, help="variant name (default: the manifest's default)")
     p.add_argument("--format", choices=("png", "json", "overlay"), default="json")
     p.add_argument("--keep-aspect", action="store_true", help="letterbox instead of stretching")
-    p.add_argument("-o", "--output", type=Path, default=None, help="output file (default: stdout for json)")
+    p.add_argument("-o", "--output", default=None, help="output file, - for stdout, or a directory for several images")
     _common_model_args(p)
 
     p = sub.add_parser("serve", help="run the HTTP daemon")
@@ -129,12 +146,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = COMMANDS[args.command if args.command != "models" else f"models {args.models_command}"]
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()
+        return code
     except SegdError as exc:
         print(f"segd: {exc.code}: {exc.detail}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader (e.g. `head`) closed the pipe: stop quietly; the interpreter must not try
+        # to flush into the closed pipe again at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -172,34 +197,90 @@ def _open(args: argparse.Namespace, name: str | None) -> Any:
     )  # fmt: skip
 
 
+def _inputs(items: list[str]) -> list[Path | None]:
+    """Files in the order given, a directory's images sorted by name; None for stdin."""
+    from segd.dataset import IMAGE_SUFFIXES
+
+    found: list[Path | None] = []
+    for item in items:
+        if item == "-":
+            found.append(None)
+            continue
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found.append(path)
+    return found
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from segd import encode
     from segd.engine import summary
+    from segd.progress import Progress
 
-    try:
-        data = args.image.read_bytes()
-    except OSError as exc:
-        print(f"segd: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
+    inputs = _inputs(args.images)
+    if not inputs:
+        print("segd: no images found in " + ", ".join(args.images), file=sys.stderr)
+        return 2
+    several = len(inputs) > 1 or any(Path(i).is_dir() for i in args.images if i != "-")
+    out_dir = Path(args.output) if several and args.output not in (None, "-") else None
+    if several:
+        if args.format != "json" and out_dir is None:
+            print("segd: several images with --format png/overlay need -o DIR", file=sys.stderr)
+            return 2
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+    elif args.format != "json" and args.output is None:
+        print("segd: binary output needs -o FILE (or -o - for stdout)", file=sys.stderr)
         return 2
     seg = _open(args, args.model)
-    result = seg.segment(data, keep_aspect=args.keep_aspect, reduce=args.format != "overlay")
     labels = seg.variant.labels
-    if args.format == "json":
-        out = json.dumps(summary(result, seg), indent=2).encode() + b"\n"
-    elif args.format == "png":
-        out = encode.encode_mask_png(result.mask, labels.palette)
-    else:
-        fmt = "png" if args.output and args.output.suffix.lower() == ".png" else "jpeg"
-        out = encode.encode_image(encode.overlay(result.image.rgb, result.mask, labels.palette), fmt)
-    if args.output:
-        args.output.write_bytes(out)
-        print(f"{args.output}: {result.model} on {result.backend} ({seg.selection.reason})", file=sys.stderr)
-    elif args.format == "json":
-        sys.stdout.write(out.decode())
-    else:
-        print("segd: binary output needs -o FILE", file=sys.stderr)
-        return 2
-    return 0
+    bar = Progress("segment", show=None if several else False)
+    failed = 0
+    for n, path in enumerate(inputs):
+        name = "stdin" if path is None else str(path)
+        bar(n, len(inputs), file=Path(name).name)
+        try:
+            data = sys.stdin.buffer.read() if path is None else path.read_bytes()
+        except OSError as exc:
+            bar.close(f"segd: cannot read {name}: {exc.strerror}")
+            failed += 1
+            continue
+        try:
+            result = seg.segment(data, keep_aspect=args.keep_aspect, reduce=args.format != "overlay")
+        except SegdError as exc:
+            bar.close(f"segd: {name}: {exc.code}: {exc.detail}")
+            failed += 1
+            continue
+        doc = summary(result, seg)
+        suffix = {"json": ".json", "png": ".png", "overlay": ".jpg"}[args.format]
+        target: Path | None = None
+        if out_dir is not None:
+            target = out_dir / ((path.stem if path is not None else "stdin") + suffix)
+        elif not several and args.output not in (None, "-"):
+            target = Path(args.output)
+        if args.format == "json":
+            if several:
+                doc = {"file": name, **doc}
+            out = (json.dumps(doc) if several and target is None else json.dumps(doc, indent=2)).encode() + b"\n"
+        elif args.format == "png":
+            out = encode.encode_mask_png(result.mask, labels.palette)
+        else:
+            fmt = "png" if target is not None and target.suffix.lower() == ".png" else "jpeg"
+            out = encode.encode_image(encode.overlay(result.image.rgb, result.mask, labels.palette, background=labels.background), fmt)
+        if target is not None:
+            target.write_bytes(out)
+            if not several:
+                print(f"{target}: {result.model} on {result.backend} ({seg.selection.reason})", file=sys.stderr)
+        else:
+            bar.write("")  # the bar line ends before the answer goes to the same terminal
+            sys.stdout.buffer.write(out)
+            sys.stdout.flush()
+    if several:
+        bar(len(inputs), len(inputs))
+        bar.close(f"{len(inputs) - failed}/{len(inputs)} images: {seg.variant.name} on {seg.backend} ({seg.selection.reason})")
+    return 2 if failed else 0
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
@@ -229,6 +310,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
+    from segd.progress import Progress
     from segd.variants import load_manifest, resolve_file
 
     s = _settings(args)
@@ -241,34 +323,10 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
         variant = manifest.get(name)
         specs = [variant.cpu] if args.cpu_only else variant.files()
         for spec in specs:
-            bar = _Progress(spec.name)
+            bar = Progress(spec.name, unit="MB")
             path = resolve_file(spec, mdir, mirror=s.mirror, force=args.force, progress=bar)
-            bar.done(f"{path} ok (sha256 {spec.sha256[:12]}…)")
+            bar.close(f"{path} ok (sha256 {spec.sha256[:12]}…)")
     return 0
-
-
-class _Progress:
-    """A one-line progress bar on stderr (only when it is a terminal)."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.tty:
-            return
-        if total:
-            frac = min(1.0, done / total)
-            bar = "#" * int(frac * 30)
-            sys.stderr.write(f"\r{self.label}: [{bar:30}] {frac * 100:5.1f}% {done / 1e6:.1f} MB")
-        else:
-            sys.stderr.write(f"\r{self.label}: {done / 1e6:.1f} MB")
-        sys.stderr.flush()
-
-    def done(self, message: str) -> None:
-        if self.tty:
-            sys.stderr.write("\r\033[K")
-        print(message, file=sys.stderr)
 
 
 def cmd_models_check(args: argparse.Namespace) -> int:
@@ -279,7 +337,21 @@ def cmd_models_check(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"segd: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 2
-    report = check_model(data)
+    if args.file.suffix.lower() != ".tflite" and data[4:8] != b"TFL3":
+        print(f"segd: {args.file} is not a .tflite model (no TFLite file identifier)", file=sys.stderr)
+        return 2
+    try:
+        report = check_model(data)
+    except ValueError as exc:
+        print(f"segd: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    compiled = [r for r in report.rows if r.op == "edgetpu-custom-op"]
+    if compiled and not args.json:
+        cpu = [f"{r.index} {r.op}" for r in report.rows if r.op != "edgetpu-custom-op"]
+        print(f"{args.file} is already compiled for the Edge TPU: {len(compiled)} edgetpu-custom-op "
+              f"(the compiled part) and {len(cpu)} ops on the CPU{': ' + ', '.join(cpu) if cpu else ''}. "
+              "The op-mapping check reads the model before compiling (the file without _edgetpu).")  # fmt: skip
+        return 0
     if args.json:
         print(json.dumps(dataclasses.asdict(report), indent=2))
     else:
@@ -356,12 +428,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from segd.bench import bench_variants, format_table
+    from segd.progress import Progress
 
     s = _settings(args)
     rows = bench_variants(
         args.model, iterations=args.iterations, warmup=args.warmup, models_dir=s.models_dir,
         mirror=s.mirror, accelerator=s.accelerator, device=s.device, runtime=s.runtime,
-        num_threads=s.threads,
+        num_threads=s.threads, progress=Progress("bench"),
     )  # fmt: skip
     print(format_table(rows))
     return 0

@@ -179,7 +179,7 @@ class DecodePool:
         from multiprocessing.reduction import ForkingPickler
 
         payload = ForkingPickler.dumps(("start", self._crash_marker))
-        child, sender = start_child(self._ctx, _decode_main, payload, "segd-decoder")
+        child, sender = start_child(self._ctx, _decode_main, payload, "segd-decoder", Child)
         try:
             kind, message = child.receive(self.start_timeout)
             if kind != "msg" or message[0] != "ready":

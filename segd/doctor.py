@@ -8,6 +8,11 @@ status is 1 when there is an error.
 
 The checks read the machine through paths in :class:`MachinePaths` (``/sys``, ``/dev``, the udev and
 dpkg directories) so they can be pointed at a copy; nothing here writes anything.
+
+One module (~700 lines) on purpose: it is a list of small independent checks, each with the
+sentence that fixes what it finds, sharing only :class:`Finding` and the report. The sections
+below (runtimes, libedgetpu and devices, udev/groups/service, models) are where it splits if
+it grows.
 """
 
 from __future__ import annotations

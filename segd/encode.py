@@ -13,6 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from segd import png
 from segd.errors import BadParameter
 from segd.labels import Labels
 
@@ -23,18 +24,6 @@ PNG_ZLIB_LEVEL = 1
 run-length matches) suits them, and with it the level changes neither size nor speed much, so
 the cheapest level is used. The general-purpose strategy at levels 1-3 gave files about twice
 as large in the same time, and at level 6+ took about twice as long."""
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _chunk(tag: bytes, payload: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(payload))
-        + tag
-        + payload
-        + struct.pack(">I", zlib.crc32(payload, zlib.crc32(tag)) & 0xFFFFFFFF)
-    )
-
 
 def _as_palette(palette: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
     pal = np.asarray(palette)
@@ -84,11 +73,11 @@ def encode_mask_png(
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)
     return b"".join(
         (
-            _PNG_SIGNATURE,
-            _chunk(b"IHDR", ihdr),
-            _chunk(b"PLTE", pal.tobytes()),
-            _chunk(b"IDAT", idat),
-            _chunk(b"IEND", b""),
+            png.SIGNATURE,
+            png.chunk(b"IHDR", ihdr),
+            png.chunk(b"PLTE", pal.tobytes()),
+            png.chunk(b"IDAT", idat),
+            png.chunk(b"IEND", b""),
         )
     )
 

@@ -230,7 +230,10 @@ class Segmenter:
         return Prepared(preprocess.quantize(resized, self.lut), box, image.original_hw)
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
-        """Run the model; serialised by the segmenter's lock (interpreters are not thread-safe)."""
+        """Run the model; serialised by the segmenter's lock (interpreters are not thread-safe)
+        unless the runner serialises per device itself (a pool of Edge TPUs)."""
+        if getattr(self.runner, "thread_safe", False):
+            return self.runner.run(tensor)
         with self.lock:
             return self.runner.run(tensor)
 
@@ -301,5 +304,6 @@ def summary(result: Segmentation, segmenter: Segmenter) -> dict[str, Any]:
         "model": result.model,
         "backend": result.backend,
         "classes": class_summary(result.counts, segmenter.variant.labels),
+        "background": segmenter.variant.labels.background,  # the class an overlay leaves untinted
         "timings_ms": {k: round(v, 3) for k, v in result.timings.items()},
     }

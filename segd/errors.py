@@ -171,3 +171,18 @@ class DatasetError(SegdError):
 
     code = "bad_dataset"
     http_status = 422
+
+
+# --- camera sources ------------------------------------------------------------------------
+class UnknownSource(SegdError):
+    """No camera of that name is configured (only configured cameras are ever read)."""
+
+    code = "unknown_source"
+    http_status = 404
+
+
+class NoFrameYet(SegdError):
+    """The camera has not delivered a segmented frame yet (connecting, or offline)."""
+
+    code = "no_frame"
+    http_status = 503

@@ -1,23 +1,10 @@
-"""Evaluate any segmentation variant on a labelled dataset: mIoU, per-class IoU, pixel accuracy.
+"""``segd eval``: score a variant, a ``.tflite`` file or a running daemon on a labelled dataset
+(mIoU, per-class IoU, pixel accuracy) and write the report (confusion CSV, IoU chart, JSON).
 
-TensorFlow-free on purpose (docs/ARCHITECTURE.md, invariant 1): ``segd eval`` runs where the daemon runs, on a Pi
-too, and scores exactly what segd serves — the engine's mask at the original image size
-(a local variant or ``.tflite`` file), or the mask a running daemon returns over HTTP.
-
-Datasets (shared with :mod:`coral_deeplab.data`, which trains on the same layouts):
-
-* PASCAL VOC layout: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette PNG),
-  ``ImageSets/Segmentation/<split>.txt`` listing ids. Any image suffix segd decodes is
-  accepted for the image, so lossless copies (``.png``/``.bmp``) work too.
-* A plain folder pair: ``images/<stem>.<any>`` and ``masks/<stem>.png`` (optional
-  ``<split>.txt`` files next to the two folders select a split).
-
-Mask pixels are class ids; 255 marks "ignore" (VOC's object borders) and counts nowhere.
-
-The metric is the standard one (PASCAL VOC, DeepLab): one confusion matrix summed over all
-pixels of all images, then ``IoU_c = TP / (TP + FP + FN)`` per class and mIoU = the mean over
-classes that occur at all (in truth or prediction); a class with an empty union has no IoU
-(NaN), rather than a misleading 0 or 1.
+TensorFlow-free on purpose (docs/ARCHITECTURE.md, invariant 1): it runs where the daemon runs,
+on a Pi too, and scores exactly what segd serves — the engine's mask at the original image size
+(a local variant or ``.tflite`` file), or the mask a running daemon returns over HTTP. Datasets
+are :mod:`segd.dataset`, the metric :mod:`segd.metrics` (both shared with training).
 """
 
 from __future__ import annotations
@@ -26,12 +13,9 @@ import csv
 import io
 import json
 import math
-import struct
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,327 +24,27 @@ from typing import Any
 import cv2
 import numpy as np
 
-from segd.errors import BadParameter, DatasetError, ModelError, RuntimeUnavailable, SegdError
-from segd.labels import Labels, voc_palette
-from segd.settings import DEFAULT_MAX_PIXELS, Settings
+from segd.dataset import Sample, find_samples, read_mask
+from segd.errors import BadParameter, DatasetError, ModelError, RuntimeUnavailable
+from segd.labels import voc_palette
+from segd.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from segd.progress import Progress
+from segd.settings import Settings
 
 __all__ = [
-    "IGNORE_LABEL",
-    "IMAGE_SUFFIXES",
     "EvalResult",
     "HttpPredictor",
-    "Sample",
     "confusion_csv",
-    "confusion_matrix",
-    "dataset_layout",
     "evaluate",
-    "find_samples",
-    "folder_samples",
     "iou_chart",
-    "iou_per_class",
-    "mean_iou",
     "open_local",
-    "pixel_accuracy",
-    "read_mask",
-    "read_sample",
     "segmenter_for_file",
-    "voc_samples",
     "write_report",
 ]
 
-IGNORE_LABEL = 255
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")  # lossless only: a JPEG mask is not class ids
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_CRITICAL = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
 
 Predictor = Callable[[bytes], np.ndarray]
 ProgressFn = Callable[[int, int], None]
-
-
-# --- datasets --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Sample:
-    """One labelled image: an id (file stem) and the two files."""
-
-    id: str
-    image: Path
-    mask: Path
-
-
-def dataset_layout(root: str | Path) -> str:
-    """``"voc"`` or ``"folder"``; DatasetError if ``root`` is neither layout."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"dataset directory {root} does not exist")
-    if (root / "JPEGImages").is_dir() and (root / "SegmentationClass").is_dir():
-        return "voc"
-    if (root / "images").is_dir() and (root / "masks").is_dir():
-        return "folder"
-    raise DatasetError(
-        f"{root} is not a dataset segd reads: expected the PASCAL VOC layout (JPEGImages/, "
-        "SegmentationClass/, ImageSets/Segmentation/<split>.txt) or a folder pair images/ + "
-        "masks/ with same-named PNG masks"
-    )
-
-
-def _find_with_suffix(directory: Path, stem: str, suffixes: Sequence[str]) -> Path | None:
-    for suffix in suffixes:
-        for candidate in (directory / f"{stem}{suffix}", directory / f"{stem}{suffix.upper()}"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def _read_ids(path: Path) -> list[str]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise DatasetError(f"cannot read split file {path}: {exc.strerror}") from exc
-    ids = [line.split()[0] for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not ids:
-        raise DatasetError(f"split file {path} lists no image ids")
-    return ids
-
-
-def _samples_for_ids(
-    ids: Sequence[str], image_dir: Path, mask_dir: Path, where: str
-) -> list[Sample]:
-    out, missing = [], []
-    for sid in ids:
-        image = _find_with_suffix(image_dir, sid, IMAGE_SUFFIXES)
-        mask = _find_with_suffix(mask_dir, sid, MASK_SUFFIXES)
-        if image is None or mask is None:
-            missing.append(f"{sid} ({'image' if image is None else 'mask'})")
-            continue
-        out.append(Sample(sid, image, mask))
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise DatasetError(f"{where}: missing files for {len(missing)} id(s): {shown}")
-    return out
-
-
-def voc_samples(root: str | Path, split: str = "val") -> list[Sample]:
-    """Samples of a PASCAL VOC layout split (``ImageSets/Segmentation/<split>.txt``)."""
-    root = Path(root)
-    split_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
-    if not split_file.is_file():
-        raise DatasetError(f"no split file {split_file} (VOC layout lists ids per split there)")
-    ids = _read_ids(split_file)
-    return _samples_for_ids(ids, root / "JPEGImages", root / "SegmentationClass", str(split_file))
-
-
-def folder_samples(root: str | Path, split: str | None = None) -> list[Sample]:
-    """Samples of a folder pair ``images/`` + ``masks/`` (all, or those in ``<split>.txt``).
-
-    Every image must have a mask with the same stem: an unlabelled image in a training folder
-    is more likely a mistake than an intention, so it is reported instead of skipped.
-    """
-    root = Path(root)
-    image_dir, mask_dir = root / "images", root / "masks"
-    if split is not None:
-        split_file = root / f"{split}.txt"
-        if not split_file.is_file():
-            raise DatasetError(f"no split file {split_file} for split {split!r}")
-        return _samples_for_ids(_read_ids(split_file), image_dir, mask_dir, str(split_file))
-    stems = sorted(
-        p.stem for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-    if not stems:
-        raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
-    return _samples_for_ids(stems, image_dir, mask_dir, str(root))
-
-
-def find_samples(root: str | Path, split: str | None = None) -> list[Sample]:
-    """Samples of either layout. ``split=None``: VOC's ``val``; a folder pair's every image."""
-    if dataset_layout(root) == "voc":
-        return voc_samples(root, split or "val")
-    return folder_samples(root, split)
-
-
-# --- masks -----------------------------------------------------------------------------------
-def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
-    chunks, pos = [], len(_PNG_SIGNATURE)
-    while pos + 12 <= len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        if pos + 12 + length > len(data):
-            raise DatasetError(f"PNG chunk {kind!r} runs past the end of the file (truncated)")
-        chunks.append((kind, data[pos + 8 : pos + 8 + length]))
-        pos += 12 + length
-        if kind == b"IEND":
-            return chunks
-    raise DatasetError("PNG has no IEND chunk (truncated)")
-
-
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    crc = zlib.crc32(payload, zlib.crc32(kind)) & 0xFFFFFFFF
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
-
-
-def _palette_png_indices(chunks: list[tuple[bytes, bytes]]) -> np.ndarray:
-    """Palette indices of an indexed PNG, exactly, through OpenCV.
-
-    OpenCV (libpng) always expands a palette to colours. Giving it the same file with the
-    palette replaced by the grey ramp ``i -> (i, i, i)`` makes the expanded colour equal the
-    index, so every PNG feature (bit depths 1-8, interlacing, all filters) is decoded by libpng
-    and the original palette — which may repeat colours — never matters. Ancillary chunks are
-    dropped (colour management must not touch the values, tRNS would add alpha).
-    """
-    rebuilt = [_PNG_SIGNATURE]
-    for kind, payload in chunks:
-        if kind not in _PNG_CRITICAL:
-            continue
-        if kind == b"PLTE":
-            n = len(payload) // 3
-            payload = np.repeat(np.arange(n, dtype=np.uint8), 3).tobytes()
-        rebuilt.append(_chunk(kind, payload))
-    buf = np.frombuffer(b"".join(rebuilt), dtype=np.uint8)
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise DatasetError("indexed PNG could not be decoded (corrupt image data)")
-    return np.ascontiguousarray(bgr[:, :, 0])
-
-
-def _voc_greys() -> frozenset[int]:
-    pal = voc_palette(256)
-    return frozenset(int(c[0]) for c in pal if c[0] == c[1] == c[2])
-
-
-#: Grey levels v whose colour (v, v, v) is in the VOC colour map: {0, 64, 128, 192}.
-_VOC_GREYS = _voc_greys()
-
-
-def _colours_to_ids(rgb: np.ndarray) -> np.ndarray:
-    """Map an RGB colour mask to class ids through the PASCAL VOC colour map (the colours
-    VOC masks and segd's own PNGs use; the map gives 256 distinct colours)."""
-    pal = voc_palette(256).astype(np.int64)
-    keys = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
-    order = np.argsort(keys)
-    sorted_keys = keys[order]
-    px = rgb.astype(np.int64)
-    pixel_keys = (px[..., 0] << 16) | (px[..., 1] << 8) | px[..., 2]
-    pos = np.clip(np.searchsorted(sorted_keys, pixel_keys), 0, len(sorted_keys) - 1)
-    found = sorted_keys[pos] == pixel_keys
-    if not found.all():
-        bad = np.unique(pixel_keys[~found])[:5]
-        shown = ", ".join(f"({k >> 16}, {(k >> 8) & 255}, {k & 255})" for k in bad)
-        raise DatasetError(
-            f"colour mask holds colours outside the VOC colour map, e.g. {shown}; save masks as "
-            "indexed (palette) or greyscale PNGs whose pixel values are class ids"
-        )
-    return order[pos].astype(np.uint8)
-
-
-def read_mask(data: bytes) -> np.ndarray:
-    """Class-id mask (H x W uint8) from mask file bytes.
-
-    Indexed PNGs give their palette indices (VOC ``SegmentationClass``, segd's own masks);
-    greyscale images give their values (8-bit, or 16-bit with values <= 255); colour images
-    are mapped back through the VOC colour map. A colour image whose channels are all equal is
-    ambiguous — VOC colours 0, 7, 56 and 63 are greys (0, 128, 64 and 192) — and is read
-    through the VOC map when every grey in it is one of those, as grey ids otherwise.
-    DatasetError for anything else.
-    """
-    if data.startswith(_PNG_SIGNATURE):
-        chunks = _png_chunks(data)
-        if not chunks or chunks[0][0] != b"IHDR" or len(chunks[0][1]) != 13:
-            raise DatasetError("PNG does not start with a valid IHDR chunk")
-        if chunks[0][1][9] == 3:  # colour type 3: indexed
-            return _palette_png_indices(chunks)
-    buf = np.frombuffer(data, dtype=np.uint8)
-    try:
-        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:
-        raise DatasetError(f"mask could not be decoded: {exc}") from exc
-    if img is None:
-        raise DatasetError("mask is not an image OpenCV decodes (PNG, BMP or TIFF expected)")
-    if img.ndim == 3:
-        img = img[:, :, :3]
-        if np.array_equal(img[:, :, 0], img[:, :, 1]) and np.array_equal(img[:, :, 0], img[:, :, 2]):
-            grey = img[:, :, 0]
-            if img.dtype == np.uint8 and set(np.unique(grey).tolist()) <= _VOC_GREYS:
-                # Every pixel is also a VOC colour ((128,128,128) is class 7): a VOC colour mask.
-                return _colours_to_ids(np.ascontiguousarray(img[:, :, ::-1]))
-            img = grey
-        elif img.dtype == np.uint8:
-            return _colours_to_ids(np.ascontiguousarray(img[:, :, ::-1]))
-        else:
-            raise DatasetError(f"{img.dtype} colour masks are not supported")
-    if img.dtype != np.uint8:
-        if not np.issubdtype(img.dtype, np.integer) or img.size == 0 or int(img.max()) > 255:
-            raise DatasetError(f"{img.dtype} mask with values above 255 cannot hold class ids")
-        img = img.astype(np.uint8)
-    return np.ascontiguousarray(img)
-
-
-def read_sample(sample: Sample, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB uint8 image, uint8 mask) of a sample, decoded as the segd engine decodes images
-    (EXIF orientation applied); DatasetError when unreadable or the sizes differ."""
-    from segd.preprocess import decode_image
-
-    try:
-        rgb = decode_image(sample.image.read_bytes(), max_pixels=max_pixels).rgb
-        mask = read_mask(sample.mask.read_bytes())
-    except OSError as exc:
-        raise DatasetError(f"{sample.id}: cannot read {exc.filename}: {exc.strerror}") from exc
-    except SegdError as exc:
-        raise DatasetError(f"{sample.id}: {exc.detail}") from exc
-    if rgb.shape[:2] != mask.shape:
-        raise DatasetError(
-            f"{sample.id}: image {sample.image.name} is {rgb.shape[1]}x{rgb.shape[0]} but mask "
-            f"{sample.mask.name} is {mask.shape[1]}x{mask.shape[0]} (an EXIF rotation on the "
-            "image? masks must match the image as displayed)"
-        )
-    return rgb, mask
-
-
-# --- metric ----------------------------------------------------------------------------------
-def confusion_matrix(
-    truth: np.ndarray, pred: np.ndarray, n_classes: int, *, ignore: int = IGNORE_LABEL
-) -> np.ndarray:
-    """``cm[t, p]`` = pixels of true class t predicted as p (int64, n x n); ``ignore`` skipped.
-
-    ValueError if shapes differ or a true label (other than ``ignore``) or a prediction is
-    outside ``0..n_classes-1`` — silently dropping them would inflate the score.
-    """
-    truth = np.asarray(truth)
-    pred = np.asarray(pred)
-    if truth.shape != pred.shape:
-        raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in shape")
-    if n_classes < 1:
-        raise ValueError("n_classes must be >= 1")
-    valid = truth != ignore
-    t = truth[valid].astype(np.int64)
-    p = pred[valid].astype(np.int64)
-    for name, v in (("label", t), ("prediction", p)):
-        if v.size and (int(v.min()) < 0 or int(v.max()) >= n_classes):
-            bad = sorted({int(x) for x in np.unique(v) if not 0 <= x < n_classes})[:5]
-            raise ValueError(f"{name} class id(s) {bad} outside 0..{n_classes - 1}")
-    return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(
-        n_classes, n_classes
-    )
-
-
-def iou_per_class(cm: np.ndarray) -> np.ndarray:
-    """TP / (TP + FP + FN) per class, float64; NaN where the class never occurs at all."""
-    cm = np.asarray(cm, dtype=np.float64)
-    tp = np.diag(cm)
-    union = cm.sum(axis=0) + cm.sum(axis=1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, tp / np.where(union > 0, union, 1), np.nan)
-
-
-def mean_iou(cm: np.ndarray) -> float:
-    """Mean IoU over the classes that occur (NaN if none does)."""
-    iou = iou_per_class(cm)
-    return float(np.nanmean(iou)) if np.isfinite(iou).any() else math.nan
-
-
-def pixel_accuracy(cm: np.ndarray) -> float:
-    """Fraction of labelled (non-ignored) pixels predicted right."""
-    total = int(np.asarray(cm).sum())
-    return float(np.trace(cm)) / total if total else math.nan
 
 
 @dataclass
@@ -497,19 +181,18 @@ def open_local(
 def segmenter_for_file(
     path: Path, *, runtime: str | None = None, num_threads: int | None = None
 ) -> Any:
-    """A CPU Segmenter for a ``.tflite`` no manifest describes, described from its tensors.
+    """A CPU Segmenter for a ``.tflite`` no manifest describes, described from its tensors by
+    :func:`segd.manifest.describe_tflite`.
 
     Assumed, as for every coral_deeplab and Coral DeepLab file: raw RGB input bytes (mean =
     std = 128); a resize/argmax tail is stripped when present; the logits grid is DeepLab's
-    align-corners grid, checked by :func:`segd.geometry.output_geometry` (16k+1
-    input sides such as 513, ``H - 1 = stride (h - 1)`` on both axes — an even input side is
-    refused, as its logit positions cannot be told from the shapes); classes are named
-    ``class_<i>``. A model that outputs only a class map cannot say its number of classes and
-    is refused.
+    align-corners grid (16k+1 input sides such as 513, ``H - 1 = stride (h - 1)`` on both axes —
+    an even input side is refused, as its logit positions cannot be told from the shapes);
+    classes are named ``class_<i>``. A model that outputs only a class map cannot say its number
+    of classes and is refused.
     """
-    from segd.engine import Segmenter, Selection, strip_model_tail
-    from segd.runtime import open_cpu
-    from segd.variants import FileSpec, InputSpec, OutputSpec, Variant, sha256_bytes
+    from segd.engine import Segmenter
+    from segd.manifest import describe_tflite
 
     try:
         data = path.read_bytes()
@@ -520,42 +203,20 @@ def segmenter_for_file(
             f"{path} is compiled for the Edge TPU and no manifest describes it; evaluate its "
             "published variant by name, or its CPU twin"
         )
-    strip = True
     try:
-        body = strip_model_tail(data)
-    except ModelError:
-        body, strip = data, False
-    runner = open_cpu(body, runtime=runtime, num_threads=num_threads)
-    inp, out = runner.input, runner.output
-    if len(inp.shape) != 4 or inp.shape[3] != 3 or len(out.shape) != 4:
-        runner.close()
+        variant = describe_tflite(
+            data, name=path.stem, file_name=path.name, strip_tail=None,
+            description=f"{path.name} (described from its tensors)",
+        )  # fmt: skip
+    except ModelError as exc:
         raise ModelError(
-            f"{path}: tensors {list(inp.shape)} -> {list(out.shape)} are not [1, H, W, 3] -> "
-            "[1, h, w, classes] logits (a class-map output does not say how many classes "
-            "there are: publish the model with its labels and evaluate it by name)"
-        )
-    from segd.geometry import output_geometry
-
-    try:
-        stride, aligned = output_geometry(inp.shape[1:3], out.shape[1:3])
-    except ValueError as exc:
-        runner.close()
-        raise ModelError(
-            f"{path}: cannot tell how its logits map onto the input ({exc}); describe it in a "
-            "<name>.toml manifest (output.stride, output.align_corners) and evaluate it by name"
+            f"{path}: {exc.detail}; describe it in a <name>.toml manifest (output.stride, "
+            "output.align_corners) or publish it with its labels, and evaluate it by name"
         ) from None
-    n_classes = out.shape[3]
-    output = OutputSpec("logits", out.shape, out.dtype.name, stride, aligned, strip)
-    spec = FileSpec(name=path.name, sha256=sha256_bytes(data), size=len(data))
-    variant = Variant(
-        name=path.stem,
-        description=f"{path.name} (described from its tensors)",
-        labels=Labels(tuple(f"class_{i}" for i in range(n_classes)), voc_palette(256)),
-        input=InputSpec(inp.shape, inp.dtype.name),
-        output=output,
-        cpu=spec,
-    )
-    return Segmenter(variant, runner, Selection("cpu", spec, path, "described from its tensors"))
+    return Segmenter.open(
+        variant, models_dir=path.parent, accelerator="cpu", runtime=runtime,
+        num_threads=num_threads, download=False,
+    )  # fmt: skip
 
 
 class HttpPredictor:
@@ -726,16 +387,9 @@ def run_cli(args: Any, settings: Settings) -> int:
 
         names, model_name = seg.variant.labels.names, seg.variant.name
         palette = seg.variant.labels.palette
-    tty = sys.stderr.isatty()
-
-    def progress(done: int, total: int) -> None:
-        if tty:
-            sys.stderr.write(f"\r{model_name}: {done}/{total} images")
-            sys.stderr.flush()
-
-    result = evaluate(samples, predict, names, model=model_name, progress=progress)
-    if tty:
-        sys.stderr.write("\n")
+    bar = Progress(model_name, unit="images")
+    result = evaluate(samples, predict, names, model=model_name, progress=bar)
+    bar.close()
     out_dir = args.out or Path(f"eval-{Path(model_name).name}")
     paths = write_report(result, out_dir, palette=palette)
     if args.json:

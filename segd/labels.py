@@ -89,6 +89,13 @@ class Labels:
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def background(self) -> int | None:
+        """The id of the class named "background", if the label set has one: an overlay leaves
+        only it untinted (Cityscapes has none: its class 0 is road)."""
+        lowered = [n.lower() for n in self.names]
+        return lowered.index("background") if "background" in lowered else None
+
     def name(self, class_id: int) -> str:
         """Name of a class id; ids past the names (should not happen) get ``class_<id>``."""
         return self.names[class_id] if 0 <= class_id < len(self.names) else f"class_{class_id}"
@@ -96,8 +103,7 @@ class Labels:
     @classmethod
     def from_table(cls, table: dict[str, Any]) -> Labels:
         """Build from a manifest ``[labels.NAME]`` table (keys ``names`` and ``palette``)."""
-        try:
-            names, spec = table["names"], table.get("palette", "voc")
-        except (KeyError, TypeError) as exc:
-            raise ModelError(f"label table needs 'names': {exc}") from exc
-        return cls(names=tuple(names), palette=palette_from(spec))
+        names = table.get("names") if isinstance(table, dict) else None
+        if not isinstance(names, list) or not names:
+            raise ModelError("'names' must be a non-empty list")
+        return cls(names=tuple(str(n) for n in names), palette=palette_from(table.get("palette", "voc")))

@@ -35,6 +35,49 @@ DEFAULT_MAX_PIXELS = 40_000_000
 ACCELERATORS = ("auto", "cpu", "edgetpu")
 #: What serves when the Edge TPU worker dies.
 TPU_FALLBACKS = ("cpu", "503")
+#: How a camera is read: an ffmpeg subprocess, HTTP multipart, or a polled still image.
+SOURCE_KINDS = ("rtsp", "mjpeg", "snapshot")
+#: When class areas go to MQTT: when they change, or every `interval` seconds.
+MQTT_MODES = ("change", "interval")
+
+
+@dataclass
+class SourceSettings:
+    """One camera, from a ``[sources.NAME]`` table of the settings file. Only these URLs are
+    ever fetched: no request parameter names a URL."""
+
+    name: str
+    url: str
+    kind: str = ""  # rtsp (an ffmpeg subprocess) | mjpeg (HTTP multipart) | snapshot (HTTP GET, polled)
+    fps: float = 1.0  # frames segmented per second at most; newer frames replace a waiting one
+    model: str | None = None  # default: the default model
+    keep_aspect: bool = False
+    timeout: float = 10.0  # seconds to connect and between two frames before reconnecting
+    reconnect_base: float = 1.0  # seconds before the first reconnect, doubled per failure
+    reconnect_max: float = 30.0
+    thresholds: dict[str, float] = field(default_factory=dict)  # class label -> percent: MQTT binary sensors
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            self.kind = "rtsp" if self.url.lower().startswith(("rtsp://", "rtsps://")) else "mjpeg"
+
+
+@dataclass
+class MqttSettings:
+    """The MQTT broker to publish class areas to (a ``[mqtt]`` table; ``SEGD_MQTT_*`` overrides)."""
+
+    host: str = ""
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    client_id: str = "segd"
+    topic_prefix: str = "segd"
+    discovery: bool = True  # Home Assistant MQTT discovery messages (retained)
+    discovery_prefix: str = "homeassistant"
+    mode: str = "change"  # change: when a class area changed (at precision) | interval: every `interval` s
+    interval: float = 5.0
+    precision: int = 1  # decimals of the published percentages
+    keepalive: int = 60
 
 @dataclass
 class Settings:
@@ -47,6 +90,11 @@ class Settings:
     default_model: str | None = None  # default: the manifest's default (or the first served)
     accelerator: str = "auto"  # auto | cpu | edgetpu
     device: str | None = None  # Edge TPU device (usb, usb:0, pci:0, ...)
+    devices: list[str] = field(default_factory=list)  # several Edge TPUs: ["usb:0", "pci:0"] or ["all"]
+    # Bench only: when the loaded libedgetpu is segd's latency simulator (it says so in its
+    # version string), its TPU-vs-CPU self-test disagreement is recorded but not enforced.
+    # No effect with any real libedgetpu.
+    relax_simulated_tpu_selftest: bool = False
     runtime: str | None = None  # litert | tflite_runtime (default: the first installed)
     edgetpu_library: str | None = None  # libedgetpu to load (default: the loader finds libedgetpu.so.1)
     threads: int | None = None  # CPU interpreter threads (None or 0: the runtime's default)
@@ -66,12 +114,16 @@ class Settings:
     tpu_fallback: str = "cpu"  # when the TPU worker dies: "cpu" (serve on the CPU twin) | "503"
     device_check_interval: float = 5.0  # seconds between Edge TPU presence checks
     tpu_timeout: float = 5.0  # seconds for one Edge TPU invoke; a hung TPU worker is killed and restarted
+    tpu_pipeline: int = 2  # requests each Edge TPU worker holds at once (1: no pipelining)
     worker_restart_base: float = 0.5  # seconds, doubled per consecutive crash
     worker_restart_max: float = 30.0
     graceful_timeout: float = 30.0  # seconds to finish in-flight requests on SIGTERM
     watchdog: bool = True  # systemd watchdog pings when NOTIFY_SOCKET/WATCHDOG_USEC are set
     log_level: str = "info"
+    access_log: bool = True  # one line per HTTP request (logger segd.access, level info)
     test_hooks: bool = False  # enables /debug routes used by the test suite only
+    sources: dict[str, SourceSettings] = field(default_factory=dict)  # [sources.NAME] tables (file only)
+    mqtt: MqttSettings | None = None  # [mqtt] table; SEGD_MQTT_<FIELD> overrides
 
     def __post_init__(self) -> None:
         if self.threads == 0:
@@ -98,6 +150,9 @@ class Settings:
 
 _FIELDS = {f.name: f for f in fields(Settings)}
 _TYPES = typing.get_type_hints(Settings)
+_TABLES = ("sources", "mqtt")  # nested tables of the file, not single values
+_SOURCE_TYPES = typing.get_type_hints(SourceSettings)
+_MQTT_TYPES = typing.get_type_hints(MqttSettings)
 
 
 def _env_names(name: str) -> tuple[str, str | None]:
@@ -149,12 +204,58 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"setting {name}: {exc}") from None
 
 
+def _table_value(where: str, kind: Any, value: Any) -> Any:
+    if isinstance(value, dict | list) and typing.get_origin(kind) is not dict:
+        raise ConfigError(f"{where}: expected a value, not a {type(value).__name__}")
+    try:
+        if typing.get_origin(kind) is dict:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where} must be a table (label = number)")
+            return {str(k): float(v) for k, v in value.items()}
+        return _convert(kind, value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _source(name: str, table: Any) -> SourceSettings:
+    where = f"sources.{name}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table ([sources.{name}] with url = ...)")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        fname = key.replace("-", "_")
+        if fname not in _SOURCE_TYPES or fname == "name":
+            raise ConfigError(f"{where}: unknown setting {key!r}")
+        values[fname] = _table_value(f"{where}.{key}", _SOURCE_TYPES[fname], value)
+    if not values.get("url"):
+        raise ConfigError(f"{where} needs a url")
+    return SourceSettings(name=name, **values)
+
+
+def _mqtt(table: Any, env: Mapping[str, str]) -> MqttSettings | None:
+    """The [mqtt] table with ``SEGD_MQTT_<FIELD>`` on top; None without a host."""
+    if not isinstance(table, dict):
+        raise ConfigError("mqtt must be a table ([mqtt] with host = ...)")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        fname = key.replace("-", "_")
+        if fname not in _MQTT_TYPES:
+            raise ConfigError(f"mqtt: unknown setting {key!r}")
+        values[fname] = _table_value(f"mqtt.{key}", _MQTT_TYPES[fname], value)
+    for fname, kind in _MQTT_TYPES.items():
+        raw = env.get("SEGD_MQTT_" + fname.upper())
+        if raw is not None:
+            values[fname] = _table_value(f"SEGD_MQTT_{fname.upper()}", kind, raw)
+    return MqttSettings(**values) if values.get("host") else None
+
+
 def load_settings(
     config: Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
     values: dict[str, Any] = {}
+    tables: dict[str, Any] = {}
     if config is not None:
         try:
             data = tomllib.loads(Path(config).read_text())
@@ -165,14 +266,27 @@ def load_settings(
             name = key.replace("-", "_")
             if name not in _FIELDS:
                 raise ConfigError(f"{config}: unknown setting {key!r}")
+            if name in _TABLES:
+                tables[name] = value
+                continue
             values[name] = _coerce(name, value)
     env = os.environ if env is None else env
+    try:
+        sources = tables.get("sources", {})
+        if not isinstance(sources, dict):
+            raise ConfigError("sources must be tables: [sources.NAME] with url = ...")
+        values["sources"] = {str(n): _source(str(n), t) for n, t in sources.items()}
+        values["mqtt"] = _mqtt(tables.get("mqtt", {}), env)
+    except ConfigError as exc:
+        raise ConfigError(f"{config}: {exc.detail}" if config is not None else exc.detail) from None
     for name in _FIELDS:
+        if name in _TABLES:
+            continue
         raw = _env_value(env, name)
         if raw is not None:
             values[name] = _coerce(name, raw)
     for name, value in (overrides or {}).items():
-        if value is not None:
+        if value is not None and name not in _TABLES:
             values[name] = _coerce(name, value)
     settings = Settings(**values)
     validate(settings)
@@ -182,6 +296,10 @@ def load_settings(
 def validate(s: Settings) -> None:
     """ConfigError naming the first setting out of range."""
     check_accelerator(s.accelerator)
+    if s.devices and s.device:
+        raise ConfigError("set device (one Edge TPU) or devices (several), not both")
+    if "all" in s.devices and s.devices != ["all"]:
+        raise ConfigError(f"devices: 'all' cannot be combined with named devices: {s.devices}")
     if s.tpu_fallback not in TPU_FALLBACKS:
         raise ConfigError(f"tpu_fallback must be {' or '.join(TPU_FALLBACKS)}, not {s.tpu_fallback!r}")
     for name in ("max_upload_bytes", "max_pixels", "queue_size", "decode_workers"):
@@ -189,6 +307,8 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"{name} must be positive")
     if s.memory_budget < 16 * MiB:
         raise ConfigError("memory_budget must be at least 16 MiB (16777216 bytes)")
+    if s.tpu_pipeline < 1:
+        raise ConfigError("tpu_pipeline must be at least 1")
     for name in ("request_timeout", "header_timeout", "body_timeout", "tpu_timeout",
                  "device_check_interval", "worker_restart_base"):  # fmt: skip
         if getattr(s, name) <= 0:
@@ -199,6 +319,35 @@ def validate(s: Settings) -> None:
         raise ConfigError("retry_after and graceful_timeout must not be negative")
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"port out of range: {s.port}")
+    for src in s.sources.values():
+        validate_source(src)
+    if s.mqtt is not None:
+        if s.mqtt.mode not in MQTT_MODES:
+            raise ConfigError(f"mqtt.mode must be {' or '.join(MQTT_MODES)}, not {s.mqtt.mode!r}")
+        if not 0 < s.mqtt.port <= 65535 or s.mqtt.interval <= 0 or not 0 <= s.mqtt.precision <= 4:
+            raise ConfigError("mqtt: port within 1..65535, interval positive, precision within 0..4")
+
+
+def validate_source(src: SourceSettings) -> None:
+    where = f"sources.{src.name}"
+    if not src.name or not all(c.isalnum() or c in "-_" for c in src.name):
+        raise ConfigError(f"{where}: a source name may hold letters, digits, - and _ only")
+    if src.kind not in SOURCE_KINDS:
+        raise ConfigError(f"{where}: kind must be one of {', '.join(SOURCE_KINDS)}, not {src.kind!r}")
+    scheme = src.url.partition("://")[0].lower()
+    allowed = ("rtsp", "rtsps", "http", "https") if src.kind == "rtsp" else ("http", "https")
+    if scheme not in allowed:
+        raise ConfigError(f"{where}: a {src.kind} source needs a {' or '.join(allowed)} URL")
+    if not 0 < src.fps <= 60:
+        raise ConfigError(f"{where}: fps must be within (0, 60]")
+    for name in ("timeout", "reconnect_base"):
+        if getattr(src, name) <= 0:
+            raise ConfigError(f"{where}: {name} must be positive")
+    if src.reconnect_max < src.reconnect_base:
+        raise ConfigError(f"{where}: reconnect_max must be at least reconnect_base")
+    for label, percent in src.thresholds.items():
+        if not 0 <= percent < 100:
+            raise ConfigError(f"{where}.thresholds.{label}: a percent within [0, 100)")
 
 
 def check_accelerator(accelerator: str) -> None:

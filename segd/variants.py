@@ -1,235 +1,69 @@
-"""Model variants: the manifest (data in ``models/*.toml``) and model-file resolution.
-
-A file is found in the models directory, else copied from a mirror (directory or base URL,
-``SEGD_MODEL_MIRROR``), else downloaded from the manifest URL — sha256-verified in every case,
-written to a temporary name and renamed into place only once verified, so a crash or a full disk
-never leaves a partial or corrupt file where a model is expected.
+"""Model files: a variant's file is found in the models directory, else copied from a mirror
+(directory or base URL, ``SEGD_MODEL_MIRROR``), else downloaded from the manifest URL —
+sha256-verified in every case, written to a temporary name and renamed into place only once
+verified, so a crash or a full disk never leaves a partial or corrupt file where a model is
+expected. The manifest itself (schema, load, dump) is :mod:`segd.manifest`; its names are
+re-exported here for existing imports.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-import tomllib
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from segd import settings
-from segd.errors import ChecksumMismatch, ModelError, ModelNotFound, UnknownModel
+from segd.errors import ChecksumMismatch, ModelError, ModelNotFound
 from segd.fsutil import fsync_dir
-from segd.labels import Labels, palette_from
+from segd.manifest import (
+    BUILTIN_MANIFEST,
+    CHECKOUT_MODELS_DIR,
+    PACKAGE_DIR,
+    FileSpec,
+    InputSpec,
+    Manifest,
+    OutputSpec,
+    Variant,
+    builtin_manifest,
+    check_tensor,
+    default_models_dir,
+    load_manifest,
+    merge_manifest,
+    sha256_bytes,
+)
 
-log = logging.getLogger("segd")
+__all__ = [
+    "BUILTIN_MANIFEST",
+    "CHECKOUT_MODELS_DIR",
+    "PACKAGE_DIR",
+    "FileSpec",
+    "InputSpec",
+    "Manifest",
+    "OutputSpec",
+    "Variant",
+    "builtin_manifest",
+    "check_tensor",
+    "default_models_dir",
+    "fetch",
+    "load_manifest",
+    "merge_manifest",
+    "model_mirror",
+    "read_verified",
+    "resolve_file",
+    "sha256_bytes",
+    "sha256_file",
+]
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-CHECKOUT_MODELS_DIR = PACKAGE_DIR.parent / "models"
-BUILTIN_MANIFEST = PACKAGE_DIR / "data" / "variants.toml"
 CHUNK = 1 << 20
 
 ProgressFn = Callable[[int, int], None]
 
 
-@dataclass(frozen=True)
-class FileSpec:
-    name: str
-    sha256: str
-    size: int | None = None
-    url: str | None = None
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    shape: tuple[int, ...]
-    dtype: str
-    mean: tuple[float, float, float] = (128.0, 128.0, 128.0)
-    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
-
-    @property
-    def hw(self) -> tuple[int, int]:
-        return int(self.shape[1]), int(self.shape[2])
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    kind: str  # "logits" | "argmax"
-    shape: tuple[int, ...]
-    dtype: str
-    stride: int | None = None
-    align_corners: bool = True
-    strip_tail: bool = False
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    description: str
-    labels: Labels
-    input: InputSpec
-    output: OutputSpec
-    cpu: FileSpec
-    edgetpu: FileSpec | None = None
-    source: Path | None = None  # manifest file it came from
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.labels.names)
-
-    def files(self) -> list[FileSpec]:
-        return [f for f in (self.cpu, self.edgetpu) if f is not None]
-
-
-@dataclass
-class Manifest:
-    variants: dict[str, Variant] = field(default_factory=dict)
-    default: str | None = None
-    sources: list[Path] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # user manifests skipped, and why
-
-    def get(self, name: str | None) -> Variant:
-        key = name or self.default
-        if key is None:
-            raise UnknownModel("no model given and the manifest names no default")
-        try:
-            return self.variants[key]
-        except KeyError:
-            known = ", ".join(sorted(self.variants)) or "none"
-            skipped = f" (skipped: {'; '.join(self.problems)})" if self.problems else ""
-            raise UnknownModel(f"unknown model {key!r}; known models: {known}{skipped}") from None
-
-
-# --- manifest ------------------------------------------------------------------------------
-
-
-def default_models_dir() -> Path:
-    """``SEGD_MODELS_DIR``; else ``models/`` of a source checkout; else the user data dir."""
-    env = settings.env_models_dir()
-    if env is not None:
-        return env
-    if (CHECKOUT_MODELS_DIR / "variants.toml").is_file():
-        return CHECKOUT_MODELS_DIR
-    return settings.user_data_dir() / "segd" / "models"
-
-
-def builtin_manifest() -> Path:
-    """The built-in manifest: ``models/variants.toml`` of a source checkout, else the packaged copy."""
-    checkout = CHECKOUT_MODELS_DIR / "variants.toml"
-    return checkout if checkout.is_file() else BUILTIN_MANIFEST
-
-
-def load_manifest(
-    paths: Iterable[Path] | None = None, models_dir: Path | None = None
-) -> Manifest:
-    """Built-in manifest, then every ``*.toml`` in the models dir (user-built variants)."""
-    if paths is None:
-        builtin = builtin_manifest()
-        mdir = models_dir or default_models_dir()
-        extra = sorted(p for p in mdir.glob("*.toml") if p.resolve() != builtin.resolve()) if mdir.is_dir() else []
-        paths = [builtin, *extra]
-    paths = [Path(p) for p in paths]
-    manifest = Manifest()
-    labels: dict[str, Labels] = {}
-    merge_manifest(manifest, labels, paths[0])  # the built-in one must be right
-    for path in paths[1:]:
-        # A broken user manifest (a half-edited file in the models dir) must not stop the
-        # daemon from serving the other variants: it is skipped and reported.
-        try:
-            trial, trial_labels = Manifest(dict(manifest.variants), manifest.default), dict(labels)
-            merge_manifest(trial, trial_labels, path)
-        except ModelError as exc:
-            manifest.problems.append(exc.detail)
-            log.error("skipping manifest %s", exc.detail)
-            continue
-        manifest.variants, manifest.default, labels = trial.variants, trial.default, trial_labels
-        manifest.sources.append(path)
-    return manifest
-
-
-def merge_manifest(manifest: Manifest, labels: dict[str, Labels], path: Path) -> None:
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ModelError(f"cannot read manifest {path}: {exc}") from exc
-    for lname, table in data.get("labels", {}).items():
-        labels[lname] = _labels(table, f"{path}: labels.{lname}")
-    for vname, table in data.get("variants", {}).items():
-        manifest.variants[vname] = _variant(vname, table, labels, path)
-    if "default" in data:
-        manifest.default = str(data["default"])
-    manifest.sources.append(path)
-
-
-def _labels(table: dict[str, Any], where: str) -> Labels:
-    names = table.get("names")
-    if not isinstance(names, list) or not names:
-        raise ModelError(f"{where}: 'names' must be a non-empty list")
-    return Labels(names=tuple(str(n) for n in names), palette=palette_from(table.get("palette", "voc")))
-
-
-def _variant(name: str, t: dict[str, Any], labels: dict[str, Labels], path: Path) -> Variant:
-    where = f"{path}: variants.{name}"
-    try:
-        lab = t["labels"]
-        lab_obj = _labels(lab, where) if isinstance(lab, dict) else labels[str(lab)]
-        i, o, files = t["input"], t["output"], t["files"]
-        output = OutputSpec(
-            kind=str(o["kind"]),
-            shape=tuple(int(x) for x in o["shape"]),
-            dtype=str(o["dtype"]),
-            stride=int(o["stride"]) if "stride" in o else None,
-            align_corners=bool(o.get("align_corners", True)),
-            strip_tail=bool(o.get("strip_tail", False)),
-        )
-        if output.kind not in ("logits", "argmax"):
-            raise ModelError(f"{where}: output.kind must be 'logits' or 'argmax', not {output.kind!r}")
-        return Variant(
-            name=name,
-            description=str(t.get("description", "")),
-            labels=lab_obj,
-            input=InputSpec(
-                shape=tuple(int(x) for x in i["shape"]),
-                dtype=str(i["dtype"]),
-                mean=_triple(i.get("mean", 128.0)),
-                std=_triple(i.get("std", 128.0)),
-            ),
-            output=output,
-            cpu=_file(files["cpu"]),
-            edgetpu=_file(files["edgetpu"]) if "edgetpu" in files else None,
-            source=path,
-        )
-    except KeyError as exc:
-        raise ModelError(f"{where}: missing key {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise ModelError(f"{where}: {exc}") from None
-
-
-def _triple(v: Any) -> tuple[float, float, float]:
-    vals = [float(v)] * 3 if isinstance(v, int | float) else [float(x) for x in v]
-    if len(vals) != 3:
-        raise ValueError(f"expected 3 values, got {vals}")
-    return vals[0], vals[1], vals[2]
-
-
-def _file(t: dict[str, Any]) -> FileSpec:
-    return FileSpec(
-        name=str(t["name"]),
-        sha256=str(t["sha256"]).lower(),
-        size=int(t["size"]) if "size" in t else None,
-        url=str(t["url"]) if t.get("url") else None,
-    )
-
-
 # --- files ---------------------------------------------------------------------------------
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -365,16 +199,3 @@ def _copy(fin: Any, fout: Any, total: int, done: int, progress: ProgressFn | Non
             progress(done, total)
 
 
-def check_tensor(
-    where: str, what: str, shape: Iterable[int], dtype: np.dtype[Any] | type, spec_shape: tuple[int, ...], spec_dtype: str
-) -> None:
-    """Raise ModelError naming the file and the difference when a tensor does not match."""
-    got_shape = tuple(int(x) for x in shape)
-    got_dtype = np.dtype(dtype).name
-    problems = []
-    if got_shape != tuple(spec_shape):
-        problems.append(f"shape {list(got_shape)} != manifest {list(spec_shape)}")
-    if got_dtype != spec_dtype:
-        problems.append(f"dtype {got_dtype} != manifest {spec_dtype}")
-    if problems:
-        raise ModelError(f"{where}: {what} tensor " + ", ".join(problems))

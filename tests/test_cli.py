@@ -44,7 +44,7 @@ def test_segment_reports_bad_input_and_unknown_models_without_a_traceback(models
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"\x89PNG\r\n\x1a\nnonsense")
     r = segd("segment", str(junk), models_dir=models_dir)
-    assert r.returncode == 2 and "segd: bad_image:" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "junk.png: bad_image:" in r.stderr and "Traceback" not in r.stderr
     r = segd("segment", str(junk), "--model", "nope", models_dir=models_dir)
     assert r.returncode == 2 and "unknown model 'nope'" in r.stderr
     r = segd("segment", str(tmp_path / "missing.jpg"), models_dir=models_dir)
@@ -73,3 +73,90 @@ def test_models_check_reports_the_edgetpu_cut_and_exits_nonzero_when_not_fully_m
     r = segd("models", "check", str(test_data / "deeplabv3_mnv2_pascal_quant.tflite"), models_dir=tmp_path)
     assert r.returncode == 1
     assert "64/72 ops mapped" in r.stdout and "Edge TPU segment: ops 0..63" in r.stdout
+
+
+def test_version_prints_the_package_version() -> None:
+    from segd import __version__
+
+    r = subprocess.run([sys.executable, "-m", "segd", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"segd {__version__}"
+
+
+def test_segment_several_files_and_a_directory(models_dir: Path, test_data: Path, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("bird.bmp", "cat.bmp"):
+        (photos / name).write_bytes((test_data / name).read_bytes())
+    (photos / "notes.txt").write_text("not an image")  # skipped: not an image suffix
+    dm05 = ("--model", "deeplabv3_mnv2_dm05_pascal")
+    r = segd("segment", str(photos), str(test_data / "bird.bmp"), *dm05, models_dir=models_dir)
+    assert r.returncode == 0, r.stderr
+    docs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [Path(d["file"]).name for d in docs] == ["bird.bmp", "cat.bmp", "bird.bmp"]
+    assert "3/3 images" in r.stderr
+    out = tmp_path / "masks"
+    r = segd("segment", str(photos), "--format", "png", "-o", str(out), *dm05, models_dir=models_dir)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["bird.png", "cat.png"]
+    assert read_mask_png((out / "cat.png").read_bytes()).shape == (341, 512)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff junk")
+    r = segd("segment", str(photos), *dm05, models_dir=models_dir)
+    assert r.returncode == 2 and "broken.jpg: bad_image" in r.stderr and len(r.stdout.splitlines()) == 2
+
+
+def test_segment_reads_stdin_and_writes_stdout(models_dir: Path, test_data: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGD_")}
+    env.update(SEGD_MODELS_DIR=str(models_dir), SEGD_EDGETPU_LIBRARY="/nonexistent/libedgetpu.so.1")
+    r = subprocess.run([sys.executable, "-m", "segd", "segment", "-", "--format", "png", "-o", "-",
+                        "--model", "deeplabv3_mnv2_dm05_pascal"],
+                       input=(test_data / "cat.bmp").read_bytes(), capture_output=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    mask = read_mask_png(r.stdout)
+    assert mask.shape == (341, 512) and 8 in np.unique(mask)
+
+
+def test_output_piped_into_head_ends_quietly(models_dir: Path, test_data: Path) -> None:
+    """`segd segment DIR | head -1`: the reader goes away; no BrokenPipeError traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGD_")}
+    env.update(SEGD_MODELS_DIR=str(models_dir), SEGD_EDGETPU_LIBRARY="/nonexistent/libedgetpu.so.1")
+    images = [str(test_data / "bird.bmp")] * 4
+    cmd = f"{sys.executable} -m segd segment {' '.join(images)} --model deeplabv3_mnv2_dm05_pascal | head -1"
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=env, timeout=300)
+    assert json.loads(r.stdout)["file"].endswith("bird.bmp")
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+    assert r.returncode == 141
+
+
+def test_models_check_refuses_a_non_model_and_recognises_a_compiled_one(test_data: Path, tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    r = segd("models", "check", str(text), models_dir=tmp_path)
+    assert r.returncode == 2 and "is not a .tflite model" in r.stderr and "Traceback" not in r.stderr
+    r = segd("models", "check", str(test_data / "deeplabv3_mnv2_pascal_quant_edgetpu.tflite"), models_dir=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "already compiled for the Edge TPU" in r.stdout and "0/9 ops mapped" not in r.stdout
+
+
+def test_bench_draws_progress_on_a_terminal(models_dir: Path) -> None:
+    import pty
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGD_")}
+    env.update(SEGD_MODELS_DIR=str(models_dir), SEGD_EDGETPU_LIBRARY="/nonexistent/libedgetpu.so.1")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "segd", "bench", "--model", "deeplabv3_mnv2_dm05_pascal",
+                             "--iterations", "2", "--warmup", "1"],
+                            stdout=subprocess.PIPE, stderr=slave, env=env)  # fmt: skip
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    proc.wait(300)
+    os.close(master)
+    assert proc.returncode == 0
+    assert b"bench: [" in seen and b"6/6  model=deeplabv3_mnv2_dm05_pascal stage=end-to-end" in seen

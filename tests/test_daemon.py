@@ -232,7 +232,9 @@ def test_models_report_backend_reason_sizes_labels_and_stats(daemon: Daemon, tes
                headers={"content-type": "image/bmp"})  # fmt: skip
         doc = c.get("/models").json()
         one = c.get(f"/models/{DM05}").json()
+        ready = c.get("/readyz").json()
     assert doc["default"] == DM1
+    assert one["device_present"] is None and ready["models"][DM05]["device_present"] is None  # no device on the CPU
     assert {m["name"] for m in doc["models"]} == {DM1, DM05}
     assert one["backend"] == "cpu" and one["reason"] == "CPU requested"
     assert one["input_size"] == [513, 513]
@@ -378,3 +380,22 @@ def test_healthz_answers_while_the_model_is_busy(daemon: Daemon, test_data: Path
     assert health_ms < 1000, health_ms
 
 
+
+
+def test_access_log_writes_one_line_per_request_and_can_be_turned_off(tmp_path: Path, models_dir: Path) -> None:
+    for setting, expected in (("true", 3), ("false", 0)):
+        d = start_daemon(tmp_path, models_dir, "--model", DM05, "--accelerator", "cpu",
+                         env={"SEGD_LOG_LEVEL": "info", "SEGD_ACCESS_LOG": setting})  # fmt: skip
+        try:
+            with d.client() as c:
+                for path in ("/openapi.json", "/models?x=1", "/nope"):
+                    c.get(path)
+        finally:
+            d.stop()
+        lines = [line for line in d.output().splitlines()
+                 if "segd.access" in line and ("/openapi.json" in line or "x=1" in line or "/nope" in line)]  # fmt: skip
+        assert len(lines) == expected, d.output()
+        if expected:
+            assert '127.0.0.1 "GET /openapi.json" 200' in lines[0]
+            assert '"GET /models?x=1" 200' in lines[1] and "model=" not in lines[1]
+            assert '"GET /nope" 404' in lines[2]

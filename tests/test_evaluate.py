@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from segd import cli
+from segd.dataset import find_samples, read_mask, read_sample
 from segd.encode import encode_mask_png
 from segd.engine import Segmenter
 from segd.errors import DatasetError, ModelError
@@ -27,17 +28,12 @@ from segd.evaluate import (
     EvalResult,
     HttpPredictor,
     confusion_csv,
-    confusion_matrix,
     evaluate,
-    find_samples,
     iou_chart,
-    iou_per_class,
-    mean_iou,
-    read_mask,
-    read_sample,
     segmenter_for_file,
 )
 from segd.labels import voc_palette
+from segd.metrics import confusion_matrix, iou_per_class, mean_iou
 from segd.variants import Manifest
 
 DM1 = "deeplabv3_mnv2_pascal"

@@ -25,17 +25,12 @@ from coral_deeplab import data, export, losses, metrics, train, zoo  # noqa: E40
 from coral_deeplab.applications import CoralDeepLabV3  # noqa: E402
 from coral_deeplab.weights import load_pascal_voc  # noqa: E402
 from segd import cli  # noqa: E402
+from segd.dataset import find_samples, read_mask  # noqa: E402
 from segd.encode import encode_mask_png  # noqa: E402
 from segd.errors import DatasetError  # noqa: E402
-from segd.evaluate import (  # noqa: E402
-    confusion_matrix,
-    evaluate,
-    find_samples,
-    iou_per_class,
-    mean_iou,
-    read_mask,
-)
+from segd.evaluate import evaluate  # noqa: E402
 from segd.labels import voc_palette  # noqa: E402
+from segd.metrics import confusion_matrix, iou_per_class, mean_iou  # noqa: E402
 from segd.variants import load_manifest  # noqa: E402
 
 LABELS = ["background", "disc", "box"]

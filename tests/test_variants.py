@@ -214,3 +214,14 @@ def test_pull_into_a_full_disk_fails_cleanly(tmp_path: Path, test_data: Path) ->
     assert "could not fetch deeplabv3_mnv2_pascal_quant.tflite" in r.stderr
     assert "File too large" in r.stderr
     assert not (models / "deeplabv3_mnv2_pascal_quant.tflite").exists()
+
+
+def test_every_builtin_variant_round_trips_through_dump_and_load(tmp_path: Path) -> None:
+    from segd.manifest import dump_variant, load_manifest, variant_table
+
+    for variant in load_manifest(models_dir=tmp_path / "none").variants.values():
+        path = tmp_path / f"{variant.name}.toml"
+        path.write_text(dump_variant(variant))
+        again = load_manifest(paths=[path]).get(variant.name)
+        assert variant_table(again) == variant_table(variant)
+        assert again.labels.palette.tolist() == variant.labels.palette.tolist()

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -165,6 +166,26 @@ def test_page_loads_nothing_from_other_hosts() -> None:
         text = (STATIC / name).read_text()
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), name
         assert "@import" not in text and "url(" not in text, name
+
+
+def test_api_docs_render_offline(daemon: Daemon, context: BrowserContext) -> None:
+    """/docs (Swagger UI) loads its script and styles from the daemon itself: with every other
+    host unreachable, the operations still show."""
+    elsewhere: list[str] = []
+
+    def only_loopback(route: Any) -> None:
+        if route.request.url.startswith(daemon.url):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_loopback)
+    page = context.new_page()
+    page.goto(daemon.url + "/docs")
+    expect(page.get_by_text("/segment", exact=True).first).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Segment an image").first).to_be_visible()
+    assert elsewhere == []
 
 
 # --- a result ------------------------------------------------------------------------------
@@ -379,3 +400,62 @@ def test_page_fits_a_phone_screen(daemon: Daemon, browser: Browser, test_data: P
         assert script_errors == []
     finally:
         ctx.close()
+
+
+def test_result_is_scrolled_into_view_after_an_upload_on_a_phone(daemon: Daemon, browser: Browser, test_data: Path) -> None:
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    try:
+        page, script_errors = open_page(ctx, daemon.url)
+        wait_for_models(page)
+        heading = "() => document.getElementById('result-heading').getBoundingClientRect().top"
+        assert page.evaluate(heading) > 600  # at the bottom of the screen, under the controls
+        upload(page, test_data / "bird.bmp")
+        assert "bird" in legend(page)
+        page.wait_for_function(f"() => {{ const top = ({heading})(); return top >= -1 && top < 200; }}", timeout=10_000)
+        assert script_errors == []
+    finally:
+        ctx.close()
+
+
+# --- configured cameras --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def camera_daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, test_data: Path) -> Iterator[Daemon]:
+    from camera import Camera
+    from test_sources import jpeg, write_config
+
+    tmp = tmp_path_factory.mktemp("page-camera")
+    cam = Camera([jpeg(test_data / "bird.bmp")], fps=5)
+    config = write_config(tmp, {"door": {"url": cam.url + "/stream", "fps": 3, "model": DM05}})
+    d = start_daemon(tmp, models_dir, "--config", str(config), "--model", DM05, "--accelerator", "cpu",
+                     env={"SEGD_API_KEY": KEY})  # fmt: skip
+    yield d
+    d.stop()
+    cam.stop()
+
+
+def test_configured_camera_shows_its_live_overlay(camera_daemon: Daemon, context: BrowserContext) -> None:
+    page, script_errors = open_page(context, camera_daemon.url)
+    page.get_by_label("API key").fill(KEY)
+    page.get_by_role("button", name="Use key").click()
+    wait_for_models(page)
+    expect(page.get_by_role("heading", name="Cameras")).to_be_visible(timeout=10_000)
+    expect(page.get_by_label("Camera", exact=True)).to_have_value("door")
+    view = page.locator("#source-view")
+    expect(view).to_have_attribute("src", re.compile(r"^blob:"), timeout=30_000)
+    page.wait_for_function("() => document.getElementById('source-view').naturalWidth > 0")
+    size = page.evaluate("() => [document.getElementById('source-view').naturalWidth, document.getElementById('source-view').naturalHeight]")
+    assert size == [512, 343]  # bird.bmp
+    expect(page.locator("#source-info")).to_contain_text("bird")
+    first = view.get_attribute("src")
+    expect(view).not_to_have_attribute("src", str(first), timeout=10_000)  # it keeps updating
+    # the picture shown is the daemon's overlay of the camera's frame
+    shown = page.evaluate("""() => { const img = document.getElementById('source-view');
+        const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
+        c.getContext('2d').drawImage(img, 0, 0); return c.toDataURL('image/png'); }""")
+    with Image.open(io.BytesIO(base64.b64decode(shown.split(",", 1)[1]))) as im:
+        got = np.asarray(im.convert("RGB")).astype(np.int16)
+    r = httpx.get(camera_daemon.url + "/sources/door/latest", params={"format": "overlay"}, headers={"X-API-Key": KEY})
+    with Image.open(io.BytesIO(r.content)) as im:
+        expected = np.asarray(im.convert("RGB")).astype(np.int16)
+    assert np.abs(got - expected).mean() < 2.0  # the same picture every frame (a still camera)
+    assert script_errors == []

@@ -19,8 +19,8 @@ from conftest import REPO, pixel_iou, read_mask_png, read_rgb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coral_deeplab import zoo
-from segd import geometry
+from coral_deeplab import pretrained, zoo
+from segd import geometry, manifest
 from segd.engine import Segmenter
 from segd.errors import ChecksumMismatch, UnknownModel
 from segd.tflite.compiler import EdgeTpuCompileFailed
@@ -62,7 +62,7 @@ def segd(*args: str, env: dict[str, str] | None = None, timeout: float = 600) ->
     )  # fmt: skip
 
 
-# --- TOML writer -------------------------------------------------------------------------------
+# --- TOML writer (segd.manifest.dumps, which publish uses) -------------------------------------------------------------------------------
 
 NASTY = ['a "quoted" name', "back\\slash", "new\nline", "tab\tand\x00nul\x1f\x7fdel", '"]\n[evil]\nx = 1',
          "ünïcødé 🐦", "'single'", "", "key = value"]  # fmt: skip
@@ -71,7 +71,7 @@ NASTY = ['a "quoted" name', "back\\slash", "new\nline", "tab\tand\x00nul\x1f\x7f
 @pytest.mark.parametrize("text", NASTY)
 def test_toml_writer_escapes_every_string_it_writes(text: str) -> None:
     data = {"variants": {text or "k": {"description": text, "names": [text, "x"], "n": 3, "f": 0.5, "b": True}}}
-    assert tomllib.loads(zoo.toml_dumps(data)) == data
+    assert tomllib.loads(manifest.dumps(data)) == data
 
 
 @settings(max_examples=200, deadline=None)
@@ -90,13 +90,13 @@ def test_toml_writer_escapes_every_string_it_writes(text: str) -> None:
 )
 def test_toml_writer_round_trips_arbitrary_tables(table: dict[str, Any]) -> None:
     data = {"variants": {"v": table}}
-    assert tomllib.loads(zoo.toml_dumps(data)) == data
+    assert tomllib.loads(manifest.dumps(data)) == data
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "\ud800", {1, 2}])
 def test_toml_writer_refuses_values_toml_cannot_hold(bad: Any) -> None:
     with pytest.raises(ValueError):
-        zoo.toml_dumps({"t": {"x": bad}})
+        manifest.dumps({"t": {"x": bad}})
 
 
 # --- geometry ----------------------------------------------------------------------------------
@@ -494,8 +494,8 @@ def test_export_cache_key_changes_with_the_code_of_every_module_that_shapes_an_e
     base: dict[str, Any] = {"source_sha256": "a" * 64, "calibration": [np.zeros((4, 4, 3), np.uint8)],
                             "variant": "v3", "alpha": 0.5, "input_size": 513}  # fmt: skip
     key = zoo.export_cache_key(**base)
-    real = zoo._module_source
-    monkeypatch.setattr(zoo, "_module_source", lambda name: real(name) + (b"#" if name == module else b""))
+    real = pretrained._module_source
+    monkeypatch.setattr(pretrained, "_module_source", lambda name: real(name) + (b"#" if name == module else b""))
     assert zoo.export_cache_key(**base) != key
 
 

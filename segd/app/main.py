@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import threading
 import time
@@ -14,16 +15,19 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from segd import __version__
 from segd.app.metrics import Metrics
 from segd.app.service import ModelService
-from segd.errors import SegdError, UploadTooLarge, error_body
+from segd.errors import ConfigError, SegdError, UploadTooLarge, error_body
 from segd.settings import Settings
+from segd.sources.runner import SourceManager
 from segd.variants import Manifest, load_manifest
 
 log = logging.getLogger("segd")
+access = logging.getLogger("segd.access")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -85,11 +89,13 @@ async def _no_receive() -> Message:
 
 
 class RecordRequests:
-    """Count requests by route template, status and model; time them."""
+    """Count requests by route template, status and model; time them; with ``access_log``, log
+    one line per request: client, method, path, status, milliseconds, model."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: bool = True) -> None:
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -110,14 +116,24 @@ class RecordRequests:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             model = (scope.get("state") or {}).get("model", "")
+            elapsed = time.perf_counter() - t0
             self.metrics.requests.labels(template, str(status), model).inc()
-            self.metrics.latency.labels(template).observe(time.perf_counter() - t0)
+            self.metrics.latency.labels(template).observe(elapsed)
+            if self.access_log and access.isEnabledFor(logging.INFO):
+                client = scope.get("client") or ("-", 0)
+                query = scope.get("query_string", b"").decode("latin-1")
+                target = scope.get("path", "") + (f"?{query}" if query else "")
+                access.info('%s "%s %s" %d %.1fms%s', client[0], scope.get("method", "-"), target[:300],
+                            status, elapsed * 1000, f" model={model}" if model else "")  # fmt: skip
 
 
 def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
     manifest = manifest or load_manifest(models_dir=settings.models_dir)
     service = ModelService(settings, manifest)
-    metrics = Metrics(service)
+    sources = SourceManager(settings, service) if settings.sources else None
+    if settings.mqtt is not None and importlib.util.find_spec("paho") is None:
+        raise ConfigError("[mqtt] is configured but paho-mqtt is not installed: pip install 'segd[mqtt]'")
+    metrics = Metrics(service, sources)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -128,16 +144,33 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
 
         notifier = Notifier.from_env()
         heart = asyncio.create_task(notifier.run(service, settings)) if notifier else None
+        publisher = None
+        if sources is not None:
+            sources.start()
+            if settings.mqtt is not None:
+                from segd.mqtt import MqttPublisher
+
+                publisher = MqttPublisher(settings.mqtt, sources)
+                publisher.start()
+                app.state.mqtt = publisher
         try:
             yield
         finally:
+            if sources is not None:
+                await sources.stop()
+            if publisher is not None:
+                await asyncio.to_thread(publisher.stop)
             monitor.cancel()
             if heart is not None:
                 heart.cancel()
                 notifier.send("STOPPING=1") if notifier else None
             service.close()
 
-    app = FastAPI(
+    # /docs with the Swagger UI files shipped in the fastapi-offline package: a Pi on a LAN
+    # without internet shows it too (FastAPI's default page loads them from a CDN). No /redoc:
+    # ReDoc still fetches its logo from its CDN.
+    app = FastAPIOffline(
+        redoc_url=None,
         title="segd",
         version=__version__,
         description="Semantic segmentation on a Raspberry Pi with a Coral Edge TPU (DeepLab v3).",
@@ -146,6 +179,8 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.service = service
     app.state.metrics = metrics
+    app.state.sources = sources
+    app.state.mqtt = None  # the MQTT publisher while it runs
 
     @app.exception_handler(SegdError)
     async def segd_error(request: Request, exc: SegdError) -> JSONResponse:
@@ -178,13 +213,18 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
     app.include_router(routes.public)
     app.include_router(routes.protected)
     app.include_router(page.router)
+    if sources is not None:
+        from segd.app import sources as source_routes
+
+        app.include_router(source_routes.router)
+        app.include_router(source_routes.ws_router)
     if settings.test_hooks:
         from segd.app import debug
 
         app.include_router(debug.router, dependencies=[Depends(routes.require_api_key)])
     # The last added is the outermost: requests refused by the body limit are counted too.
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
-    app.add_middleware(RecordRequests, metrics=metrics)
+    app.add_middleware(RecordRequests, metrics=metrics, access_log=settings.access_log)
     return app
 
 

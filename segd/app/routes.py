@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -15,6 +17,7 @@ from starlette.requests import ClientDisconnect
 
 from segd.app.service import ModelService, Result
 from segd.errors import BadParameter, ClientGone, Unauthorized, UnsupportedContentType
+from segd.regions import Shape
 
 RAW_TYPES = ("image/", "application/octet-stream")
 
@@ -29,16 +32,30 @@ def get_service(request: Request) -> ModelService:
     return service
 
 
+def api_key_of(headers: Mapping[str, str]) -> str | None:
+    """The key a client sent: ``X-API-Key``, ``Authorization: Bearer KEY``, or HTTP Basic with
+    the key as the password (what Home Assistant's MJPEG camera can send)."""
+    given = headers.get("x-api-key")
+    if given is not None:
+        return given
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return token.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(token.strip(), validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return None
+    return None
+
+
 def require_api_key(request: Request) -> None:
-    """Enforce the API key (``X-API-Key`` or ``Authorization: Bearer``), compared in constant
-    time; the key is never logged or echoed."""
+    """Enforce the API key (see :func:`api_key_of`), compared in constant time; the key is
+    never logged or echoed."""
     expected = request.app.state.settings.api_key
     if not expected:
         return
-    given = request.headers.get("x-api-key")
-    if given is None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip() if scheme.lower() == "bearer" else None
+    given = api_key_of(request.headers)
     if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
         raise Unauthorized("missing or wrong API key (send X-API-Key or Authorization: Bearer)")
 
@@ -60,8 +77,10 @@ async def healthz() -> dict[str, str]:
 
 @public.get("/readyz", tags=["health"], summary="Every model loaded, self-tested and its device present",
             responses={503: {"description": "not ready: the same document, naming each model's state and error"}})
-async def readyz(service: Service) -> JSONResponse:
+async def readyz(request: Request, service: Service) -> JSONResponse:
     doc = service.readiness()
+    if request.app.state.sources is not None:  # cameras are reported, not required: an offline
+        doc["sources"] = request.app.state.sources.readiness()  # camera is no reason to restart segd
     return JSONResponse(doc, status_code=200 if doc["ready"] else 503)
 
 
@@ -179,14 +198,24 @@ async def segment(
     format: Annotated[Literal["png", "json", "overlay"], Query(description="response format")] = "png",
     keep_aspect: Annotated[bool, Query(description="letterbox instead of stretching")] = False,
     overlay_format: Annotated[Literal["jpeg", "png"], Query(description="image format of an overlay")] = "jpeg",
+    classes: Annotated[str | None, Query(description="keep only these classes (labels or ids, comma-separated); the others become background", max_length=2000)] = None,
+    min_area: Annotated[int, Query(description="connected regions smaller than this many pixels become background", ge=0)] = 0,
+    polygons: Annotated[bool, Query(description="format=json: each class's outer contours as COCO polygons [[x0, y0, x1, y1, ...]]")] = False,
+    rle: Annotated[Literal["none", "compressed", "uncompressed"], Query(description="format=json: each class's mask as COCO RLE (pycocotools)")] = "none",
 ) -> Response:
     slot = service.slot(model)  # 404 before reading a large body for nothing
     request.state.model = slot.name
+    if (polygons or rle != "none") and format != "json":
+        raise BadParameter("polygons and rle are parts of the JSON answer: use format=json")
+    wanted = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes is not None else None
+    shape = None
+    if wanted is not None or min_area or polygons or rle != "none":
+        shape = Shape(wanted, min_area, polygons, None if rle == "none" else rle)
     # The upload is read only once the model's queue admits the request (a full queue answers
     # 503 without holding anyone's body in memory).
     result = await service.segment(
         slot.name, lambda: read_image(request), fmt=format, keep_aspect=keep_aspect,
-        overlay_format=overlay_format,
+        overlay_format=overlay_format, shape=shape,
     )  # fmt: skip
     request.app.state.metrics.observe_stages(result.model, result.timings)
     return result_response(result)

@@ -191,4 +191,19 @@ def serve(settings: Settings) -> None:
     # uvicorn drains on SIGTERM, then re-raises the signal to the handler that was installed
     # before it started: make that a no-op so a drained shutdown exits with status 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.Server(config).run()
+    SegdServer(config, app).run()
+
+
+class SegdServer(uvicorn.Server):
+    """uvicorn's server; on shutdown the endless camera responses (MJPEG, WebSocket) end first,
+    so draining does not wait ``graceful_timeout`` for them."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self.segd_app = app
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        sources = self.segd_app.state.sources
+        if sources is not None:
+            sources.end_streams()
+        await super().shutdown(sockets)

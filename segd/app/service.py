@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from segd import encode, preprocess
+from segd import encode, preprocess, regions
 from segd.engine import Segmentation, Segmenter, open_runner, summary
 from segd.errors import (
     BadParameter,
@@ -36,6 +36,7 @@ from segd.errors import (
     UnknownModel,
 )
 from segd.postprocess import class_pixel_counts
+from segd.runtime.pool import DevicePool
 from segd.settings import MiB, Settings
 from segd.synthetic import synthetic_jpeg
 from segd.variants import Manifest, Variant
@@ -102,6 +103,7 @@ class Result:
     backend: str
     timings: dict[str, float]
     document: dict[str, Any]  # the JSON summary (the body of format=json, a header otherwise)
+    segmentation: Segmentation | None = None  # mask and decoded image, for the camera sources
 
 
 @dataclass
@@ -151,8 +153,8 @@ class ModelSlot:
         info = runner.describe()
         if info.get("isolation") != "process":
             return None
-        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in")
-        return {k: info.get(k) for k in keys}
+        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in", "devices")
+        return {k: info[k] for k in keys if k in info}
 
     def describe(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -182,7 +184,7 @@ class ModelSlot:
             doc.update(
                 backend=seg["backend"], reason=seg["reason"], device=seg["device"],
                 runtime=seg["runtime"], file=seg["file"], sha256=seg["sha256"],
-                device_present=self.device_present,
+                device_present=self.device_present if seg["backend"] == "edgetpu" else None,
             )  # fmt: skip
             worker = self.worker_info()
             if worker is not None:
@@ -238,6 +240,8 @@ class ModelService:
         factory = None
         if accelerator != "cpu" and s.tpu_isolation:
             factory = self._worker_factory()
+        if accelerator != "cpu" and s.devices:
+            factory = self._pool_factory(factory)
         runner, selection = open_runner(
             variant, models_dir=s.models_dir, accelerator=accelerator, device=s.device,
             runtime=s.runtime, num_threads=s.threads, mirror=s.mirror, edgetpu_factory=factory,
@@ -252,7 +256,24 @@ class ModelService:
         return edgetpu_worker_factory(
             runtime=s.runtime, num_threads=s.threads, call_timeout=s.tpu_timeout,
             backoff_base=s.worker_restart_base, backoff_max=s.worker_restart_max,
+            depth=s.tpu_pipeline,
         )  # fmt: skip
+
+    def _pool_factory(self, one: Any) -> Any:
+        """``devices = [...]``: one worker per listed Edge TPU, behind least-loaded dispatch."""
+        from segd.runtime import edgetpu
+        from segd.runtime.pool import resolve_devices
+
+        s = self.settings
+
+        def open_pool(model: bytes, device: str | None) -> DevicePool:
+            paths = resolve_devices(s.devices, edgetpu.list_devices())
+            if one is not None:
+                return DevicePool.open(paths, lambda path: one(model, path))
+            return DevicePool.open(paths, lambda path: edgetpu.open_edgetpu(
+                model, device=path, runtime=s.runtime, num_threads=s.threads))  # fmt: skip
+
+        return open_pool
 
     def load(self, slot: ModelSlot) -> None:
         """Open, warm up and self-test one variant. An Edge TPU that fails any step (opening,
@@ -277,6 +298,10 @@ class ModelService:
                 fallback.close()
                 fallback = None
             slot.primary, slot.fallback = primary, fallback
+            parallel = int(getattr(primary.runner, "parallelism", 1))
+            if parallel > 1:  # an invoke thread for every request the Edge TPU workers hold
+                slot.executor.shutdown(wait=False)
+                slot.executor = ThreadPoolExecutor(parallel, thread_name_prefix="invoke")
             slot.state = "ready"
             slot.error = None
             log.info("%s: ready on %s (%s)", slot.name, primary.backend, primary.selection.reason if primary.selection else "")
@@ -303,6 +328,13 @@ class ModelService:
                          "required": SELFTEST_AGREEMENT, "passed": passed}  # fmt: skip
         if passed:
             return None
+        if self.settings.relax_simulated_tpu_selftest:
+            from segd.runtime import edgetpu
+
+            if edgetpu.is_simulator():
+                slot.selftest["relaxed"] = "simulated Edge TPU (relax_simulated_tpu_selftest, bench only)"
+                log.warning("%s: self-test not enforced: the Edge TPU is segd's simulator", slot.name)
+                return None
         return f"Edge TPU self-test failed: mask agreement with the CPU twin {agreement:.4f} <= {SELFTEST_AGREEMENT}"
 
     @staticmethod
@@ -317,7 +349,14 @@ class ModelService:
         return seg.segment(synthetic_jpeg(seg.input_hw)).mask
 
     def _compare(self, a: Segmenter, b: Segmenter) -> float:
-        return float((self._warm(a) == self._warm(b)).mean())
+        """Agreement of ``a`` with ``b``; with several Edge TPUs, of the worst one."""
+        reference = self._warm(b)
+        run_on_each = getattr(a.runner, "run_on_each", None)
+        if run_on_each is None:
+            return float((self._warm(a) == reference).mean())
+        prepared = a.prepare(a.decode(synthetic_jpeg(a.input_hw)))
+        masks = [a.finish(raw, prepared) for raw in run_on_each(prepared.tensor)]
+        return min(float((mask == reference).mean()) for mask in masks)
 
     # --- health ------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -333,7 +372,9 @@ class ModelService:
                     "ready": s.ready,
                     "backend": s.primary.backend if s.primary else None,
                     "error": s.error,
-                    "device_present": s.device_present,
+                    # null for a model served on the CPU: there is no device to be present
+                    "device_present": s.device_present if s.primary is not None and s.primary.backend == "edgetpu" else None,
+                    **device_states(s),
                 }
                 for n, s in self.slots.items()
             },
@@ -353,6 +394,16 @@ class ModelService:
             devices = []
         for slot in tpu_slots:
             assert slot.primary is not None
+            pool = slot.primary.runner
+            if isinstance(pool, DevicePool):  # several Edge TPUs: each one on its own
+                for path, there in pool.mark_present({d.path for d in devices}):
+                    log.warning("%s: Edge TPU %s %s", slot.name, path, "is back" if there else "disappeared")
+                if self.settings.devices == ["all"] and pool.adopt([d.path for d in devices]):
+                    log.warning("%s: now serving on Edge TPUs %s", slot.name, pool.device)
+                    old, slot.executor = slot.executor, ThreadPoolExecutor(pool.parallelism, thread_name_prefix="invoke")
+                    old.shutdown(wait=False)  # what it holds still runs
+                slot.device_present = pool.any_present
+                continue
             present = device_present(slot.primary.runner.device, devices)
             if present != slot.device_present:
                 log.warning("%s: Edge TPU %s", slot.name, "is back" if present else "disappeared")
@@ -368,7 +419,7 @@ class ModelService:
 
     async def segment(
         self, name: str | None, body: bytes | Callable[[], Awaitable[bytes]], *, fmt: str = "png",
-        keep_aspect: bool = False, overlay_format: str = "jpeg",
+        keep_aspect: bool = False, overlay_format: str = "jpeg", shape: regions.Shape | None = None,
     ) -> Result:  # fmt: skip
         """Segment ``body`` (the image bytes, or a coroutine function reading them: then the
         upload is read only once the request is admitted, so a full queue never holds bodies)."""
@@ -391,7 +442,7 @@ class ModelService:
         t0 = time.perf_counter()
         try:
             result = await asyncio.wait_for(
-                self._budgeted(slot, data, fmt, keep_aspect, overlay_format), self.settings.request_timeout
+                self._budgeted(slot, data, fmt, keep_aspect, overlay_format, shape), self.settings.request_timeout
             )
         except TimeoutError:
             slot.errors += 1
@@ -406,7 +457,9 @@ class ModelService:
         slot.latencies_ms.append(total)
         return result
 
-    async def _budgeted(self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str) -> Result:
+    async def _budgeted(
+        self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str, shape: regions.Shape | None
+    ) -> Result:
         """The pipeline, once what the image needs fits in the memory budget (header probed off the loop;
         bad or oversized images are refused here without waiting)."""
         loop = asyncio.get_running_loop()
@@ -418,13 +471,13 @@ class ModelService:
         self.memory_budget.check(need, f"this {header.width}x{header.height} {header.format.upper()} image")
         held = await self.memory_budget.acquire(need)
         try:
-            return await self._pipeline(slot, data, header, fmt, keep_aspect, overlay_format)
+            return await self._pipeline(slot, data, header, fmt, keep_aspect, overlay_format, shape)
         finally:
             await self.memory_budget.release(held)
 
     async def _pipeline(
         self, slot: ModelSlot, data: bytes, header: preprocess.ImageHeader, fmt: str, keep_aspect: bool,
-        overlay_format: str,
+        overlay_format: str, shape: regions.Shape | None,
     ) -> Result:  # fmt: skip
         seg = slot.primary
         assert seg is not None
@@ -441,25 +494,33 @@ class ModelService:
         prepared = await cpu("preprocess", lambda: seg.prepare(image, keep_aspect=keep_aspect))
         used, raw = await self._infer(slot, prepared.tensor, timings)
         n_classes = slot.variant.n_classes
+        labels = slot.variant.labels
+        keep, fill = shape.resolve(labels) if shape is not None else (None, labels.background)
 
         def finish() -> tuple[np.ndarray, np.ndarray]:
             mask = used.finish(raw, prepared)
+            if shape is not None and shape.changes_mask:
+                assert fill is not None
+                mask = regions.keep_classes(mask, keep, shape.min_area, fill)
+                return mask, class_pixel_counts(mask, 256)
             return mask, class_pixel_counts(mask, n_classes)
 
         mask, counts = await cpu("postprocess", finish)
-        labels = slot.variant.labels
 
         def render() -> tuple[bytes, str]:
             if fmt == "png":
                 return encode.encode_mask_png(mask, labels.palette), "image/png"
             if fmt == "overlay":
-                blended = encode.overlay(image.rgb, mask, labels.palette, out=image.rgb)  # in place
+                blended = encode.overlay(image.rgb, mask, labels.palette, background=fill, out=image.rgb)  # in place
                 return encode.encode_image(blended, overlay_format), f"image/{overlay_format}"
             return b"", "application/json"
 
         body, media = await cpu("encode", render)
-        document = summary(Segmentation(mask, counts, image, timings, slot.name, used.backend), used)
-        return Result(body, media, slot.name, used.backend, timings, document)
+        segmentation = Segmentation(mask, counts, image, timings, slot.name, used.backend)
+        document = summary(segmentation, used)
+        if shape is not None:
+            await cpu("regions", shape.describe, document, mask, keep, fill)
+        return Result(body, media, slot.name, used.backend, timings, document, segmentation)
 
     async def _infer(self, slot: ModelSlot, tensor: np.ndarray, timings: dict[str, float]) -> tuple[Segmenter, np.ndarray]:
         """Run the model; when the Edge TPU fails in any way (worker died or hung, delegate error)
@@ -506,6 +567,14 @@ class ModelService:
 
 
 __all__ = ["ModelService", "ModelSlot", "Result"]
+
+
+def device_states(slot: ModelSlot) -> dict[str, Any]:
+    """``{"devices": {path: state}}`` for a model on several Edge TPUs, else nothing."""
+    worker = slot.worker_info() or {}
+    if "devices" not in worker:
+        return {}
+    return {"devices": {d["device"]: d["state"] for d in worker["devices"]}}
 
 
 def device_present(wanted: str | None, devices: list[Any]) -> bool:

@@ -242,6 +242,16 @@ def _select(option: str, devices: list[EdgeTpuDevice]) -> EdgeTpuDevice | None:
     return candidates[index] if index < len(candidates) else None
 
 
+#: What segd's latency-simulating test double (tests/edgetpu_double, FAKE_EDGETPU_MODE=latency)
+#: puts in its edgetpu_version(); no real libedgetpu does.
+SIMULATOR_MARK = "segd-simulated-edgetpu"
+
+
+def is_simulator(library: str | None = None) -> bool:
+    """Is the libedgetpu that loads the benchmark's simulator (not a real Edge TPU runtime)?"""
+    return SIMULATOR_MARK in (edgetpu_version(library) or "")
+
+
 def open_edgetpu(
     model_content: bytes,
     *,

@@ -9,6 +9,12 @@ from the TensorSpecs the child reports at start-up, and a Pipe carries small con
 When the child dies or overruns the per-call timeout, ``run`` raises ``WorkerCrashed`` /
 ``RequestTimeout`` and a supervisor thread starts a new child after an exponential backoff;
 calls made meanwhile fail at once with "restarting, retry in N s" instead of blocking.
+
+Pipelined: up to ``depth`` (2) requests are in the child at once, each in its own slot of the
+shared segments. The child runs them one after the other, so the next input is already waiting
+when an invoke ends and the device never idles while the parent wakes up, copies the previous
+result out and sends the next one. ``run`` is thread-safe; ``parallelism`` says how many callers
+it keeps busy.
 """
 
 from __future__ import annotations
@@ -83,7 +89,7 @@ def edgetpu_worker_factory(
     return make
 
 
-# --- the child ----------------------------------------------------------------------------
+# --- errors across the process boundary -----------------------------------------------------
 def _child_main(conn: mpc.Connection) -> None:
     """Receive the factory, open the runner, report its specs, serve run requests until told
     to stop (or the parent is gone)."""
@@ -106,6 +112,7 @@ def _child_main(conn: mpc.Connection) -> None:
     message = conn.recv()
     in_shm = SharedMemory(name=message[1])
     out_shm = SharedMemory(name=message[2])
+    in_size, out_size = message[3], message[4]  # bytes per slot
     conn.send(("attached",))
     try:
         while True:
@@ -115,16 +122,16 @@ def _child_main(conn: mpc.Connection) -> None:
                 break  # the parent is gone
             if message[0] != "run":
                 break
-            _, seq, shape, dtype = message
+            _, seq, shape, dtype, slot = message
             try:
-                tensor = np.ndarray(shape, dtype=np.dtype(dtype), buffer=in_shm.buf)
+                tensor = np.ndarray(shape, dtype=np.dtype(dtype), buffer=in_shm.buf, offset=slot * in_size)
                 out = np.ascontiguousarray(runner.run(tensor))
                 del tensor
-                if out.nbytes > out_shm.size:
+                if out.nbytes > out_size:
                     raise RuntimeError(
-                        f"output of {out.nbytes} bytes exceeds the {out_shm.size} reserved"
+                        f"output of {out.nbytes} bytes exceeds the {out_size} reserved"
                     )
-                view = np.ndarray(out.shape, dtype=out.dtype, buffer=out_shm.buf)
+                view = np.ndarray(out.shape, dtype=out.dtype, buffer=out_shm.buf, offset=slot * out_size)
                 view[...] = out
                 del view
                 conn.send(("ok", seq, out.shape, out.dtype.str))
@@ -138,6 +145,57 @@ def _child_main(conn: mpc.Connection) -> None:
 
 
 # --- the parent ---------------------------------------------------------------------------
+class _Child(Child):
+    """The Edge TPU child with its tensor slots and pipelined replies."""
+
+    def __init__(self, proc: Any, conn: mpc.Connection) -> None:
+        super().__init__(proc, conn)
+        self.in_size = self.out_size = 0  # bytes per slot
+        # Pipelining: free slots, replies read by one caller for another, who is reading.
+        self.free_slots: list[int] = []
+        self.in_flight = 0
+        self._replies: dict[int, Any] = {}
+        self._gone: tuple[str, Any] | None = None
+        self._reading = False
+        self._replied = threading.Condition()
+        self.send_lock = threading.Lock()
+
+    def reply(self, seq: int, timeout: float) -> tuple[str, Any]:
+        """The child's answer to request ``seq`` (as :meth:`receive`). Answers come in request
+        order; whichever caller reads the pipe files the others' answers for them."""
+        deadline = time.monotonic() + timeout
+        with self._replied:
+            while True:
+                if seq in self._replies:
+                    return "msg", self._replies.pop(seq)
+                if self._gone is not None:
+                    return self._gone
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return "timeout", None
+                if not self._reading:
+                    self._reading = True
+                    break
+                self._replied.wait(remaining)
+        kind: str = "timeout"
+        message: Any = None
+        try:
+            kind, message = self.receive(remaining)
+        except (OSError, ValueError):  # another caller tore the child down meanwhile
+            kind, message = "dead", "stopped"
+        finally:
+            with self._replied:
+                self._reading = False
+                if kind == "msg" and message is not None:
+                    self._replies[message[1]] = message
+                elif kind == "dead":
+                    self._gone = (kind, message)
+                self._replied.notify_all()
+        if kind == "timeout":
+            return kind, message
+        return self.reply(seq, max(deadline - time.monotonic(), 0.001))
+
+
 class WorkerRunner:
     """Runner protocol over a child process; survives the child's crashes and hangs."""
 
@@ -150,6 +208,7 @@ class WorkerRunner:
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         context: str = "spawn",
+        depth: int = 2,
     ) -> None:
         if context == "fork":
             raise ValueError("fork would copy the parent's threads' locks; use spawn or forkserver")
@@ -159,7 +218,10 @@ class WorkerRunner:
         self.start_timeout = start_timeout
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
-        self._run_lock = threading.Lock()  # one request in flight
+        self.depth = max(1, depth)
+        self.parallelism = self.depth  # callers run() keeps busy at once
+        self.thread_safe = True
+        self._run_slots = threading.BoundedSemaphore(self.depth)  # requests in the child
         self._state_lock = threading.Lock()  # state, counters, current child
         self._wake = threading.Event()  # set on close(): stops a pending restart
         self._seq = itertools.count(1)
@@ -171,7 +233,7 @@ class WorkerRunner:
         self._failures = 0  # crashes / failed restarts since the last good request
         self._restart_at = 0.0
         self._closed = False
-        self._child: Child | None = self._spawn()
+        self._child: _Child | None = self._spawn()
         self._adopt(self._child.info)
         self.state = "ready"
 
@@ -188,14 +250,14 @@ class WorkerRunner:
         child = self._child
         return child.proc.pid if child is not None else None
 
-    def _spawn(self) -> Child:
+    def _spawn(self) -> _Child:
         """Start a child and wait until it serves; its start-up error is raised here, typed."""
         # The factory (model bytes included) goes through our socket, not the spawn pipe: a child
         # that dies while bootstrapping leaves a large spawn-pipe write blocked forever (CPython
         # keeps the pipe's read end open until the write ends). Pickled here, so an unpicklable
         # factory fails in the caller; sent from a thread, so a stuck child cannot block us.
         payload = ForkingPickler.dumps(("start", self._factory))
-        child, sender = start_child(self._ctx, _child_main, payload, "segd-edgetpu-worker")
+        child, sender = start_child(self._ctx, _child_main, payload, "segd-edgetpu-worker", _Child)
         try:
             kind, message = child.receive(self.start_timeout)
             if kind == "timeout":
@@ -208,9 +270,11 @@ class WorkerRunner:
                 raise rebuild_error(*message[1:])
             info = message[1]
             child.info = info
-            child.in_shm = new_segment(_nbytes(info["input"]))
-            child.out_shm = new_segment(_nbytes(info["output"]))
-            child.conn.send(("shm", child.in_shm.name, child.out_shm.name))
+            child.in_size, child.out_size = _nbytes(info["input"]), _nbytes(info["output"])
+            child.in_shm = new_segment(child.in_size * self.depth)
+            child.out_shm = new_segment(child.out_size * self.depth)
+            child.free_slots = list(range(self.depth))
+            child.conn.send(("shm", child.in_shm.name, child.out_shm.name, child.in_size, child.out_size))
             kind, message = child.receive(self.start_timeout)
             if kind != "msg" or message[0] != "attached":
                 raise WorkerCrashed(f"Edge TPU worker failed attaching shared memory ({message})")
@@ -222,11 +286,12 @@ class WorkerRunner:
         return child
 
     # -- failure handling and restarts --
-    def _fail(self, child: Child, reason: str) -> float:
+    def _fail(self, child: _Child, reason: str) -> float:
         """Record a crash of ``child``, tear it down, schedule a restart; return the delay."""
         with self._state_lock:
-            if self._child is child:
-                self._child = None
+            if self._child is not child:  # a pipelined caller already handled this child
+                return max(self._restart_at - time.monotonic(), 0.0)
+            self._child = None
             self.state = "restarting"
         child.stop()
         with self._state_lock:
@@ -280,8 +345,9 @@ class WorkerRunner:
     # -- Runner protocol --
     def run(self, tensor: np.ndarray) -> np.ndarray:
         """Run in the child. Raises WorkerCrashed / RequestTimeout and never blocks beyond the
-        call timeout; errors the runner raises in the child come back as the same type."""
-        with self._run_lock:
+        call timeout (once more for each request ahead of it in the child); errors the runner
+        raises in the child come back as the same type. Thread-safe."""
+        with self._run_slots:
             with self._state_lock:
                 child = self._child
                 if self._closed:
@@ -292,26 +358,37 @@ class WorkerRunner:
                         f"Edge TPU worker {self.state} after: {self.last_crash}; "
                         f"retry in {max(1, math.ceil(wait))} s"
                     )
-            return self._run_in(child, tensor)
+                slot = child.free_slots.pop()
+                ahead = child.in_flight
+                child.in_flight += 1
+            try:
+                return self._run_in(child, tensor, slot, ahead)
+            finally:
+                with self._state_lock:
+                    child.in_flight -= 1
+                    child.free_slots.append(slot)
 
-    def _run_in(self, child: Child, tensor: np.ndarray) -> np.ndarray:
+    def _run_in(self, child: _Child, tensor: np.ndarray, slot: int = 0, ahead: int = 0) -> np.ndarray:
         assert child.in_shm is not None and child.out_shm is not None
         arr = np.ascontiguousarray(tensor)
         if arr.dtype != self.input.dtype:
             raise ValueError(
                 f"input dtype {arr.dtype} does not match the model's {self.input.dtype}"
             )
-        if arr.nbytes > child.in_shm.size:
+        if arr.nbytes > child.in_size:
             raise ValueError(
                 f"input of shape {arr.shape} does not fit the model input {self.input.shape}"
             )
         in_buf, out_buf = child.in_shm.buf, child.out_shm.buf
         assert in_buf is not None and out_buf is not None
-        in_buf[: arr.nbytes] = arr.reshape(-1).view(np.uint8).data
-        seq = next(self._seq)
-        with contextlib.suppress(OSError, ValueError):  # if the child is gone, receive() says how
-            child.conn.send(("run", seq, arr.shape, arr.dtype.str))
-        kind, message = child.receive(self.call_timeout)
+        start = slot * child.in_size
+        in_buf[start : start + arr.nbytes] = arr.reshape(-1).view(np.uint8).data
+        with child.send_lock:  # sequence numbers in the order the child receives them
+            seq = next(self._seq)
+            with contextlib.suppress(OSError, ValueError):  # if the child is gone, reply() says how
+                child.conn.send(("run", seq, arr.shape, arr.dtype.str, slot))
+        # the requests ahead of this one in the child run first
+        kind, message = child.reply(seq, self.call_timeout * (1 + ahead))
         if kind == "timeout":
             delay = self._fail(child, f"no answer within {self.call_timeout:g} s (killed)")
             raise RequestTimeout(
@@ -327,7 +404,7 @@ class WorkerRunner:
             raise rebuild_error(*message[2:])
         _, _, shape, dtype = message
         count = int(np.prod(shape, dtype=np.int64))
-        flat = np.frombuffer(out_buf, dtype=np.dtype(dtype), count=count)
+        flat = np.frombuffer(out_buf, dtype=np.dtype(dtype), count=count, offset=slot * child.out_size)
         out = flat.reshape(shape).copy()
         del flat
         with self._state_lock:
@@ -355,7 +432,10 @@ class WorkerRunner:
 
     def close(self) -> None:
         """Stop the child (after the request in flight, if any) and free its shared memory."""
-        acquired = self._run_lock.acquire(timeout=self.call_timeout + 5.0)
+        deadline = time.monotonic() + self.call_timeout * self.depth + 5.0
+        acquired = 0
+        while acquired < self.depth and self._run_slots.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            acquired += 1
         try:
             with self._state_lock:
                 self._closed = True
@@ -368,8 +448,8 @@ class WorkerRunner:
             if supervisor is not None and supervisor is not threading.current_thread():
                 supervisor.join(self.start_timeout + 10.0)
         finally:
-            if acquired:
-                self._run_lock.release()
+            for _ in range(acquired):
+                self._run_slots.release()
 
     def __enter__(self) -> WorkerRunner:
         return self

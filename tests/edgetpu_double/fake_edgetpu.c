@@ -37,6 +37,16 @@
  *                     error.
  *     hang_on_invoke  claims like crash_on_invoke; after FAKE_EDGETPU_CRASH_AFTER good
  *                     invocations the kernel sleeps forever (a wedged device).
+ *     latency         a simulated Edge TPU for benchmarks: the delegate claims every
+ *                     `edgetpu-custom-op` node (nothing else); each invocation sleeps
+ *                     FAKE_EDGETPU_INVOKE_MS milliseconds (default FAKE_EDGETPU_DEFAULT_INVOKE_MS,
+ *                     a compile-time define, 25) and fills every output byte deterministically
+ *                     from the input (out[i] = in[i mod len(in)] ^ (i mod 251)), so the answer
+ *                     has the right shape and type but is not the model's: segd's TPU-vs-CPU
+ *                     self-test fails on it unless relaxed for the simulator. If the device the
+ *                     delegate was opened on is no longer listed (FAKE_EDGETPU_DEVICES_FILE),
+ *                     the invocation fails like an unplugged TPU. In this mode edgetpu_version()
+ *                     names the simulator (SIMULATED_MARK) unless FAKE_EDGETPU_VERSION is set.
  *   FAKE_EDGETPU_CRASH_AFTER  in any delegate-returning mode, setting it makes the delegate
  *                     claim a node and abort() on invocation N+1 (per process).
  *
@@ -49,9 +59,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define EXPORT __attribute__((visibility("default")))
+
+#ifndef FAKE_EDGETPU_DEFAULT_INVOKE_MS
+#define FAKE_EDGETPU_DEFAULT_INVOKE_MS 25
+#endif
+/* What segd looks for in edgetpu_version() to know the loaded library is this simulator. */
+#define SIMULATED_MARK "segd-simulated-edgetpu"
 
 /* ---- libedgetpu public C API (google-coral/libedgetpu tflite/public/edgetpu_c.h) ---------- */
 enum edgetpu_device_type { EDGETPU_APEX_PCI = 0, EDGETPU_APEX_USB = 1 };
@@ -104,10 +121,29 @@ typedef struct TfLiteRegistration {
   uint64_t inplace_operator;
 } TfLiteRegistration;
 
+/* TfLiteTensor in full (the context's tensor array is indexed by it); same source. */
+typedef struct TfLiteTensor {
+  int type;
+  void* data;
+  TfLiteIntArray* dims;
+  struct { float scale; int32_t zero_point; } params;
+  int allocation_type;
+  size_t bytes;
+  const void* allocation;
+  const char* name;
+  struct TfLiteDelegate* delegate;
+  int buffer_handle;
+  bool data_is_stale;
+  bool is_variable;
+  struct { int type; void* params; } quantization;
+  void* sparsity;
+  const TfLiteIntArray* dims_signature;
+} TfLiteTensor;
+
 typedef struct TfLiteContext {
   size_t tensors_size;
   TfLiteStatus (*GetExecutionPlan)(struct TfLiteContext* context, TfLiteIntArray** plan);
-  void* tensors; /* TfLiteTensor* */
+  TfLiteTensor* tensors;
   void* impl_;
   void* ResizeTensor;
   void (*ReportError)(struct TfLiteContext*, const char* msg, ...);
@@ -258,9 +294,11 @@ EXPORT void edgetpu_free_devices(struct edgetpu_device* dev) { free(dev); }
 
 EXPORT const char* edgetpu_version(void) {
   static char buf[256];
-  snprintf(buf, sizeof buf, "%s",
-           env_or("FAKE_EDGETPU_VERSION",
-                  "BuildLabel(COMPILER=gcc,DATE=fake,TIME=fake,CL_NUMBER=0), RuntimeVersion(14)"));
+  const char* fallback =
+      strcmp(env_or("FAKE_EDGETPU_MODE", ""), "latency") == 0
+          ? "BuildLabel(" SIMULATED_MARK "), RuntimeVersion(14)"
+          : "BuildLabel(COMPILER=gcc,DATE=fake,TIME=fake,CL_NUMBER=0), RuntimeVersion(14)";
+  snprintf(buf, sizeof buf, "%s", env_or("FAKE_EDGETPU_VERSION", fallback));
   return buf;
 }
 
@@ -268,14 +306,50 @@ EXPORT void edgetpu_verbosity(int verbosity) { (void)verbosity; }
 
 /* ---- the delegate -------------------------------------------------------------------------- */
 typedef enum { MODE_AUTO, MODE_FAIL, MODE_EMPTY, MODE_CRASH_CREATE, MODE_CRASH_PREPARE,
-               MODE_CRASH_INVOKE, MODE_HANG_INVOKE, MODE_UNKNOWN } Mode;
+               MODE_CRASH_INVOKE, MODE_HANG_INVOKE, MODE_LATENCY, MODE_UNKNOWN } Mode;
 
 typedef struct {
   Mode mode;
   bool claim;
   long crash_after; /* good invocations before abort()/hang */
   int device_index;
+  char device_path[256];
+  long invoke_us;   /* latency mode: simulated time per invocation */
 } FakeDelegate;
+
+static void sleep_us(long us) {
+  struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
+  while (nanosleep(&ts, &ts) != 0) {
+  }
+}
+
+static bool device_listed(const char* path) {
+  DeviceList devs;
+  read_devices(&devs);
+  for (int i = 0; i < devs.n; i++)
+    if (strcmp(devs.path[i], path) == 0) return true;
+  return false;
+}
+
+/* Latency mode: what the Edge TPU would take, then deterministic bytes in every output. */
+static TfLiteStatus simulate_edgetpu(TfLiteContext* context, const FakeDelegate* fd, TfLiteNode* node) {
+  if (!device_listed(fd->device_path)) {
+    context->ReportError(context, "fake libedgetpu: Edge TPU %s is gone (unplugged)", fd->device_path);
+    return kTfLiteError;
+  }
+  sleep_us(fd->invoke_us);
+  const TfLiteTensor* in = node->inputs->size > 0 ? &context->tensors[node->inputs->data[0]] : NULL;
+  for (int o = 0; o < node->outputs->size; o++) {
+    TfLiteTensor* out = &context->tensors[node->outputs->data[o]];
+    unsigned char* dst = out->data;
+    if (!dst) return kTfLiteError;
+    for (size_t i = 0; i < out->bytes; i++) {
+      unsigned char seed = in && in->data && in->bytes ? ((const unsigned char*)in->data)[i % in->bytes] : 0;
+      dst[i] = (unsigned char)(seed ^ (i % 251));
+    }
+  }
+  return kTfLiteOk;
+}
 
 static long g_invocations = 0; /* per process: a restarted worker starts counting again */
 
@@ -368,6 +442,10 @@ static TfLiteStatus kernel_invoke(TfLiteContext* context, TfLiteNode* node) {
   }
   for (int i = 0; i < k->n; i++) {
     Claimed* c = &k->claimed[i];
+    if (c->edgetpu_op && fd && fd->mode == MODE_LATENCY) {
+      if (simulate_edgetpu(context, fd, &c->node) != kTfLiteOk) return kTfLiteError;
+      continue;
+    }
     if (c->edgetpu_op) {
       context->ReportError(context, "fake libedgetpu (a test double) cannot execute %s node %d",
                            kEdgeTpuCustomOp, c->index);
@@ -406,7 +484,8 @@ static TfLiteStatus delegate_prepare(TfLiteContext* context, TfLiteDelegate* del
       first_builtin = plan->data[i];
     }
   }
-  if (chosen->size == 0 && first_builtin >= 0) chosen->data[chosen->size++] = first_builtin;
+  if (chosen->size == 0 && first_builtin >= 0 && fd->mode != MODE_LATENCY)
+    chosen->data[chosen->size++] = first_builtin;
 
   TfLiteRegistration reg;
   memset(&reg, 0, sizeof reg);
@@ -432,6 +511,7 @@ static Mode parse_mode(const char* s) {
   if (!strcmp(s, "crash_on_prepare")) return MODE_CRASH_PREPARE;
   if (!strcmp(s, "crash_on_invoke")) return MODE_CRASH_INVOKE;
   if (!strcmp(s, "hang_on_invoke")) return MODE_HANG_INVOKE;
+  if (!strcmp(s, "latency")) return MODE_LATENCY;
   return MODE_UNKNOWN;
 }
 
@@ -484,7 +564,11 @@ EXPORT TfLiteDelegate* tflite_plugin_create_delegate(char** keys, char** values,
   fd->device_index = index;
   fd->crash_after = after && *after ? strtol(after, NULL, 10) : -1;
   if ((mode == MODE_CRASH_INVOKE || mode == MODE_HANG_INVOKE) && fd->crash_after < 0) fd->crash_after = 0;
-  fd->claim = fd->crash_after >= 0;
+  fd->claim = fd->crash_after >= 0 || mode == MODE_LATENCY;
+  snprintf(fd->device_path, sizeof fd->device_path, "%s", devs.path[index]);
+  const char* ms = getenv("FAKE_EDGETPU_INVOKE_MS");
+  double invoke_ms = ms && *ms ? strtod(ms, NULL) : (double)FAKE_EDGETPU_DEFAULT_INVOKE_MS;
+  fd->invoke_us = invoke_ms > 0 ? (long)(invoke_ms * 1000.0) : 0;
   d->data_ = fd;
   d->Prepare = delegate_prepare;
   d->flags = 1; /* kTfLiteDelegateFlagsAllowDynamicTensors, as libedgetpu sets */

@@ -5,6 +5,8 @@
 //                                                 -> indexed PNG, pixel value = class id, PLTE = the class colours;
 //                                                    header X-Segd-Summary = the format=json document:
 //                                                    {width, height, model, backend, classes: [{id, label, pixels, fraction}], timings_ms}
+//   GET  sources                                  -> {sources: [{name, state, error, frames, ...}]} (404: no cameras configured)
+//   GET  sources/NAME/latest?format=overlay       -> JPEG of the camera's last frame with its mask; X-Segd-Summary as above
 //   errors                                        -> {"error": code, "detail": message} with the HTTP status
 //
 // With an API key configured, every call carries it as X-API-Key; a 401 asks the user for it.
@@ -21,7 +23,10 @@ const state = {
   maskLayer: null,   // canvas: class colours, class 0 transparent
   request: 0,        // id of the newest request; answers to older ones are dropped
   stream: null,      // camera MediaStream while the camera is open
+  sourceTimer: 0,    // the next poll of the shown camera's latest overlay
+  sourceUrl: "",     // object URL of the overlay on screen (revoked when replaced)
 };
+const SOURCE_POLL_MS = 700;
 
 // --- talking to the API ------------------------------------------------------------------------
 
@@ -134,12 +139,16 @@ async function segment(file) {
     const pngResponse = await segmentRequest(file, "png");
     const doc = JSON.parse(pngResponse.headers.get("X-Segd-Summary"));
     const png = await pngResponse.blob();
-    const { layer, palette } = await maskLayerFromPng(png);
+    const { layer, palette } = await maskLayerFromPng(png, doc.background);
     if (id !== state.request) return;
     state.maskLayer = layer;
     render();
     showResult(doc, palette, performance.now() - started);
     setStatus(state.photo ? "" : "Your browser cannot display this image format; showing the mask only.");
+    // On a phone the result is below the controls: bring it into view.
+    if (window.matchMedia("(max-width: 760px)").matches) {
+      $("result-heading").scrollIntoView({ block: "start", behavior: "smooth" });
+    }
   } catch (err) {
     if (id !== state.request) return;
     setStatus("");
@@ -164,9 +173,10 @@ function pngPalette(bytes) {
   return [];
 }
 
-/** The mask as a canvas layer: class colours, with class 0 (background) left transparent so the
+/** The mask as a canvas layer: class colours, with the background class (doc.background: the
+ *  class named "background", none for Cityscapes whose class 0 is road) left transparent so the
  *  photo shows through untinted — the same convention as the daemon's own format=overlay. */
-async function maskLayerFromPng(png) {
+async function maskLayerFromPng(png, background) {
   const palette = pngPalette(await png.arrayBuffer());
   const bitmap = await createImageBitmap(png, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
   const canvas = document.createElement("canvas");
@@ -175,13 +185,15 @@ async function maskLayerFromPng(png) {
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   ctx.drawImage(bitmap, 0, 0);
   bitmap.close();
-  const [r0, g0, b0] = palette[0] || [0, 0, 0];
-  const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
-  const p = pixels.data;
-  for (let i = 0; i < p.length; i += 4) {
-    if (p[i] === r0 && p[i + 1] === g0 && p[i + 2] === b0) p[i + 3] = 0;
+  if (background !== null && background !== undefined && palette[background]) {
+    const [r0, g0, b0] = palette[background];
+    const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
+    const p = pixels.data;
+    for (let i = 0; i < p.length; i += 4) {
+      if (p[i] === r0 && p[i + 1] === g0 && p[i + 2] === b0) p[i + 3] = 0;
+    }
+    ctx.putImageData(pixels, 0, 0);
   }
-  ctx.putImageData(pixels, 0, 0);
   return { layer: canvas, palette };
 }
 
@@ -216,7 +228,7 @@ function showResult(doc, palette, roundTripMs) {
     swatch.className = "swatch";
     const [r, g, b] = palette[c.id] || [128, 128, 128];
     swatch.style.backgroundColor = `rgb(${r}, ${g}, ${b})`;
-    const label = c.id === 0 ? `${c.label} (not tinted)` : c.label;
+    const label = c.id === doc.background ? `${c.label} (not tinted)` : c.label;
     return tableRow([swatch, label, formatPercent(c.fraction)], { "data-label": c.label });
   });
   $("legend").tBodies[0].replaceChildren(...rows);
@@ -287,6 +299,7 @@ async function useKey(event) {
   $("forget-key").hidden = false;
   if (await loadModels()) {
     $("auth").hidden = true;
+    if ($("sources").hidden) loadSources();
     if (state.file) segment(state.file);
   }
 }
@@ -355,6 +368,48 @@ function snapshot() {
   canvas.toBlob((blob) => segment(new File([blob], "snapshot.jpg", { type: "image/jpeg" })), "image/jpeg", 0.92);
 }
 
+// --- configured cameras: the live overlay ------------------------------------------------------
+
+async function loadSources() {
+  let doc;
+  try {
+    doc = await (await api("sources")).json();
+  } catch {
+    return; // 404: no cameras configured (or no key yet): the section stays hidden
+  }
+  if (!doc.sources.length) return;
+  const select = $("source");
+  select.replaceChildren(...doc.sources.map((s) => new Option(`${s.name} (${s.kind})`, s.name)));
+  $("sources").hidden = false;
+  select.addEventListener("change", () => pollSource());
+  pollSource();
+}
+
+/** Show the selected camera's newest overlay, then poll again (only while the tab is visible). */
+async function pollSource() {
+  clearTimeout(state.sourceTimer);
+  const name = $("source").value;
+  if (name && document.visibilityState === "visible") {
+    try {
+      const response = await api(`sources/${encodeURIComponent(name)}/latest?format=overlay`);
+      const doc = JSON.parse(response.headers.get("X-Segd-Summary"));
+      const blob = await response.blob();
+      if (name === $("source").value) {
+        if (state.sourceUrl) URL.revokeObjectURL(state.sourceUrl);
+        state.sourceUrl = URL.createObjectURL(blob);
+        const view = $("source-view");
+        view.src = state.sourceUrl;
+        const summary = doc.classes.map((c) => `${c.label} ${formatPercent(c.fraction)}`).join(", ");
+        view.alt = `Live overlay of ${name}: ${summary}`;
+        $("source-info").textContent = `Frame ${doc.frame} · ${doc.model} on ${doc.backend} · ${summary}`;
+      }
+    } catch (err) {
+      $("source-info").textContent = err.message; // e.g. no frame yet: the camera is connecting
+    }
+  }
+  state.sourceTimer = setTimeout(pollSource, SOURCE_POLL_MS);
+}
+
 // --- start -------------------------------------------------------------------------------------
 
 function start() {
@@ -377,7 +432,7 @@ function start() {
   $("forget-key").hidden = !apiKey();
   setUpDrop();
   setUpCamera();
-  loadModels();
+  loadModels().then((ok) => ok && loadSources());
 }
 
 start();
