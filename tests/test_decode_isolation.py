@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -243,7 +244,11 @@ def test_a_decoder_crash_answers_400_and_the_daemon_keeps_serving_exact_masks(
         assert r.status_code == 200
         np.testing.assert_array_equal(read_mask_png(r.content), engine.segment(images[5]).mask)
         assert c.get("/healthz").status_code == 200
+        metrics = c.get("/metrics").text
     assert "image decoder worker lost: decoder killed by SIGABRT" in daemon.output()
+    crashes = re.search(r"^segd_decoder_crashes_total (\S+)$", metrics, re.M)
+    assert crashes is not None and float(crashes.group(1)) >= 3, metrics
+    assert re.search(r"^segd_decoder_workers_running ", metrics, re.M)
 
 
 def test_the_reported_apng_is_segmented_not_fatal(daemon: Daemon, engine: Segmenter) -> None:

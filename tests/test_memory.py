@@ -135,3 +135,26 @@ def test_peak_memory_per_request_stays_within_what_the_budget_charges(daemon: Da
     print(report)
     over = [r for r in rows if r[1] > r[2]]
     assert not over, report
+
+
+def test_an_image_that_alone_exceeds_the_memory_budget_is_refused_before_decoding(daemon: Daemon) -> None:
+    """The report's 6000x6000 16-bit RGBA PNG took +2.47 GB. Its header alone now says what it
+    would cost: over the default budget (448 MiB), so 413 naming both figures, and nothing is
+    decoded (this file has no real pixel data: a decoder would fail with 400)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 6000, 6000, 16, 6, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))  # fmt: skip
+    with daemon.client() as c:
+        for fmt in ("json", "png", "overlay"):
+            r = c.post("/segment", params={"format": fmt}, content=png, headers={"content-type": "image/png"})
+            assert r.status_code == 413, r.text
+            body = r.json()
+            assert body["error"] == "image_too_large"
+            assert "6000x6000 PNG image needs about" in body["detail"] and "memory budget of 448 MiB" in body["detail"]
+        ok = encode("png", 8, False)
+        assert c.post("/segment", content=ok, headers={"content-type": "image/png"}).status_code == 200
