@@ -264,11 +264,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
             if several:
                 doc = {"file": name, **doc}
             out = (json.dumps(doc) if several and target is None else json.dumps(doc, indent=2)).encode() + b"\n"
-        elif args.format == "png":
-            out = encode.encode_mask_png(result.mask, labels.palette)
         else:
-            fmt = "png" if target is not None and target.suffix.lower() == ".png" else "jpeg"
-            out = encode.encode_image(encode.overlay(result.image.rgb, result.mask, labels.palette, background=labels.background), fmt)
+            overlay_format = "png" if target is not None and target.suffix.lower() == ".png" else "jpeg"
+            out, _ = encode.render(args.format, result.mask, labels.palette, result.image.rgb, overlay_format,
+                                   labels.background)  # fmt: skip
         if target is not None:
             target.write_bytes(out)
             if not several:

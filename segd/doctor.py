@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import grp
+import importlib.util
 import json
 import os
 import platform
 import pwd
+import shutil
 import stat
 import sys
 from collections.abc import Iterable, Mapping
@@ -565,6 +567,28 @@ def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
 
 
 # --- all together ----------------------------------------------------------------------------
+def check_sources(settings: Settings, ffmpeg: str | None, paho: bool) -> list[Finding]:
+    """Cameras and MQTT from the settings file: what they need on this machine (``ffmpeg`` on
+    PATH for RTSP cameras, paho-mqtt for [mqtt])."""
+    found: list[Finding] = []
+    rtsp = [n for n, src in settings.sources.items() if src.kind == "rtsp"]
+    if rtsp:
+        if ffmpeg is None:
+            found.append(Finding("sources", "error", f"RTSP cameras ({', '.join(rtsp)}) are read by ffmpeg, which is not installed",
+                                 "sudo apt-get install -y ffmpeg"))  # fmt: skip
+        else:
+            found.append(Finding("sources", "ok", f"ffmpeg for RTSP cameras ({', '.join(rtsp)}): {ffmpeg}"))
+    elif settings.sources:
+        found.append(Finding("sources", "ok", f"cameras: {', '.join(settings.sources)}"))
+    if settings.mqtt is not None:
+        if paho:
+            found.append(Finding("mqtt", "ok", f"MQTT broker {settings.mqtt.host}:{settings.mqtt.port} (paho-mqtt installed)"))
+        else:
+            found.append(Finding("mqtt", "error", "[mqtt] is configured but paho-mqtt is not installed",
+                                 f"sudo {sys.executable} -m pip install 'paho-mqtt>=2.0'  (the segd[mqtt] extra)"))  # fmt: skip
+    return found
+
+
 def run_checks(machine: MachinePaths) -> list[Finding]:
     from segd.errors import RuntimeUnavailable
     from segd.runtime import edgetpu
@@ -595,6 +619,7 @@ def run_checks(machine: MachinePaths) -> list[Finding]:
     if machine.service:
         findings += check_service(machine.unit, machine.env_file)
     findings += check_models(s, status.available and s.accelerator != "cpu")
+    findings += check_sources(s, shutil.which("ffmpeg"), importlib.util.find_spec("paho") is not None)
     return findings
 
 

@@ -183,3 +183,32 @@ def encode_image(rgb: np.ndarray, fmt: str = "jpeg", quality: int = 90) -> bytes
     if not ok:
         raise BadParameter(f"OpenCV could not encode a {rgb.shape[1]}x{rgb.shape[0]} {kind} image")
     return buf.tobytes()
+
+
+FORMATS = ("png", "json", "overlay")
+JPEG_MAX_SIDE = 65500  # libjpeg's limit on a side (65535, OpenCV refuses a little earlier)
+
+
+def render(
+    fmt: str, mask: np.ndarray, palette: np.ndarray, rgb: np.ndarray | None = None, overlay_format: str = "jpeg",
+    background: int | None = 0, in_place: bool = False,
+) -> tuple[bytes, str]:  # fmt: skip
+    """The body of one answer and its media type, for the CLI and the daemon alike: the indexed
+    mask PNG, the image blended with the mask (``rgb`` needed; ``background`` as in
+    :func:`overlay`), or nothing for ``json`` (the caller sends the summary). An overlay JPEG
+    cannot have a side over 65500 pixels: such an overlay is sent as PNG (the media type says
+    so) instead of failing. ``in_place``: blend over ``rgb`` itself (the daemon's decoded image,
+    not needed afterwards), so an overlay costs no second full-size RGB array."""
+    if fmt == "png":
+        return encode_mask_png(mask, palette), "image/png"
+    if fmt == "json":
+        return b"", "application/json"
+    if fmt != "overlay":
+        raise BadParameter(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if rgb is None:
+        raise BadParameter("an overlay needs the decoded image")
+    kind = "jpeg" if overlay_format in ("jpeg", "jpg") else overlay_format
+    if kind == "jpeg" and max(mask.shape) > JPEG_MAX_SIDE:
+        kind = "png"
+    blended = overlay(rgb, mask, palette, background=background, out=rgb if in_place else None)
+    return encode_image(blended, kind), f"image/{kind}"

@@ -143,8 +143,14 @@ class ModelNotReady(SegdError):
 
 
 class Overloaded(SegdError):
+    """More work than can be answered in time; ``retry_after`` says when it would fit (seconds)."""
+
     code = "overloaded"
     http_status = 503
+
+    def __init__(self, detail: str, retry_after: int | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
 
 
 class WorkerCrashed(SegdError):

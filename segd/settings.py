@@ -102,11 +102,15 @@ class Settings:
     insecure: bool = False  # allow a non-loopback bind without an API key
     max_upload_bytes: int = 20 * MiB
     max_pixels: int = DEFAULT_MAX_PIXELS
-    queue_size: int = 8  # requests admitted per variant (in flight + waiting); more -> 503
+    queue_size: int = 0  # optional hard cap on requests admitted per variant; 0: admit by expected wait only
+    upload_budget_bytes: int = 64 * MiB  # request bodies held in memory at once, all requests; more -> 503
     memory_budget: int = 448 * MiB  # bytes all requests in process may take at once (charged from each header); more wait, a request over it alone gets 413
     request_timeout: float = 30.0  # seconds for the whole pipeline of one request
     header_timeout: float = 10.0  # seconds for a request's line and headers to arrive (slow clients get 408)
     body_timeout: float = 60.0  # seconds for a request's body to arrive after its headers (408)
+    min_upload_rate: float = 1024.0  # bytes/s an upload must average after header_timeout s (408); 0: off
+    max_connections: int = 512  # open connections; over it the longest-idle one is closed
+    max_header_bytes: int = 64 * 1024  # request line + headers (431)
     retry_after: int = 1  # seconds, sent with 503 overloaded
     tpu_isolation: bool = True  # run Edge TPU interpreters in a supervised worker process
     decode_isolation: bool = True  # decode images in supervised worker processes (a decoder crash costs one request)
@@ -302,9 +306,15 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"devices: 'all' cannot be combined with named devices: {s.devices}")
     if s.tpu_fallback not in TPU_FALLBACKS:
         raise ConfigError(f"tpu_fallback must be {' or '.join(TPU_FALLBACKS)}, not {s.tpu_fallback!r}")
-    for name in ("max_upload_bytes", "max_pixels", "queue_size", "decode_workers"):
+    if not s.host.strip():
+        raise ConfigError("host is empty: set SEGD_HOST (or host in the config file) to an address such as 127.0.0.1")
+    for name in ("max_upload_bytes", "max_pixels", "max_connections", "max_header_bytes", "decode_workers"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be positive")
+    if s.queue_size < 0 or s.min_upload_rate < 0:
+        raise ConfigError("queue_size and min_upload_rate must not be negative (0 turns them off)")
+    if s.upload_budget_bytes < s.max_upload_bytes:
+        raise ConfigError("upload_budget_bytes must be at least max_upload_bytes (one upload must fit)")
     if s.memory_budget < 16 * MiB:
         raise ConfigError("memory_budget must be at least 16 MiB (16777216 bytes)")
     if s.tpu_pipeline < 1:

@@ -8,8 +8,11 @@ re-exported here for existing imports.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import http.client
 import os
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -152,8 +155,40 @@ def _join(mirror: str, name: str) -> str:
 
 def fetch(src: str, target: Path, spec: FileSpec, *, progress: ProgressFn | None = None) -> None:
     """Copy or download ``src`` to ``target`` via ``target.partial``: resumes a partial download
-    (HTTP Range), verifies size and sha256, fsyncs, then renames atomically."""
+    (HTTP Range), verifies size and sha256, fsyncs, then renames atomically. On any failure the
+    partial file is removed — except after a network interruption of a download, which the next
+    attempt resumes — so a failed fetch never holds disk space another model needs. A full disk
+    is named as such (ENOSPC)."""
     partial = target.with_name(target.name + ".partial")
+    try:
+        _fetch_to(src, partial, spec, progress)
+    except OSError as exc:
+        storage = exc.errno in STORAGE_ERRNOS
+        resumable = "://" in src and isinstance(exc, NETWORK_ERRORS) and not storage
+        if not resumable:
+            partial.unlink(missing_ok=True)
+        if storage:
+            for stale in target.parent.glob("*.partial"):  # earlier interrupted downloads: free their space too
+                stale.unlink(missing_ok=True)
+            name = errno.errorcode.get(exc.errno or 0, "")
+            raise OSError(exc.errno, f"no space for {target.name} ({name}: {exc.strerror})") from exc
+        raise
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, target)
+    fsync_dir(target.parent)
+
+
+class ShortTransfer(OSError):
+    """A download ended before its size: the connection was cut (resumable)."""
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, ShortTransfer, http.client.HTTPException)
+
+
+def _fetch_to(src: str, partial: Path, spec: FileSpec, progress: ProgressFn | None) -> None:
     if "://" not in src:
         if not Path(src).is_file():
             raise FileNotFoundError(f"not in mirror ({src})")
@@ -179,15 +214,13 @@ def fetch(src: str, target: Path, spec: FileSpec, *, progress: ProgressFn | None
                 os.fsync(fout.fileno())
     size = partial.stat().st_size
     if spec.size is not None and size != spec.size:
-        if size > spec.size or "://" not in src:
-            partial.unlink(missing_ok=True)
+        if size < spec.size and "://" in src:
+            raise ShortTransfer(f"got {size} bytes, expected {spec.size}")
         raise OSError(f"got {size} bytes, expected {spec.size}")
     digest = sha256_file(partial)
     if digest != spec.sha256:
         partial.unlink(missing_ok=True)
         raise ChecksumMismatch(f"{src}: sha256 {digest}, manifest says {spec.sha256}; not installed")
-    os.replace(partial, target)
-    fsync_dir(target.parent)
 
 
 def _copy(fin: Any, fout: Any, total: int, done: int, progress: ProgressFn | None) -> None:

@@ -34,15 +34,23 @@ schemathesis = pytest.importorskip("schemathesis")
 DM05 = "deeplabv3_mnv2_dm05_pascal"
 API_KEY = "api-fuzz-key-5e1f"
 EXAMPLES = int(os.environ.get("SEGD_API_FUZZ_EXAMPLES", "150"))
-SERVICE_503 = {"model_not_ready", "overloaded", "timeout", "worker_crashed", "runtime_unavailable"}
+SERVICE_503 = {"model_not_ready", "overloaded", "timeout", "worker_crashed", "runtime_unavailable", "no_frame"}
+CAMERA = "fuzz-cam-7f3"  # a configured source, so the camera routes are in the schema (a name no generator hits)
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Daemon]:
-    d = start_daemon(tmp_path_factory.mktemp("apifuzz"), models_dir, "--model", DM05, "--accelerator", "cpu",
+def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, test_data: Path) -> Iterator[Daemon]:
+    from camera import Camera
+    from test_sources import jpeg, write_config
+
+    tmp = tmp_path_factory.mktemp("apifuzz")
+    cam = Camera([jpeg(test_data / "bird.bmp")], fps=2)
+    config = write_config(tmp, {CAMERA: {"url": cam.url + "/stream", "fps": 1, "model": DM05}})
+    d = start_daemon(tmp, models_dir, "--config", str(config), "--model", DM05, "--accelerator", "cpu",
                      env={"SEGD_API_KEY": API_KEY, "SEGD_QUEUE_SIZE": "16"})  # fmt: skip
     yield d
     d.stop()
+    cam.stop()
 
 
 def problems_with(method: str, path: str, status: int, ctype: str, body: Any) -> list[str]:
@@ -119,7 +127,7 @@ def test_every_operation_of_the_openapi_schema_holds_under_generated_requests(da
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {(op.method, op.path) for op in operations} >= {
         ("get", "/healthz"), ("get", "/readyz"), ("get", "/models"), ("get", "/models/{name}"),
-        ("get", "/metrics"), ("post", "/segment"),
+        ("get", "/metrics"), ("post", "/segment"), ("get", "/sources"), ("get", "/sources/{name}/latest"),
     }  # fmt: skip
     failures: list[str] = []
     statuses: dict[int, int] = {}

@@ -354,3 +354,20 @@ def test_exit_code_is_one_exactly_when_there_is_an_error() -> None:
         == 0
     )
     assert doctor.exit_code([Finding("a", "ok", "x"), Finding("b", "error", "y")]) == 1
+
+
+def test_cameras_and_mqtt_need_ffmpeg_and_paho(tmp_path: Path) -> None:
+    from segd.doctor import check_sources
+    from segd.settings import load_settings
+
+    config = tmp_path / "segd.toml"
+    config.write_text('[sources.gate]\nurl = "rtsp://10.0.0.2/s"\n[sources.yard]\nurl = "http://10.0.0.3/v.mjpg"\n'
+                      '[mqtt]\nhost = "broker.lan"\n')  # fmt: skip
+    s = load_settings(config, env={})
+    missing = check_sources(s, None, False)
+    assert [(f.check, f.level) for f in missing] == [("sources", "error"), ("mqtt", "error")]
+    assert "gate" in missing[0].message and "yard" not in missing[0].message
+    assert missing[0].fix == "sudo apt-get install -y ffmpeg" and "paho-mqtt" in str(missing[1].fix)
+    present = check_sources(s, "/usr/bin/ffmpeg", True)
+    assert [f.level for f in present] == ["ok", "ok"] and "broker.lan:1883" in present[1].message
+    assert check_sources(load_settings(env={}), None, False) == []  # nothing configured, nothing needed

@@ -19,9 +19,10 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from segd import __version__
+from segd.app.conformance import HttpConformance
 from segd.app.metrics import Metrics
 from segd.app.service import ModelService
-from segd.errors import ConfigError, SegdError, UploadTooLarge, error_body
+from segd.errors import ConfigError, Overloaded, SegdError, UploadTooLarge, error_body
 from segd.settings import Settings
 from segd.sources.runner import SourceManager
 from segd.variants import Manifest, load_manifest
@@ -44,13 +45,40 @@ def error_response(status: int, code: str, detail: str, headers: dict[str, str] 
     return JSONResponse(error_body(code, detail), status_code=status, headers=headers)
 
 
+class UploadsOverBudget(Overloaded):
+    """Refused mid-upload: the answer closes the connection (the rest of the body is not read)."""
+
+
+class UploadBudget:
+    """Bytes of request bodies held in memory by all requests at once (from the first byte read
+    until the answer is sent). Charged as bytes arrive, not as declared, so slow or idle
+    uploads cost only what they sent; over the budget a request is refused (503), never made to
+    wait, so uploads can never deadlock each other."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> None:
+        if self.used + n > self.limit:
+            raise UploadsOverBudget(
+                f"uploads in flight hold {self.used} bytes, the budget is {self.limit} bytes; retry later"
+            )
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
 class BodyLimit:
     """Refuse bodies over the limit: by Content-Length up front, and by counting while the body
-    streams in (chunked uploads), so an oversized upload is never held in memory."""
+    streams in (chunked uploads), so an oversized upload is never held in memory. Every body
+    byte read is charged to the shared upload budget until the request is answered."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, budget: UploadBudget) -> None:
         self.app = app
         self.limit = limit
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,17 +95,23 @@ class BodyLimit:
                     return
         seen = 0
         limit = self.limit
+        budget = self.budget
 
         async def counted() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
+                n = len(message.get("body", b""))
+                if seen + n > limit:
                     raise UploadTooLarge(f"upload is over the limit of {limit} bytes")
+                budget.take(n)
+                seen += n
             return message
 
-        await self.app(scope, counted, send)
+        try:
+            await self.app(scope, counted, send)
+        finally:
+            budget.give(seen)
 
     async def _refuse(self, send: Send, detail: str) -> None:
         response = error_response(413, UploadTooLarge.code, detail, {"Connection": "close"})
@@ -184,7 +218,10 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
 
     @app.exception_handler(SegdError)
     async def segd_error(request: Request, exc: SegdError) -> JSONResponse:
-        headers = {"Retry-After": str(settings.retry_after)} if exc.http_status in RETRY_STATUSES else None
+        retry_after = getattr(exc, "retry_after", None) or settings.retry_after
+        headers = {"Retry-After": str(retry_after)} if exc.http_status in RETRY_STATUSES else None
+        if isinstance(exc, UploadsOverBudget):
+            headers = {**(headers or {}), "Connection": "close"}
         if exc.http_status >= 500 and exc.http_status != 503:
             log.error("%s: %s", exc.code, exc.detail)
         return error_response(exc.http_status, exc.code, exc.detail, headers)
@@ -223,8 +260,10 @@ def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
 
         app.include_router(debug.router, dependencies=[Depends(routes.require_api_key)])
     # The last added is the outermost: requests refused by the body limit are counted too.
-    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    app.state.upload_budget = UploadBudget(settings.upload_budget_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes, budget=app.state.upload_budget)
     app.add_middleware(RecordRequests, metrics=metrics, access_log=settings.access_log)
+    app.add_middleware(HttpConformance, max_header_bytes=settings.max_header_bytes)
     return app
 
 

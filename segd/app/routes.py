@@ -165,10 +165,11 @@ async def _read_image(request: Request) -> bytes:
             await form.close()
     if ctype.startswith(RAW_TYPES):
         return await request.body()
-    shown = ctype or "none"
+    # The value is not repeated: nothing a client sends in a header is echoed (it may be a secret).
+    what = "this content type is" if ctype else "a request without a content type is"
     raise UnsupportedContentType(
-        f"content type {shown!r} is not accepted: send multipart/form-data with a file field "
-        "'image', or the raw image with an image/* or application/octet-stream content type"
+        f"{what} not accepted: send multipart/form-data with a file field 'image', or the raw image "
+        "with an image/* or application/octet-stream content type"
     )
 
 
@@ -180,7 +181,6 @@ def result_response(result: Result) -> Response:
         "X-Segd-Timings": json.dumps({k: round(v, 3) for k, v in result.timings.items()}, separators=(",", ":")),
         "Server-Timing": timing,
     }
-    result.document["timings_ms"] = {k: round(v, 3) for k, v in result.timings.items()}
     if result.media_type == "application/json":
         return JSONResponse(result.document, headers=headers)
     # The class areas ride along with a mask or overlay, so one request (one inference) gives
@@ -211,11 +211,11 @@ async def segment(
     shape = None
     if wanted is not None or min_area or polygons or rle != "none":
         shape = Shape(wanted, min_area, polygons, None if rle == "none" else rle)
-    # The upload is read only once the model's queue admits the request (a full queue answers
-    # 503 without holding anyone's body in memory).
+    # The whole upload arrives before the request asks the model's queue for a place: slow
+    # uploads hold only their bytes (charged to the upload budget), never the model.
+    data = await read_image(request)
     result = await service.segment(
-        slot.name, lambda: read_image(request), fmt=format, keep_aspect=keep_aspect,
-        overlay_format=overlay_format, shape=shape,
+        slot.name, data, fmt=format, keep_aspect=keep_aspect, overlay_format=overlay_format, shape=shape,
     )  # fmt: skip
     request.app.state.metrics.observe_stages(result.model, result.timings)
     return result_response(result)

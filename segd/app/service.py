@@ -12,10 +12,11 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
+import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,26 @@ from segd.variants import Manifest, Variant
 log = logging.getLogger("segd")
 
 SELFTEST_AGREEMENT = 0.98  # Edge TPU mask vs CPU twin on the synthetic image (Coral's own bar)
-FORMATS = ("png", "json", "overlay")
+FORMATS = encode.FORMATS
+
+
+class ServiceTime:
+    """How long a model takes per request, as admission needs it (seconds): an exponentially
+    weighted mean of the time between completions while other requests were in flight (the
+    rate the queue drains at, contention included), or of a request's latency when it ran
+    alone; seeded by the warm-up. Stage timings are no measure: they include waits."""
+
+    def __init__(self, seconds: float = 0.5, weight: float = 0.1) -> None:
+        self.seconds = seconds
+        self.weight = weight
+        self.last_done: float | None = None
+
+    def completed(self, now: float, latency: float, busy: bool) -> None:
+        sample = latency
+        if busy and self.last_done is not None:
+            sample = min(now - self.last_done, latency)
+        self.seconds += self.weight * (sample - self.seconds)
+        self.last_done = now
 
 
 async def in_thread(executor: Executor, fn: Any, *args: Any) -> Any:
@@ -122,6 +142,7 @@ class ModelSlot:
     selftest: dict[str, Any] = field(default_factory=dict)
     device_present: bool = True
     queued: int = 0  # admitted requests (in flight + waiting)
+    service: ServiceTime = field(default_factory=ServiceTime)
     requests: int = 0
     errors: int = 0
     fallbacks: int = 0
@@ -292,7 +313,9 @@ class ModelService:
                     primary.close()
                     primary, fallback = self._retag(fallback, reason), None
             else:
+                t = time.perf_counter()
                 self._warm(primary)
+                slot.service = ServiceTime(time.perf_counter() - t)  # what admission starts from
                 slot.selftest = {"probe": "synthetic", "passed": True}
             if fallback is not None and self.settings.tpu_fallback != "cpu":
                 fallback.close()
@@ -371,7 +394,7 @@ class ModelService:
                     "state": s.state,
                     "ready": s.ready,
                     "backend": s.primary.backend if s.primary else None,
-                    "error": s.error,
+                    "error": without_paths(s.error),
                     # null for a model served on the CPU: there is no device to be present
                     "device_present": s.device_present if s.primary is not None and s.primary.backend == "edgetpu" else None,
                     **device_states(s),
@@ -418,11 +441,11 @@ class ModelService:
         return self.slots[key]
 
     async def segment(
-        self, name: str | None, body: bytes | Callable[[], Awaitable[bytes]], *, fmt: str = "png",
-        keep_aspect: bool = False, overlay_format: str = "jpeg", shape: regions.Shape | None = None,
+        self, name: str | None, data: bytes, *, fmt: str = "png", keep_aspect: bool = False,
+        overlay_format: str = "jpeg", shape: regions.Shape | None = None,
     ) -> Result:  # fmt: skip
-        """Segment ``body`` (the image bytes, or a coroutine function reading them: then the
-        upload is read only once the request is admitted, so a full queue never holds bodies)."""
+        """Segment ``data``, a complete upload: a request takes a place in the model's queue only
+        once its body has arrived, so slow uploads never hold the model."""
         if fmt not in FORMATS:
             raise BadParameter(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
         if overlay_format not in ("jpeg", "png"):
@@ -430,15 +453,9 @@ class ModelService:
         slot = self.slot(name)
         if not slot.can_answer:
             raise ModelNotReady(f"model {slot.name!r} is not ready ({slot.error or slot.state})")
-        if slot.queued >= self.settings.queue_size:
-            raise Overloaded(f"model {slot.name!r} has {slot.queued} requests queued (limit {self.settings.queue_size})")
+        self.admit(slot)
         slot.queued += 1
         slot.requests += 1
-        try:
-            data = body if isinstance(body, bytes) else await body()
-        except BaseException:
-            slot.queued -= 1
-            raise
         t0 = time.perf_counter()
         try:
             result = await asyncio.wait_for(
@@ -454,8 +471,27 @@ class ModelService:
             slot.queued -= 1
         total = (time.perf_counter() - t0) * 1000.0
         result.timings["total"] = total
+        result.document["timings_ms"] = {k: round(v, 3) for k, v in result.timings.items()}
         slot.latencies_ms.append(total)
+        slot.service.completed(time.perf_counter(), total / 1000.0, busy=slot.queued > 0)
         return result
+
+    def admit(self, slot: ModelSlot) -> None:
+        """Admission by expected wait: the requests ahead times the measured service time. A
+        request is refused (503, Retry-After = when it would fit) only when it could not finish
+        within ``request_timeout``; ``queue_size`` (when set) is an extra hard cap."""
+        s = self.settings
+        if s.queue_size and slot.queued >= s.queue_size:
+            raise Overloaded(f"model {slot.name!r} has {slot.queued} requests queued (limit {s.queue_size})",
+                             retry_after=max(1, math.ceil(slot.service.seconds)))  # fmt: skip
+        finish = (slot.queued + 1) * slot.service.seconds
+        if slot.queued and finish > s.request_timeout:  # a lone request is always tried (and measured)
+            wait = finish - s.request_timeout
+            raise Overloaded(
+                f"model {slot.name!r} has {slot.queued} requests queued, about {finish:.1f} s of work at "
+                f"{slot.service.seconds * 1000:.0f} ms each, over the request timeout of {s.request_timeout:g} s",
+                retry_after=max(1, math.ceil(wait)),
+            )
 
     async def _budgeted(
         self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str, shape: regions.Shape | None
@@ -506,16 +542,7 @@ class ModelService:
             return mask, class_pixel_counts(mask, n_classes)
 
         mask, counts = await cpu("postprocess", finish)
-
-        def render() -> tuple[bytes, str]:
-            if fmt == "png":
-                return encode.encode_mask_png(mask, labels.palette), "image/png"
-            if fmt == "overlay":
-                blended = encode.overlay(image.rgb, mask, labels.palette, background=fill, out=image.rgb)  # in place
-                return encode.encode_image(blended, overlay_format), f"image/{overlay_format}"
-            return b"", "application/json"
-
-        body, media = await cpu("encode", render)
+        body, media = await cpu("encode", encode.render, fmt, mask, labels.palette, image.rgb, overlay_format, fill, True)
         segmentation = Segmentation(mask, counts, image, timings, slot.name, used.backend)
         document = summary(segmentation, used)
         if shape is not None:
@@ -569,6 +596,13 @@ class ModelService:
 __all__ = ["ModelService", "ModelSlot", "Result"]
 
 
+_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\":,;()]+/)*([^\s/'\":,;()]+)")
+
+
+def without_paths(text: str | None) -> str | None:
+    """``text`` with absolute file-system paths cut to their file names: /readyz is
+    unauthenticated and must not map the host's directories (/models keeps the full error)."""
+    return _PATH.sub(r"\1", text) if text else text
 def device_states(slot: ModelSlot) -> dict[str, Any]:
     """``{"devices": {path: state}}`` for a model on several Edge TPUs, else nothing."""
     worker = slot.worker_info() or {}

@@ -31,7 +31,8 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "descrip
 router = APIRouter(
     tags=["sources"],
     dependencies=[Depends(require_api_key)],
-    responses={401: {"model": ErrorBody, "description": "missing or wrong API key (when one is configured)"}},
+    responses={401: {"model": ErrorBody, "description": "missing or wrong API key (when one is configured)"},
+               422: {"model": ErrorBody, "description": "bad parameter"}},
 )
 
 

@@ -210,8 +210,7 @@ class Source:
             return
         seg = result.segmentation
         assert seg is not None
-        doc = dict(result.document)
-        doc["timings_ms"] = {k: round(v, 3) for k, v in result.timings.items()}
+        doc = dict(result.document)  # timings_ms included (the service sets them once the total is known)
         doc.update(source=self.name, frame=self.segmented + 1, time=round(time.time(), 3))
         labels = self.service.slot(self.model).variant.labels
         frame = Frame(self.segmented + 1, doc["time"], data, seg.mask, seg.image.rgb, doc, labels.palette, labels.background)
