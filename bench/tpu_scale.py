@@ -115,6 +115,7 @@ def run(models_dir: Path, library: Path, devices: int, clients: list[int], invok
         "FAKE_EDGETPU_INVOKE_MS": str(invoke_ms),
         "FAKE_EDGETPU_DEVICES": listed,
         "SEGD_RELAX_SIMULATED_TPU_SELFTEST": "1",
+        "SEGD_EDGETPU_PAIRING": "trust",  # the simulator is no libedgetpu build of the pairing table
         "SEGD_ACCELERATOR": "edgetpu",
         "SEGD_QUEUE_SIZE": "64",
         "SEGD_TPU_PIPELINE": str(pipeline),

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=None, help="variant(s) (default: all)")
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--original", action="store_true",
+                   help="the original coral-deeplab latency table: its compiled files and Google's DM1, next to its published figures")  # fmt: skip
     _common_model_args(p)
 
     models = sub.add_parser("models", help="list, pull, check or build models").add_subparsers(dest="models_command", required=True)
@@ -96,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         "to int8 calibrated on your images, check the Edge TPU op mapping, compile it when edgetpu_compiler is "
         "on PATH, and publish it as a variant in the models dir (<name>.tflite + <name>.toml).",
     )  # fmt: skip
-    p.add_argument("--variant", choices=("v3", "v3plus"), default="v3", help="v3+: only the encoder is pretrained")
+    p.add_argument("--variant", choices=("v3", "v3plus"), default="v3", help="v3+: only the encoder is pretrained (from Google's files)")
+    p.add_argument("--weights", choices=("google-tflite", "coral-deeplab"), default="google-tflite",
+                   help="PASCAL VOC weights: Google's Coral model (default) or the original coral-deeplab's trained .h5 (v3 and v3+)")  # fmt: skip
     p.add_argument("--alpha", type=float, choices=SUPPORTED_ALPHAS, default=1.0, help="MobileNetV2 depth multiplier")
     p.add_argument("--input-size", type=int, default=513, help="square input side, 16k+1 (e.g. 513, 321, 257)")
     p.add_argument("--name", default=None, help="variant name (default cdl_<variant>_dm<alpha>_<size>_pascal)")
@@ -193,7 +197,7 @@ def _open(args: argparse.Namespace, name: str | None) -> Any:
     variant = load_manifest(models_dir=s.models_dir).get(name)
     return Segmenter.open(
         variant, models_dir=s.models_dir, accelerator=s.accelerator, device=s.device,
-        runtime=s.runtime, num_threads=s.threads, mirror=s.mirror,
+        runtime=s.runtime, num_threads=s.threads, mirror=s.mirror, gdrive_url=s.gdrive_url,
     )  # fmt: skip
 
 
@@ -294,7 +298,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
             "default": name == manifest.default,
             "description": v.description,
             "classes": v.n_classes,
-            "input": list(v.input.hw),
+            "input": list(v.input.hw) if v.input.shape else None,  # None: read from the file
             "files": {f.name: (mdir / f.name).is_file() for f in v.files()},
         })  # fmt: skip
     if args.json:
@@ -304,7 +308,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     for r in rows:
         star = "*" if r["default"] else " "
         present = ", ".join(f"{n} [{'present' if ok else 'missing'}]" for n, ok in r["files"].items())
-        print(f"{star} {r['name']:34} {r['classes']:3d} classes  {r['input'][0]}x{r['input'][1]}  {present}")
+        size = f"{r['input'][0]}x{r['input'][1]}" if r["input"] else "from file"
+        print(f"{star} {r['name']:34} {r['classes']:3d} classes  {size}  {present}")
     return 0
 
 
@@ -318,14 +323,43 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     names = args.names or [manifest.default]
     if names == ["all"]:
         names = list(manifest.variants)
+    failed = []
     for name in names:
         variant = manifest.get(name)
-        specs = [variant.cpu] if args.cpu_only else variant.files()
-        for spec in specs:
+        served = variant.cpu_variant()
+        pairs: list[tuple[Any, Any]] = [(served, served.cpu)] if args.cpu_only else [(variant, f) for f in variant.files()]
+        if not args.cpu_only and served is not variant:
+            pairs.append((served, served.cpu))  # what serves it without an Edge TPU
+        for owner, spec in pairs:
+            assert spec is not None
             bar = Progress(spec.name, unit="MB")
-            path = resolve_file(spec, mdir, mirror=s.mirror, force=args.force, progress=bar)
-            bar.close(f"{path} ok (sha256 {spec.sha256[:12]}…)")
+            try:
+                path = resolve_file(spec, mdir, mirror=s.mirror, force=args.force, progress=bar, gdrive_url=s.gdrive_url)
+                bar.close(f"{path} ok ({_pulled_facts(owner, spec, path)})")
+            except SegdError as exc:
+                # One variant whose file never arrives must not stop the others.
+                bar.close(f"{name}: {spec.name} NOT pulled: {exc.detail}")
+                failed.append(name)
+    if failed:
+        print(f"segd: not pulled: {', '.join(dict.fromkeys(failed))}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _pulled_facts(variant: Any, spec: Any, path: Path) -> str:
+    """How the file was verified and, for entries that leave them out, its tensors."""
+    from segd.engine import settle
+    from segd.pins import pinned_sha256
+
+    if spec.sha256:
+        facts = f"sha256 {spec.sha256[:12]}…"
+    else:
+        facts = f"publisher's md5 {spec.md5} checked once, sha256 pinned {(pinned_sha256(path.parent, spec.name) or '?')[:12]}…"
+    if variant.tensors_from_file:
+        v, _ = settle(variant, spec, path)
+        facts += (f"; read from the file: input {v.input.hw[0]}x{v.input.hw[1]} {v.input.dtype}, logits "
+                  f"{v.output.shape[1]}x{v.output.shape[2]}x{v.output.shape[3]} at stride {v.output.stride}")  # fmt: skip
+    return facts
 
 
 def cmd_models_check(args: argparse.Namespace) -> int:
@@ -378,7 +412,7 @@ def cmd_models_build(args: argparse.Namespace) -> int:
         print(f"segd: {exc}", file=sys.stderr)
         return 2
 
-    if args.variant == "v3plus":
+    if args.variant == "v3plus" and args.weights == "google-tflite":
         print("segd: warning: v3+ gets pretrained weights for the encoder only; its decoder and logits "
               "are untrained, so its masks are meaningless until you train it", file=sys.stderr)  # fmt: skip
     try:
@@ -386,6 +420,7 @@ def cmd_models_build(args: argparse.Namespace) -> int:
             variant=args.variant, alpha=args.alpha, input_size=args.input_size, calibration=args.calibration,
             name=args.name, models_dir=args.models_dir, mirror=args.mirror, num_calibration=args.num_calibration,
             compile=not args.no_compile, cache=False if args.no_cache else None,
+            weights_source=args.weights,
         )  # fmt: skip
     except ValueError as exc:  # keras/TensorFlow's own argument errors; ours are SegdErrors (main)
         print(f"segd: {exc}", file=sys.stderr)
@@ -426,16 +461,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from segd.bench import bench_variants, format_table
+    from segd.bench import ORIGINAL_TABLE, bench_variants, format_original_table, format_table
     from segd.progress import Progress
 
     s = _settings(args)
+    names = args.model or (list(ORIGINAL_TABLE) if args.original else None)
     rows = bench_variants(
-        args.model, iterations=args.iterations, warmup=args.warmup, models_dir=s.models_dir,
+        names, iterations=args.iterations, warmup=args.warmup, models_dir=s.models_dir,
         mirror=s.mirror, accelerator=s.accelerator, device=s.device, runtime=s.runtime,
-        num_threads=s.threads, progress=Progress("bench"),
+        num_threads=s.threads, gdrive_url=s.gdrive_url, progress=Progress("bench"),
     )  # fmt: skip
-    print(format_table(rows))
+    print(format_original_table(rows) if args.original else format_table(rows))
     return 0
 
 

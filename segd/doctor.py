@@ -26,6 +26,7 @@ import platform
 import pwd
 import shutil
 import stat
+import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -42,11 +43,17 @@ SERVICE_ENV_FILE = Path("/etc/segd/segd.env")
 SERVICE_MODELS_DIR = "/var/lib/segd/models"
 SERVICE_UNIT = Path("/etc/systemd/system/segd.service")
 USB_IDS = {("18d1", "9302"): "ready", ("1a6e", "089a"): "no firmware"}
-CORAL_APT = (
-    "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo gpg --dearmor -o /usr/share/keyrings/coral-edgetpu.gpg\n"
-    'echo "deb [signed-by=/usr/share/keyrings/coral-edgetpu.gpg] https://packages.cloud.google.com/apt coral-edgetpu-stable main" | sudo tee /etc/apt/sources.list.d/coral-edgetpu.list\n'
-    "sudo apt-get update && sudo apt-get install libedgetpu1-std"
-)
+
+
+def known_good_commands(machine: str | None = None) -> str:
+    """The commands that install the known-good libedgetpu/TFLite pair (segd/data/edgetpu_pairings.toml)."""
+    from segd.runtime import pairing
+
+    rec = pairing.Table.load().recommended
+    commands = pairing.install_commands(rec, machine)
+    if not commands:
+        return pairing.install_advice(rec, machine)
+    return f"install the known-good pair {rec.label()} (docs/RASPBERRY_PI.md):\n" + "\n".join(commands)
 
 
 def _segd_command() -> str:
@@ -107,16 +114,11 @@ def check_python(
     return found
 
 
-def check_runtime(
-    versions: Mapping[str, str | None],
-    chosen: str | None,
-    libedgetpu_version: str | None,
-    accelerator: str,
-) -> list[Finding]:
-    """``versions``: runtime name -> installed version (None: not installed); ``chosen``: the one
-    segd will use (None: none importable)."""
+def check_runtime(versions: Mapping[str, str | None], chosen: str | None) -> list[Finding]:
+    """The CPU runtime. ``versions``: runtime name -> installed version (None: not installed);
+    ``chosen``: the one segd will use (None: none importable). Which runtime the Edge TPU
+    worker uses is :func:`check_pairing`'s."""
     from segd.runtime.cpu import RUNTIMES
-    from segd.runtime.edgetpu import compatibility_warning
 
     def dist(name: str) -> str:
         return RUNTIMES[name][1] if name in RUNTIMES else name
@@ -127,19 +129,45 @@ def check_runtime(
     if chosen is None:
         return [Finding("runtime", "error", f"no TFLite runtime can be imported ({listed})",
                         "pip install ai-edge-litert   (into segd's venv: /opt/segd/bin/pip install ai-edge-litert)")]  # fmt: skip
-    found = [
-        Finding(
-            "runtime",
-            "ok",
-            f"{dist(chosen)} {versions.get(chosen)} runs the models (installed: {listed})",
-        )
-    ]
-    warning = compatibility_warning(chosen, versions.get(chosen), libedgetpu_version)
-    if warning and accelerator != "cpu":
-        found.append(Finding("runtime", "warn" if accelerator == "auto" else "error", warning,
-                             "pip install 'tflite-runtime==2.11.1' where a wheel exists, or use ai-edge-litert "
-                             "(SEGD_RUNTIME=litert); the Edge TPU worker crashes otherwise and segd falls back to the CPU"))  # fmt: skip
-    return found
+    return [Finding("runtime", "ok", f"{dist(chosen)} {versions.get(chosen)} runs the models on the CPU (installed: {listed})")]
+
+
+def worker_environment(python: str | None, timeout: float = 60.0) -> dict[str, Any]:
+    """What the Edge TPU worker's Python has (tpu_worker's hello): its runtimes and numpy."""
+    from segd.runtime import tpu_worker
+
+    if python is None:
+        return tpu_worker.hello()
+    proc = subprocess.run([python, "-I", tpu_worker.__file__, "--hello"], capture_output=True,
+                          text=True, timeout=timeout, check=False)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError((proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1])
+    env: dict[str, Any] = json.loads(proc.stdout)
+    return env
+
+
+def check_pairing(decision: Any, accelerator: str, worker: Mapping[str, Any] | None, machine: str | None = None) -> list[Finding]:
+    """``decision``: :class:`segd.runtime.pairing.Decision` for the installed libedgetpu and the
+    worker's runtimes (None: no libedgetpu loads). Names the pair, says whether it is known good,
+    and prints the commands for the known-good pair when it is not."""
+    fix = known_good_commands(machine)
+    where = f" under {worker['python']} (Python {worker['python_version']}, numpy {worker['numpy']})" if worker else ""
+    if decision is None:
+        return [Finding("pairing", "info", f"no libedgetpu to pair with a TFLite runtime{where}", fix)]
+    lib = decision.library
+    package = f"{lib.package} {lib.package_version}" if lib.package else "no Debian package"
+    name = decision.build.name if decision.build else "unknown build"
+    installed = ", ".join(f"{v.runtime} {v.version}: {v.verdict}" for v in decision.verdicts) or "no TFLite runtime"
+    how = f"recognised by {decision.recognised_by}" if decision.build else f"looked at {decision.recognised_by}"
+    head = f"libedgetpu {lib.path or lib.library} ({package}; {name}; {how}) with {installed}{where}"
+    if decision.runtime is not None and decision.known_good:
+        return [Finding("pairing", "ok", f"{head} — the Edge TPU worker uses {decision.runtime}: {decision.message}")]
+    if decision.runtime is not None:  # edgetpu_pairing = "trust"
+        return [Finding("pairing", "warn", f"{head} — {decision.message}", fix)]
+    level = "error" if accelerator == "edgetpu" else ("info" if accelerator == "cpu" else "warn")
+    consequence = {"error": "SEGD_ACCELERATOR=edgetpu: segd will not start", "warn": "segd will run on the CPU",
+                   "info": "not needed: SEGD_ACCELERATOR=cpu"}[level]  # fmt: skip
+    return [Finding("pairing", level, f"{head} — not a known-good pair, the Edge TPU worker will not load it; {consequence}", fix)]
 
 
 # --- libedgetpu and devices ------------------------------------------------------------------
@@ -153,7 +181,7 @@ def check_libedgetpu(
     pkg = ", ".join(f"{n} {v}" for n, v in packages.items())
     if not status.loadable:
         fix = f"SEGD_EDGETPU_LIBRARY={env_library} is set: point it at an existing libedgetpu.so.1 or unset it" if env_library else (
-            "add the Coral apt repository and install libedgetpu1-std (or libedgetpu1-max: faster, runs hot):\n" + CORAL_APT)  # fmt: skip
+            known_good_commands())  # fmt: skip
         if pkg and not env_library:
             fix = f"dpkg lists {pkg} but the loader cannot load it: sudo apt-get install --reinstall {next(iter(packages))}"
         return [Finding("libedgetpu", level, f"{status.reason}; {consequence}", fix)]
@@ -171,21 +199,9 @@ def dpkg_packages(
     status_file: Path, names: Iterable[str] = ("libedgetpu1-std", "libedgetpu1-max")
 ) -> dict[str, str]:
     """Installed versions of the given Debian packages, from dpkg's status database."""
-    wanted = set(names)
-    found: dict[str, str] = {}
-    try:
-        text = status_file.read_text(errors="replace")
-    except OSError:
-        return found
-    for block in text.split("\n\n"):
-        fields = dict(
-            line.split(": ", 1)
-            for line in block.splitlines()
-            if ": " in line and not line.startswith(" ")
-        )
-        if fields.get("Package") in wanted and "installed" in fields.get("Status", "").split():
-            found[fields["Package"]] = fields.get("Version", "?")
-    return found
+    from segd.runtime.pairing import dpkg_packages as read
+
+    return read(status_file, names)
 
 
 @dataclass(frozen=True)
@@ -490,7 +506,8 @@ def _systemctl_show() -> dict[str, str]:
 # --- models ----------------------------------------------------------------------------------
 def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
     from segd.errors import SegdError
-    from segd.variants import default_models_dir, load_manifest, model_mirror, sha256_file
+    from segd.pins import file_digests, problem
+    from segd.variants import default_models_dir, load_manifest, model_mirror
 
     mdir = settings.models_dir or default_models_dir()
     try:
@@ -516,22 +533,29 @@ def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
                                  "fix SEGD_MODELS; `segd models list` shows the variants"))  # fmt: skip
             continue
         variant = manifest.variants[name]
-        specs = [(variant.cpu, True)]
+        try:
+            cpu_spec = variant.cpu_variant().cpu
+        except SegdError as exc:
+            found.append(Finding("models", "error", f"{name}: {exc.detail}", "fix the manifest"))
+            continue
+        assert cpu_spec is not None
+        specs = [(cpu_spec, True)]
         if variant.edgetpu is not None and settings.accelerator != "cpu":
             specs.append((variant.edgetpu, tpu_usable or settings.accelerator == "edgetpu"))
         for spec, needed in specs:
             path = mdir / spec.name
-            source = mirror or spec.url or "nowhere"
+            drive = f"Google Drive (file {spec.gdrive_id})" if spec.gdrive_id else None
+            source = mirror or spec.url or drive or "nowhere"
             if not path.is_file():
                 level = "warn" if needed else "info"
-                if not (mirror or spec.url):
+                if not (mirror or spec.url or drive):
                     level = "error" if needed else "info"
                 what = "" if needed else " (only used with an Edge TPU)"
                 found.append(Finding("models", level, f"{name}: {spec.name} is not in {mdir}{what}; segd fetches it at start-up from {source}",
                                      f"to fetch it now: {SEGD} models pull {name} --models-dir {mdir}"))  # fmt: skip
                 continue
             try:
-                digest = sha256_file(path)
+                digest, md5 = file_digests(path)
             except OSError as exc:
                 found.append(
                     Finding(
@@ -542,20 +566,26 @@ def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
                     )
                 )
                 continue
-            if digest != spec.sha256:
-                found.append(Finding("models", "error", f"{name}: {path} has sha256 {digest[:16]}…, the manifest says {spec.sha256[:16]}… (corrupt or replaced); segd refuses to load it",
+            if spec.sha256:
+                wrong = None if digest == spec.sha256 else (
+                    f"{path} has sha256 {digest[:16]}…, the manifest says {spec.sha256[:16]}… (corrupt or replaced)")
+            else:
+                wrong = problem(spec, mdir, digest, md5)
+            if wrong is not None:
+                found.append(Finding("models", "error", f"{name}: {wrong}; segd refuses to load it",
                                      f"{SEGD} models pull {name} --force --models-dir {mdir}"))  # fmt: skip
             else:
                 found.append(
                     Finding(
                         "models",
                         "ok",
-                        f"{name}: {spec.name} present, sha256 {digest[:12]}… matches",
+                        f"{name}: {spec.name} present, sha256 {digest[:12]}… matches"
+                        + ("" if spec.sha256 else " (its pin, or the publisher's md5)"),
                     )
                 )
     others = [n for n in manifest.variants if n not in names]
     if others:
-        present = [n for n in others if (mdir / manifest.variants[n].cpu.name).is_file()]
+        present = [n for n in others if all((mdir / f.name).is_file() for f in manifest.variants[n].files())]
         found.append(
             Finding(
                 "models",
@@ -602,10 +632,11 @@ def run_checks(machine: MachinePaths) -> list[Finding]:
         chosen: str | None = runtime_module(s.runtime)[0]
     except RuntimeUnavailable:
         chosen = None
-    findings += check_runtime(versions, chosen, status.version, s.accelerator)
+    findings += check_runtime(versions, chosen)
     findings += check_libedgetpu(
         status, s.accelerator, dpkg_packages(machine.dpkg_status), s.edgetpu_library
     )
+    findings += _pairing_findings(machine, status)
     usb = usb_tpus(machine.sysfs, machine.dev)
     pcie = check_pcie(machine.sysfs, machine.dev)
     usb_visible = (machine.sysfs / "bus" / "usb" / "devices").is_dir()
@@ -621,6 +652,28 @@ def run_checks(machine: MachinePaths) -> list[Finding]:
     findings += check_models(s, status.available and s.accelerator != "cpu")
     findings += check_sources(s, shutil.which("ffmpeg"), importlib.util.find_spec("paho") is not None)
     return findings
+
+
+def _pairing_findings(machine: MachinePaths, status: Any) -> list[Finding]:
+    from segd.runtime import edgetpu, pairing
+
+    s = machine.settings
+    python = s.edgetpu_python if s.tpu_isolation else None
+    try:
+        worker = worker_environment(python)
+    except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+        return [Finding("pairing", "error" if s.accelerator == "edgetpu" else "warn",
+                        f"the Edge TPU worker's Python {python} does not run: {exc}",
+                        f"point SEGD_EDGETPU_PYTHON at a Python with numpy and a TFLite runtime, or:\n{known_good_commands()}")]  # fmt: skip
+    if not status.loadable:
+        return check_pairing(None, s.accelerator, worker)
+    try:
+        table = pairing.Table.load(s.edgetpu_pairings)
+    except ValueError as exc:
+        return [Finding("pairing", "error", str(exc), "fix or remove SEGD_EDGETPU_PAIRINGS")]
+    lib = edgetpu.observe_library(machine.library, admindir=machine.dpkg_status.parent, table=table)
+    decision = pairing.decide(lib, worker["runtimes"], table=table, policy=s.edgetpu_pairing, preferred=s.runtime)
+    return check_pairing(decision, s.accelerator, worker)
 
 
 def exit_code(findings: Iterable[Finding]) -> int:

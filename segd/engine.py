@@ -35,6 +35,9 @@ class Selection:
     path: Path
     reason: str
     device: str | None = None
+    #: The variant that runs: the requested one (with tensors read from the file when its
+    #: manifest entry leaves them out), or the CPU fallback of an Edge-TPU-only variant.
+    variant: Variant | None = None
 
 
 @dataclass
@@ -72,6 +75,17 @@ def model_bytes(variant: Variant, spec: FileSpec, path: Path) -> bytes:
     return strip_model_tail(data) if variant.output.strip_tail else data
 
 
+def settle(variant: Variant, spec: FileSpec, path: Path) -> tuple[Variant, bytes]:
+    """Verified model bytes, and the variant with its tensors read from them when its manifest
+    entry leaves them out (sanity-checked, :mod:`segd.model_io`)."""
+    data = model_bytes(variant, spec, path)
+    if variant.tensors_from_file:
+        from segd.model_io import read_tensors
+
+        variant = read_tensors(variant, data, str(path))
+    return variant, data
+
+
 def check_runner(variant: Variant, runner: Runner, path: Path) -> None:
     """The loaded model's tensors must be what the manifest says."""
     check_tensor(str(path), "input", runner.input.shape, runner.input.dtype,
@@ -95,12 +109,19 @@ def open_runner(
     mirror: str | None = None,
     download: bool = True,
     edgetpu_factory: EdgeTpuOpener | None = None,
+    edgetpu_pairing: str = "check",
+    edgetpu_pairings: Path | None = None,
+    gdrive_url: str | None = None,
 ) -> tuple[Runner, Selection]:
     """Open the Edge TPU file when a device is there and usable, else the CPU twin.
 
     ``accelerator``: "auto" (TPU if possible, else CPU — the reason is recorded), "edgetpu"
     (fail with the reason instead of falling back) or "cpu". ``edgetpu_factory(model, device)``
-    replaces the in-process delegate, e.g. with a crash-isolated worker process.
+    replaces the in-process delegate, e.g. with a crash-isolated worker process (which checks
+    the libedgetpu/runtime pairing itself); in process, ``edgetpu_pairing`` / ``edgetpu_pairings``
+    decide it (:func:`segd.runtime.edgetpu.check_pairing`). An Edge-TPU-only variant runs on the
+    CPU as its declared ``cpu_fallback`` variant (a different network); ``Selection.variant`` is
+    then that variant and the reason says so.
     """
     check_accelerator(accelerator)
     reason = "CPU requested"
@@ -114,7 +135,8 @@ def open_runner(
                 return _open_edgetpu(
                     variant, variant.edgetpu, models_dir=models_dir, device=device,
                     runtime=runtime, num_threads=num_threads, mirror=mirror,
-                    download=download, factory=edgetpu_factory,
+                    download=download, factory=edgetpu_factory, pairing=edgetpu_pairing,
+                    pairings=edgetpu_pairings, gdrive_url=gdrive_url,
                 )  # fmt: skip
             except (RuntimeUnavailable, WorkerCrashed, RequestTimeout, ModelError) as exc:
                 # auto: anything wrong on the Edge TPU side (no library or device, a delegate
@@ -123,10 +145,19 @@ def open_runner(
                 if accelerator == "edgetpu":
                     raise
                 reason = exc.detail if isinstance(exc, RuntimeUnavailable) else f"Edge TPU unusable: {exc.detail}"
-    path = resolve_file(variant.cpu, models_dir, mirror=mirror, download=download)
-    runner = open_cpu(model_bytes(variant, variant.cpu, path), runtime=runtime, num_threads=num_threads)
-    check_runner(variant, runner, path)
-    return runner, Selection("cpu", variant.cpu, path, reason)
+    served = variant.cpu_variant()
+    if served is not variant:
+        reason += (
+            f"; {variant.name} is Edge TPU only, so its declared CPU fallback {served.name} serves "
+            f"(a different network: {served.description})"
+        )
+    spec = served.cpu
+    assert spec is not None
+    path = resolve_file(spec, models_dir, mirror=mirror, download=download, gdrive_url=gdrive_url)
+    served, data = settle(served, spec, path)
+    runner = open_cpu(data, runtime=runtime, num_threads=num_threads)
+    check_runner(served, runner, path)
+    return runner, Selection("cpu", spec, path, reason, variant=served)
 
 
 def _open_edgetpu(
@@ -140,25 +171,31 @@ def _open_edgetpu(
     mirror: str | None,
     download: bool,
     factory: EdgeTpuOpener | None,
+    pairing: str = "check",
+    pairings: Path | None = None,
+    gdrive_url: str | None = None,
 ) -> tuple[Runner, Selection]:
-    from segd.runtime import edgetpu
+    from segd.runtime import edgetpu, tpu_worker
 
     status = edgetpu.library_status()
     if status.reason is not None:
         raise RuntimeUnavailable(status.reason)
-    path = resolve_file(spec, models_dir, mirror=mirror, download=download)
-    data = model_bytes(variant, spec, path)
+    path = resolve_file(spec, models_dir, mirror=mirror, download=download, gdrive_url=gdrive_url)
+    variant, data = settle(variant, spec, path)
     if factory is not None:
         runner = factory(data, device)
     else:
-        runner = edgetpu.open_edgetpu(data, device=device, runtime=runtime, num_threads=num_threads)
+        decision = edgetpu.check_pairing(
+            tpu_worker.runtime_versions(), policy=pairing, pairings=pairings, preferred=runtime
+        )
+        runner = edgetpu.open_edgetpu(data, device=device, runtime=decision.runtime, num_threads=num_threads)
     try:
         check_runner(variant, runner, path)
     except ModelError:
         runner.close()
         raise
     where = runner.device or device or "first device"
-    return runner, Selection("edgetpu", spec, path, f"Edge TPU found ({where})", device=runner.device)
+    return runner, Selection("edgetpu", spec, path, f"Edge TPU found ({where})", device=runner.device, variant=variant)
 
 
 class Decoder(Protocol):
@@ -200,7 +237,7 @@ class Segmenter:
         decoder: Decoder | None = None, **kwargs: Any,
     ) -> Segmenter:  # fmt: skip
         runner, selection = open_runner(variant, **kwargs)
-        return cls(variant, runner, selection, max_pixels=max_pixels, decoder=decoder)
+        return cls(selection.variant or variant, runner, selection, max_pixels=max_pixels, decoder=decoder)
 
     @property
     def backend(self) -> str:

@@ -130,14 +130,31 @@ def plan(
     user: bool = False,
     udev: bool = True,
     home: Path | None = None,
+    edgetpu_pair: bool = False,
+    machine: str | None = None,
 ) -> list[Step]:
-    """What installing means, as steps; nothing is touched here."""
+    """What installing means, as steps; nothing is touched here. ``edgetpu_pair``: also install
+    the known-good libedgetpu/TFLite pair (segd/data/edgetpu_pairings.toml) and point the
+    settings at its Python."""
+    from segd.runtime import pairing
+
     system = str(root) == "/"
     if system and not user:
         check_exec(exec_path)
     unit = render_unit(data_file(UNIT_NAME).read_text(), exec_path)
     env = data_file(ENV_NAME).read_text()
     steps: list[Step] = []
+    pair_steps: list[list[str]] = []
+    tpu_python = f"{pairing.TPU_VENV}/bin/python"
+    if edgetpu_pair and user:
+        raise InstallError("--edgetpu-pair installs a system package: run it with sudo, without --user")
+    if edgetpu_pair:
+        rec = pairing.Table.load().recommended
+        pair_steps = pairing.install_steps(rec, machine)
+        if not pair_steps:
+            raise InstallError(pairing.install_advice(rec, machine))
+    if edgetpu_pair or _under(root, tpu_python).exists():
+        env = env.replace(f"#SEGD_EDGETPU_PYTHON={tpu_python}", f"SEGD_EDGETPU_PYTHON={tpu_python}")
     if user:
         home = home or Path.home()
         unit_dir = _under(root, home / ".config" / "systemd" / "user")
@@ -151,9 +168,10 @@ def plan(
             steps.append(Step("mkdir", str(directory), mode=0o755))
     env_path = env_dir / ENV_NAME
     if env_path.exists():
-        steps.append(
-            Step("keep", str(env_path), note="already there; your settings are not touched")
-        )
+        note = "already there; your settings are not touched"
+        if edgetpu_pair and "\nSEGD_EDGETPU_PYTHON=" not in "\n" + env_path.read_text():
+            note += f" — add SEGD_EDGETPU_PYTHON={tpu_python} to it"
+        steps.append(Step("keep", str(env_path), note=note))
     else:
         steps.append(Step("write", str(env_path), env, 0o600, "settings (may hold the API key)"))
     unit_path = unit_dir / UNIT_NAME
@@ -168,7 +186,7 @@ def plan(
             steps.append(Step("mkdir", str(rules_dir), mode=0o755))
         steps.append(Step("write", str(rules_dir / RULES_NAME), data_file(RULES_NAME).read_text(), 0o644,
                           "Coral USB (1a6e:089a, 18d1:9302) -> plugdev, PCIe apex -> apex"))  # fmt: skip
-    commands: list[list[str]] = []
+    commands: list[list[str]] = list(pair_steps)
     if user:
         commands.append(["systemctl", "--user", "daemon-reload"])
     else:
@@ -289,6 +307,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dry-run", action="store_true", help="print what would be done and change nothing"
     )
+    p.add_argument(
+        "--edgetpu-pair",
+        action="store_true",
+        help="also install the known-good libedgetpu + tflite_runtime pair (docs/RASPBERRY_PI.md step 1) "
+        "and set SEGD_EDGETPU_PYTHON",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -304,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     try:
-        steps = plan(root, exec_path, user=args.user, udev=args.udev)
+        steps = plan(root, exec_path, user=args.user, udev=args.udev, edgetpu_pair=args.edgetpu_pair)
     except InstallError as exc:
         print(f"segd install-service: {exc}", file=sys.stderr)
         return 2

@@ -35,6 +35,10 @@ DEFAULT_MAX_PIXELS = 40_000_000
 ACCELERATORS = ("auto", "cpu", "edgetpu")
 #: What serves when the Edge TPU worker dies.
 TPU_FALLBACKS = ("cpu", "503")
+#: Google Drive's download endpoint (files a manifest gives a ``gdrive_id``, segd.gdrive).
+DEFAULT_GDRIVE_URL = "https://drive.google.com/uc"
+#: Which libedgetpu/runtime pairs the Edge TPU worker loads: known-good ones only, or any.
+EDGETPU_PAIRINGS = ("check", "trust")
 #: How a camera is read: an ffmpeg subprocess, HTTP multipart, or a polled still image.
 SOURCE_KINDS = ("rtsp", "mjpeg", "snapshot")
 #: When class areas go to MQTT: when they change, or every `interval` seconds.
@@ -86,6 +90,7 @@ class Settings:
     models_dir: Path | None = None
     # directory or base URL to fetch missing model files from
     mirror: str | None = field(default=None, metadata={"env": "SEGD_MODEL_MIRROR", "deprecated_env": "SEGD_MIRROR"})
+    gdrive_url: str = DEFAULT_GDRIVE_URL  # Google Drive download endpoint (segd.gdrive)
     models: list[str] = field(default_factory=list)  # variants to serve (default: the default one)
     default_model: str | None = None  # default: the manifest's default (or the first served)
     accelerator: str = "auto"  # auto | cpu | edgetpu
@@ -115,6 +120,9 @@ class Settings:
     tpu_isolation: bool = True  # run Edge TPU interpreters in a supervised worker process
     decode_isolation: bool = True  # decode images in supervised worker processes (a decoder crash costs one request)
     decode_workers: int = 2  # image decode processes (each ~25 MB of its own; decodes run in parallel up to this)
+    edgetpu_python: str | None = None  # Python (numpy + TFLite runtime) the Edge TPU worker runs under
+    edgetpu_pairing: str = "check"  # check: only libedgetpu/runtime pairs known good | trust: load anyway
+    edgetpu_pairings: Path | None = None  # extra pairings table (format of segd/data/edgetpu_pairings.toml)
     tpu_fallback: str = "cpu"  # when the TPU worker dies: "cpu" (serve on the CPU twin) | "503"
     device_check_interval: float = 5.0  # seconds between Edge TPU presence checks
     tpu_timeout: float = 5.0  # seconds for one Edge TPU invoke; a hung TPU worker is killed and restarted
@@ -300,6 +308,8 @@ def load_settings(
 def validate(s: Settings) -> None:
     """ConfigError naming the first setting out of range."""
     check_accelerator(s.accelerator)
+    if s.edgetpu_pairing not in EDGETPU_PAIRINGS:
+        raise ConfigError(f"edgetpu_pairing must be {' or '.join(EDGETPU_PAIRINGS)}, not {s.edgetpu_pairing!r}")
     if s.devices and s.device:
         raise ConfigError("set device (one Edge TPU) or devices (several), not both")
     if "all" in s.devices and s.devices != ["all"]:
@@ -329,6 +339,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("retry_after and graceful_timeout must not be negative")
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"port out of range: {s.port}")
+    if not s.gdrive_url.startswith(("http://", "https://")):
+        raise ConfigError(f"gdrive_url must be an http(s) URL, not {s.gdrive_url!r}")
     for src in s.sources.values():
         validate_source(src)
     if s.mqtt is not None:
@@ -406,6 +418,11 @@ def user_data_dir() -> Path:
 def env_mirror() -> str | None:
     """``SEGD_MODEL_MIRROR`` (or the deprecated ``SEGD_MIRROR``) when set."""
     return _from_env("mirror")
+
+
+def env_gdrive_url() -> str:
+    """``SEGD_GDRIVE_URL`` when set, else Google Drive's endpoint."""
+    return _from_env("gdrive_url") or DEFAULT_GDRIVE_URL
 
 
 def env_runtime() -> str | None:

@@ -32,6 +32,8 @@ def models_dir(test_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     mdir = tmp_path_factory.mktemp("models")
     for variant in load_manifest(models_dir=mdir).variants.values():
         for spec in variant.files():
+            if spec.gdrive_id:
+                continue  # the original coral-deeplab's Drive files: unreachable here
             resolve_file(spec, mdir, mirror=str(test_data), download=False)
     return mdir
 
@@ -75,6 +77,7 @@ FAKE_EDGETPU_VARS = (
     "FAKE_EDGETPU_VERSION",
     "FAKE_EDGETPU_ERROR",
     "FAKE_EDGETPU_CRASH_AFTER",
+    "FAKE_EDGETPU_MARKER",
 )
 
 
@@ -96,6 +99,28 @@ def edgetpu_double(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if compiler() is None:
         pytest.skip("no C compiler (gcc) installed: cannot build the Edge TPU test double")
     return build_double(tmp_path_factory.mktemp("edgetpu_double"))
+
+
+def pairings_for(library: Path, out: Path, runtime: str = "*", versions: str = "*") -> Path:
+    """A pairings table (format of segd/data/edgetpu_pairings.toml) that recognises ``library``
+    by its sha256 and calls it good inside ``runtime`` ``versions`` — what a user who built their
+    own libedgetpu writes to SEGD_EDGETPU_PAIRINGS."""
+    import hashlib
+
+    sha = hashlib.sha256(library.read_bytes()).hexdigest()
+    out.write_text(
+        f'[[build]]\nid = "test-double-{sha[:8]}"\nname = "the Edge TPU test double {library}"\n'
+        f'sha256 = ["{sha}"]\n[[build.pairing]]\nruntime = "{runtime}"\nversions = "{versions}"\n'
+        'verdict = "good"\nnote = "tests/edgetpu_double implements the C delegate ABI every runtime shares"\n'
+        'sources = ["tests/edgetpu_double/fake_edgetpu.c"]\n'
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def double_pairings(edgetpu_double: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``pairings_for`` the default double, good inside every runtime."""
+    return pairings_for(edgetpu_double, tmp_path_factory.mktemp("pairings") / "double.toml")
 
 
 @pytest.fixture

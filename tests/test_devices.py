@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import pairings_for
 from daemon import Daemon, start_daemon
 
 from segd.app.settings import load_settings
@@ -57,6 +58,7 @@ def fleet_of_tpus(edgetpu_double: Path, models_dir: Path, tmp_path_factory: pyte
     plugged.write_text(",".join(f"usb:{p}" for p in PATHS))
     env = {
         "SEGD_EDGETPU_LIBRARY": str(edgetpu_double),
+        "SEGD_EDGETPU_PAIRINGS": str(pairings_for(edgetpu_double, tmp / "pairings.toml")),
         "FAKE_EDGETPU_MODE": "latency",
         "FAKE_EDGETPU_INVOKE_MS": "20",
         "FAKE_EDGETPU_DEVICES_FILE": str(plugged),

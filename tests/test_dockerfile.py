@@ -302,23 +302,22 @@ def test_runtime_runs_as_a_non_root_user_in_plugdev_with_models_in_a_volume(
     assert f"chown -R {user.args}" in creates[0].args and env["SEGD_MODELS_DIR"] in creates[0].args
 
 
-def test_libedgetpu_comes_from_the_signed_coral_repository_std_or_max(stages: list[Stage]) -> None:
-    runtime = stage(stages, "runtime")
-    assert [a.args for a in runtime.all("ARG")] == ["EDGETPU_VARIANT=std"]
-    keyring = next(
-        i for i in runtime.all("COPY") if i.flags()[0].get("from") == "coral-keyring"
-    ).flags()[1][-1]
+def test_the_image_installs_the_pinned_known_good_edgetpu_pair_of_the_table(stages: list[Stage]) -> None:
+    from segd.runtime import pairing
+
+    rec = pairing.Table.load().recommended
+    edgetpu, runtime = stage(stages, "edgetpu"), stage(stages, "runtime")
+    args = dict(a.args.split("=", 1) for a in edgetpu.all("ARG"))
+    assert args == {"LIBEDGETPU_DEB_URL": rec.deb("aarch64"), "TFLITE_RUNTIME_WHEEL_URL": rec.wheel("aarch64")}
+    fetch = " ".join(i.args for i in edgetpu.all("RUN"))
+    assert f'pip install "{rec.numpy}" "${{TFLITE_RUNTIME_WHEEL_URL}}"' in fetch and '"${LIBEDGETPU_DEB_URL}"' in fetch
     install = " ".join(i.args for i in runtime.all("RUN"))
-    assert (
-        f"deb [signed-by={keyring}] https://packages.cloud.google.com/apt coral-edgetpu-stable main"
-    ) in install
-    assert '"libedgetpu1-${EDGETPU_VARIANT}"' in install and "std|max)" in install
-    assert "libedgetpu1-max libedgetpu/accepted-eula boolean true" in install
-    fetch = " ".join(i.args for i in stage(stages, "coral-keyring").all("RUN"))
-    assert (
-        "https://packages.cloud.google.com/apt/doc/apt-key.gpg" in fetch
-        and "/coral-edgetpu.gpg" in fetch
-    )
+    assert f"{rec.package} libedgetpu/accepted-eula boolean true" in install
+    assert "apt-get install -y --no-install-recommends /tmp/libedgetpu.deb" in install
+    assert "packages.cloud.google.com" not in DOCKERFILE.read_text()  # not Coral's stock 16.0
+    copies = [i.flags() for i in runtime.all("COPY")]
+    assert ({"from": "edgetpu"}, ["/opt/segd-tpu", "/opt/segd-tpu"]) in copies
+    assert env_of(runtime)["SEGD_EDGETPU_PYTHON"] == "/opt/segd-tpu/bin/python"
 
 
 def test_entrypoint_port_and_venv_paths_agree(stages: list[Stage]) -> None:

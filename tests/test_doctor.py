@@ -93,9 +93,10 @@ def test_with_no_tpu_attached_auto_warns_and_edgetpu_fails_with_what_to_plug_in(
 
 
 # --- the command, with the library absent ----------------------------------------------------
-def test_without_libedgetpu_the_fix_is_the_coral_apt_repository(models_dir: Path) -> None:
+def test_without_libedgetpu_the_fix_is_the_known_good_pair(models_dir: Path) -> None:
     # No SEGD_EDGETPU_LIBRARY: segd asks the loader for the soname, as on a Pi without the
-    # package; the fix must then be the Coral apt repository, with its signed-by keyring line.
+    # package; the fix must then install the known-good pair (not Coral's stock 16.0, which
+    # crashes inside any TFLite newer than 2.11: segd/data/edgetpu_pairings.toml).
     env = {"SEGD_MODELS_DIR": str(models_dir)}
     if (
         shutil.which("ldconfig")
@@ -111,9 +112,9 @@ def test_without_libedgetpu_the_fix_is_the_coral_apt_repository(models_dir: Path
         in out
     )
     assert "segd will run on the CPU" in out
-    assert ("echo \"deb [signed-by=/usr/share/keyrings/coral-edgetpu.gpg] https://packages.cloud.google.com/apt "
-            "coral-edgetpu-stable main\" | sudo tee /etc/apt/sources.list.d/coral-edgetpu.list") in out  # fmt: skip
-    assert "sudo apt-get update && sudo apt-get install libedgetpu1-std" in out
+    assert "curl -fsSL -o ./libedgetpu1-max_16.0tf2.17.1-1.bookworm_" in out
+    assert "sudo apt-get install -y ./libedgetpu1-max_16.0tf2.17.1-1.bookworm_" in out
+    assert "tflite_runtime-2.17.1-cp311-cp311-linux_" in out and "packages.cloud.google.com" not in out
 
     strict = run_doctor("--accelerator", "edgetpu", env=env)
     assert strict.returncode == 1
@@ -284,23 +285,11 @@ def test_udev_rules_are_found_in_any_rules_directory(tmp_path: Path) -> None:
 
 
 # --- pure checks ---------------------------------------------------------------------------------
-def test_tflite_runtime_newer_than_2_11_1_with_stock_libedgetpu_is_flagged() -> None:
-    versions = {"litert": None, "tflite_runtime": "2.14.0"}
-    auto = doctor.check_runtime(versions, "tflite_runtime", STOCK_VERSION, "auto")
-    assert [f.level for f in auto] == ["ok", "warn"]
-    assert "known to crash inside tflite_runtime newer than 2.11.1" in auto[1].message
-    assert auto[1].fix is not None and "SEGD_RUNTIME=litert" in auto[1].fix
-    assert [
-        f.level for f in doctor.check_runtime(versions, "tflite_runtime", STOCK_VERSION, "edgetpu")
-    ] == ["ok", "error"]
-    assert [
-        f.level for f in doctor.check_runtime(versions, "tflite_runtime", STOCK_VERSION, "cpu")
-    ] == ["ok"]
-    old = {"litert": None, "tflite_runtime": "2.11.1"}
-    assert [
-        f.level for f in doctor.check_runtime(old, "tflite_runtime", STOCK_VERSION, "auto")
-    ] == ["ok"]
-    [none] = doctor.check_runtime({"litert": None, "tflite_runtime": None}, None, None, "auto")
+def test_runtime_check_names_the_cpu_runtime_and_fails_without_one() -> None:
+    versions = {"litert": "2.3.0", "tflite_runtime": "2.14.0"}
+    [ok] = doctor.check_runtime(versions, "litert")
+    assert ok.level == "ok" and "ai-edge-litert 2.3.0 runs the models on the CPU" in ok.message
+    [none] = doctor.check_runtime({"litert": None, "tflite_runtime": None}, None)
     assert (
         none.level == "error" and none.fix is not None and "pip install ai-edge-litert" in none.fix
     )

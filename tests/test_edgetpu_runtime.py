@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from segd.errors import RuntimeUnavailable
-from segd.runtime import edgetpu
+from segd.runtime import edgetpu, pairing
 from segd.runtime.cpu import open_cpu
 
 CPU_MODEL = "deeplabv3_mnv2_dm05_pascal_quant.tflite"
@@ -79,7 +79,8 @@ def test_probe_without_the_library_says_how_to_install_it(
     assert status.reason is not None
     assert status.reason.startswith("libedgetpu not installed (")
     assert str(missing) in status.reason  # the dlerror text
-    assert "libedgetpu1-std" in status.reason and "Coral apt repository" in status.reason
+    rec = pairing.Table.load().recommended  # the hint names the known-good build of the table
+    assert f"{rec.package} {rec.package_version}" in status.reason and "segd doctor" in status.reason
     with pytest.raises(RuntimeUnavailable, match="libedgetpu not installed"):
         edgetpu.list_devices()
     assert edgetpu.edgetpu_version() is None
@@ -125,16 +126,6 @@ def test_device_option_passes_libedgetpu_forms_and_maps_paths_to_an_index() -> N
     assert edgetpu.device_option(PCI, devices) == ":1"
     with pytest.raises(RuntimeUnavailable, match="no Edge TPU at '/dev/apex_7'"):
         edgetpu.device_option("/dev/apex_7", devices)
-
-
-def test_compatibility_warning_only_for_stock_libedgetpu_in_new_tflite_runtime() -> None:
-    stock = "BuildLabel(COMPILER=6.3.0 20170516,DATE=redacted), RuntimeVersion(14)"
-    warning = edgetpu.compatibility_warning("tflite_runtime", "2.14.0", stock)
-    assert warning is not None and "2.11.1" in warning and "libedgetpu1-std 16.0" in warning
-    assert edgetpu.compatibility_warning("tflite_runtime", "2.11.1", stock) is None
-    assert edgetpu.compatibility_warning("tflite_runtime", "2.5.0.post1", stock) is None
-    assert edgetpu.compatibility_warning("litert", "2.3.0", stock) is None
-    assert edgetpu.compatibility_warning("tflite_runtime", "2.14.0", "RuntimeVersion(15)") is None
 
 
 # --- open_edgetpu -------------------------------------------------------------------------
@@ -207,7 +198,7 @@ def test_open_edgetpu_without_the_library(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cpu_model: bytes
 ) -> None:
     monkeypatch.setenv("SEGD_EDGETPU_LIBRARY", str(tmp_path / "libedgetpu.so.1"))
-    with pytest.raises(RuntimeUnavailable, match=r"^libedgetpu not installed .* libedgetpu1-std"):
+    with pytest.raises(RuntimeUnavailable, match=r"^libedgetpu not installed .* libedgetpu1-max 16.0tf2.17.1-1"):
         edgetpu.open_edgetpu(cpu_model)
 
 

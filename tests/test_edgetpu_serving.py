@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import read_mask_png
+from conftest import pairings_for, read_mask_png
 from daemon import Daemon, start_daemon
 
 from segd.engine import Segmenter, open_runner
@@ -60,7 +60,11 @@ def tpu_models(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def tpu_env(double: Path, **fake: str) -> dict[str, str]:
-    env = {"SEGD_EDGETPU_LIBRARY": str(double), "FAKE_EDGETPU_DEVICES": "usb:/sys/bus/usb/devices/2-1"}
+    """The daemon's environment for the double: its library, one USB device, and a pairings
+    table that calls the double a known-good pair (as a user registers their own build)."""
+    pairings = pairings_for(double, double.parent / "pairings.toml")
+    env = {"SEGD_EDGETPU_LIBRARY": str(double), "FAKE_EDGETPU_DEVICES": "usb:/sys/bus/usb/devices/2-1",
+           "SEGD_EDGETPU_PAIRINGS": str(pairings)}  # fmt: skip
     env.update({f"FAKE_EDGETPU_{k.upper()}": v for k, v in fake.items()})
     return env
 
@@ -84,10 +88,10 @@ def test_with_no_device_attached_the_cpu_twin_is_used(tpu_models: Path, fake_edg
 
 
 def test_with_a_device_the_edgetpu_file_runs_through_the_delegate(
-    tpu_models: Path, fake_edgetpu: Path, test_data: Path
+    tpu_models: Path, fake_edgetpu: Path, test_data: Path, double_pairings: Path
 ) -> None:
     manifest = load_manifest(models_dir=tpu_models)
-    tpu = Segmenter.open(manifest.get("tpu_dm05"), models_dir=tpu_models)
+    tpu = Segmenter.open(manifest.get("tpu_dm05"), models_dir=tpu_models, edgetpu_pairings=double_pairings)
     cpu = Segmenter.open(manifest.get("tpu_dm05"), models_dir=tpu_models, accelerator="cpu")
     assert tpu.backend == "edgetpu" and tpu.selection is not None
     assert tpu.selection.reason.startswith("Edge TPU found")
@@ -96,21 +100,21 @@ def test_with_a_device_the_edgetpu_file_runs_through_the_delegate(
 
 
 def test_compiled_coral_file_with_a_delegate_that_cannot_run_it_falls_back_with_the_reason(
-    tpu_models: Path, fake_edgetpu: Path
+    tpu_models: Path, fake_edgetpu: Path, double_pairings: Path
 ) -> None:
     variant = load_manifest(models_dir=tpu_models).get("deeplabv3_mnv2_dm05_pascal")
-    runner, sel = open_runner(variant, models_dir=tpu_models)
+    runner, sel = open_runner(variant, models_dir=tpu_models, edgetpu_pairings=double_pairings)
     assert runner.backend == "cpu" and sel.file.name == DM05_CPU
     assert "edgetpu-custom-op" in sel.reason
 
 
 def test_delegate_that_fails_to_load_is_reported_and_the_cpu_twin_serves(
-    tpu_models: Path, fake_edgetpu: Path, monkeypatch: pytest.MonkeyPatch
+    tpu_models: Path, fake_edgetpu: Path, monkeypatch: pytest.MonkeyPatch, double_pairings: Path
 ) -> None:
     monkeypatch.setenv("FAKE_EDGETPU_MODE", "fail")
     monkeypatch.setenv("FAKE_EDGETPU_ERROR", "USB transfer error 7 while loading firmware")
     variant = load_manifest(models_dir=tpu_models).get("tpu_dm05")
-    runner, sel = open_runner(variant, models_dir=tpu_models)
+    runner, sel = open_runner(variant, models_dir=tpu_models, edgetpu_pairings=double_pairings)
     assert runner.backend == "cpu" and "USB transfer error 7" in sel.reason
 
 

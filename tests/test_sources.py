@@ -182,7 +182,7 @@ def test_mjpeg_stream_read_by_opencv_shows_the_overlay_of_each_frame(daemon: Dae
             got = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             assert got.shape == expected.shape
             diff = np.abs(got.astype(np.int16) - expected.astype(np.int16)).mean(axis=2)
-            assert diff.mean() < 4.0  # JPEG at quality 80
+            assert diff.mean() < 4.0  # JPEG (quality 90)
             # tinted where the mask has a class, the photo itself elsewhere
             away = np.abs(got.astype(np.int16) - rgb.astype(np.int16)).mean(axis=2)
             assert away[tinted].mean() > 4 * away[~tinted].mean()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -477,6 +478,23 @@ def test_install_service_writes_unit_env_and_rules_under_root_and_runs_nothing(
     assert (
         f"keep {env} — already there" in again.stdout and f"keep {unit} — unchanged" in again.stdout
     )
+
+
+def test_install_service_edgetpu_pair_installs_the_tables_pinned_pair_and_sets_its_python(tmp_path: Path) -> None:
+    from segd.runtime import pairing
+
+    root = tmp_path / "root"
+    proc = run_install("--root", str(root), "--exec", f"{sys.prefix}/bin/segd", "--edgetpu-pair")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rec = pairing.Table.load().recommended
+    for step in pairing.install_steps(rec):  # the pinned .deb and wheel of this machine's arch
+        assert f"skip {shlex.join(step)} — not run: installing under {root}" in proc.stdout
+    assert f"{rec.package}_{rec.package_version}.bookworm_" in proc.stdout and f"tflite_runtime-{rec.runtime_version}-" in proc.stdout
+    env = (root / "etc/segd/segd.env").read_text()
+    assert "\nSEGD_EDGETPU_PYTHON=/opt/segd-tpu/bin/python\n" in env
+    assert load_settings(env=env_lines(env)[0]).edgetpu_python == "/opt/segd-tpu/bin/python"
+    user = run_install("--root", str(root), "--user", "--edgetpu-pair")
+    assert user.returncode == 2 and "without --user" in user.stderr
 
 
 def test_install_service_dry_run_changes_nothing(tmp_path: Path) -> None:

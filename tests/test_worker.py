@@ -117,9 +117,10 @@ def test_worker_output_equals_in_process_output(
 
 
 def test_engine_style_factory_opens_a_worker(
-    worker_env: Path, model: bytes, images: list[np.ndarray], expected: list[np.ndarray]
+    worker_env: Path, model: bytes, images: list[np.ndarray], expected: list[np.ndarray],
+    double_pairings: Path,
 ) -> None:
-    make = edgetpu_worker_factory(**FAST)
+    make = edgetpu_worker_factory(pairings=double_pairings, **FAST)
     worker = make(model, "usb:0")
     try:
         assert isinstance(worker, WorkerRunner)

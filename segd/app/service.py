@@ -174,22 +174,24 @@ class ModelSlot:
         info = runner.describe()
         if info.get("isolation") != "process":
             return None
-        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in", "devices")
+        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in", "devices", "runtime", "python", "pairing")
         return {k: info[k] for k in keys if k in info}
 
     def describe(self) -> dict[str, Any]:
+        # Once loaded, the variant that runs: tensors read from the file, or the CPU fallback.
+        v = self.primary.variant if self.primary is not None else self.variant
         doc: dict[str, Any] = {
             "name": self.name,
             "description": self.variant.description,
             "state": self.state,
             "ready": self.ready,
             "error": self.error,
-            "input_size": list(self.variant.input.hw),
+            "input_size": list(v.input.hw) if v.input.shape else None,
             "output": {
-                "kind": self.variant.output.kind,
-                "shape": list(self.variant.output.shape),
-                "stride": self.variant.output.stride,
-                "align_corners": self.variant.output.align_corners,
+                "kind": v.output.kind,
+                "shape": list(v.output.shape) or None,
+                "stride": v.output.stride,
+                "align_corners": v.output.align_corners,
             },
             "labels": list(self.variant.labels.names),
             "load_seconds": round(self.load_seconds, 3) if self.load_seconds is not None else None,
@@ -266,8 +268,9 @@ class ModelService:
         runner, selection = open_runner(
             variant, models_dir=s.models_dir, accelerator=accelerator, device=s.device,
             runtime=s.runtime, num_threads=s.threads, mirror=s.mirror, edgetpu_factory=factory,
+            edgetpu_pairing=s.edgetpu_pairing, edgetpu_pairings=s.edgetpu_pairings, gdrive_url=s.gdrive_url,
         )  # fmt: skip
-        return Segmenter(variant, runner, selection, max_pixels=s.max_pixels, decoder=self.decode_pool)
+        return Segmenter(selection.variant or variant, runner, selection, max_pixels=s.max_pixels, decoder=self.decode_pool)
 
     def _worker_factory(self) -> Any:
         """Edge TPU interpreters run in a supervised child process: libedgetpu can abort()."""
@@ -275,14 +278,15 @@ class ModelService:
 
         s = self.settings
         return edgetpu_worker_factory(
-            runtime=s.runtime, num_threads=s.threads, call_timeout=s.tpu_timeout,
+            library=s.edgetpu_library, runtime=s.runtime, num_threads=s.threads, python=s.edgetpu_python,
+            pairing=s.edgetpu_pairing, pairings=s.edgetpu_pairings, call_timeout=s.tpu_timeout,
             backoff_base=s.worker_restart_base, backoff_max=s.worker_restart_max,
             depth=s.tpu_pipeline,
         )  # fmt: skip
 
     def _pool_factory(self, one: Any) -> Any:
         """``devices = [...]``: one worker per listed Edge TPU, behind least-loaded dispatch."""
-        from segd.runtime import edgetpu
+        from segd.runtime import edgetpu, tpu_worker
         from segd.runtime.pool import resolve_devices
 
         s = self.settings
@@ -291,8 +295,13 @@ class ModelService:
             paths = resolve_devices(s.devices, edgetpu.list_devices())
             if one is not None:
                 return DevicePool.open(paths, lambda path: one(model, path))
+            decision = edgetpu.check_pairing(  # in process: this Python's runtimes
+                tpu_worker.runtime_versions(), library=s.edgetpu_library, policy=s.edgetpu_pairing,
+                pairings=s.edgetpu_pairings, preferred=s.runtime,
+            )  # fmt: skip
             return DevicePool.open(paths, lambda path: edgetpu.open_edgetpu(
-                model, device=path, runtime=s.runtime, num_threads=s.threads))  # fmt: skip
+                model, device=path, library=s.edgetpu_library, runtime=decision.runtime,
+                num_threads=s.threads))  # fmt: skip
 
         return open_pool
 
@@ -307,7 +316,10 @@ class ModelService:
             primary = self._open(slot.variant, self.settings.accelerator)
             if primary.backend == "edgetpu":
                 fallback = self._open(slot.variant, "cpu")
-                reason = self._selftest(slot, primary, fallback)
+                if fallback.variant.name != primary.variant.name:
+                    reason = self._warm_only(slot, primary, fallback)
+                else:
+                    reason = self._selftest(slot, primary, fallback)
                 if reason is not None:
                     log.error("%s: %s; serving on the CPU twin", slot.name, reason)
                     primary.close()
@@ -359,6 +371,19 @@ class ModelService:
                 log.warning("%s: self-test not enforced: the Edge TPU is segd's simulator", slot.name)
                 return None
         return f"Edge TPU self-test failed: mask agreement with the CPU twin {agreement:.4f} <= {SELFTEST_AGREEMENT}"
+
+    def _warm_only(self, slot: ModelSlot, tpu: Segmenter, cpu: Segmenter) -> str | None:
+        """An Edge-TPU-only variant's CPU fallback is another network: masks are not compared,
+        the TPU must only get through its warm-up."""
+        note = f"CPU fallback {cpu.variant.name} is a different network: masks not compared"
+        try:
+            self._warm(tpu)
+            self._warm(cpu)
+        except Exception as exc:
+            slot.selftest = {"probe": "synthetic", "passed": False, "error": getattr(exc, "detail", str(exc)), "note": note}
+            return f"Edge TPU failed its warm-up: {slot.selftest['error']}"
+        slot.selftest = {"probe": "synthetic", "passed": True, "note": note}
+        return None
 
     @staticmethod
     def _retag(seg: Segmenter, reason: str) -> Segmenter:
@@ -528,7 +553,7 @@ class ModelService:
 
         image = await cpu("decode", lambda: seg.decode(data, reduce=fmt != "overlay", header=header))
         prepared = await cpu("preprocess", lambda: seg.prepare(image, keep_aspect=keep_aspect))
-        used, raw = await self._infer(slot, prepared.tensor, timings)
+        used, raw, prepared = await self._infer(slot, image, prepared, keep_aspect, timings)
         n_classes = slot.variant.n_classes
         labels = slot.variant.labels
         keep, fill = shape.resolve(labels) if shape is not None else (None, labels.background)
@@ -549,17 +574,21 @@ class ModelService:
             await cpu("regions", shape.describe, document, mask, keep, fill)
         return Result(body, media, slot.name, used.backend, timings, document, segmentation)
 
-    async def _infer(self, slot: ModelSlot, tensor: np.ndarray, timings: dict[str, float]) -> tuple[Segmenter, np.ndarray]:
+    async def _infer(
+        self, slot: ModelSlot, image: Any, prepared: Any, keep_aspect: bool, timings: dict[str, float]
+    ) -> tuple[Segmenter, np.ndarray, Any]:
         """Run the model; when the Edge TPU fails in any way (worker died or hung, delegate error)
-        the request goes to the CPU twin if there is one, else it is a 503 naming the failure."""
+        the request goes to the CPU twin if there is one, else it is a 503 naming the failure.
+        Returns the segmenter used, its raw output and the input it was given (the CPU fallback
+        of an Edge-TPU-only variant is another network: the image is prepared again for it)."""
         primary = slot.primary
         assert primary is not None
         t = time.perf_counter()
         if slot.ready or slot.fallback is None:
             try:
-                raw = await in_thread(slot.executor, primary.infer, tensor)
+                raw = await in_thread(slot.executor, primary.infer, prepared.tensor)
                 timings["invoke"] = (time.perf_counter() - t) * 1000.0
-                return primary, raw
+                return primary, raw, prepared
             except Exception as exc:
                 if primary.backend != "edgetpu":
                     raise
@@ -573,9 +602,11 @@ class ModelService:
         if fallback is None:
             raise ModelNotReady(f"model {slot.name!r} is not ready")
         slot.fallbacks += 1
-        raw = await in_thread(slot.fallback_executor, fallback.infer, tensor)
+        if fallback.variant.name != primary.variant.name:
+            prepared = await in_thread(self.cpu_pool, lambda: fallback.prepare(image, keep_aspect=keep_aspect))
+        raw = await in_thread(slot.fallback_executor, fallback.infer, prepared.tensor)
         timings["invoke"] = (time.perf_counter() - t) * 1000.0
-        return fallback, raw
+        return fallback, raw, prepared
 
     def close(self) -> None:
         self.stopping.set()

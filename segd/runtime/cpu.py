@@ -9,13 +9,11 @@ from typing import Any
 
 from segd.errors import ModelError, RuntimeUnavailable
 from segd.runtime.base import InterpreterRunner
+from segd.runtime.tpu_worker import (  # name -> (interpreter module, distribution)
+    RUNTIMES,
+    runtime_label,
+)
 from segd.settings import env_runtime
-
-#: runtime name -> (module holding Interpreter/load_delegate, distribution name for the version)
-RUNTIMES: dict[str, tuple[str, str]] = {
-    "litert": ("ai_edge_litert.interpreter", "ai-edge-litert"),
-    "tflite_runtime": ("tflite_runtime.interpreter", "tflite-runtime"),
-}
 
 
 def runtime_module(name: str | None = None) -> tuple[str, ModuleType]:
@@ -50,16 +48,6 @@ def available_runtimes() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             found[name] = "unknown"
     return found
-
-
-def runtime_label(name: str) -> str:
-    from importlib import metadata
-
-    dist = RUNTIMES[name][1]
-    try:
-        return f"{dist} {metadata.version(dist)}"
-    except metadata.PackageNotFoundError:
-        return dist
 
 
 def make_interpreter(

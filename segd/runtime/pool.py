@@ -35,7 +35,7 @@ def resolve_devices(wanted: Sequence[str], listed: Sequence[Any]) -> list[str]:
     """Device paths for ``devices = [...]`` or ``["all"]``: "all" = every device libedgetpu
     lists; ``usb:N`` / ``pci:N`` / ``:N`` / ``usb`` / ``pci`` = that device of the current list;
     a path = itself. Each device once, in the order given."""
-    from segd.runtime.edgetpu import _select, device_option
+    from segd.runtime.edgetpu import device_option, select_device
 
     if list(wanted) == ["all"]:
         paths = [d.path for d in listed]
@@ -45,7 +45,7 @@ def resolve_devices(wanted: Sequence[str], listed: Sequence[Any]) -> list[str]:
     paths = []
     for name in wanted:
         option = device_option(name, list(listed))
-        picked = _select(option, list(listed))
+        picked = select_device(option, list(listed))
         if picked is None:
             shown = ", ".join(f"{d.type} {d.path}" for d in listed) or "none"
             raise RuntimeUnavailable(f"no Edge TPU {name!r} (libedgetpu lists: {shown})")

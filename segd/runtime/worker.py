@@ -24,13 +24,17 @@ import itertools
 import math
 import multiprocessing as mp
 import multiprocessing.connection as mpc
+import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
-from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,9 +47,10 @@ from segd.child import (
     error_payload,
     new_segment,
     rebuild_error,
-    start_child,
+    send_bytes,
 )
 from segd.errors import RequestTimeout, RuntimeUnavailable, WorkerCrashed
+from segd.runtime import tpu_worker
 from segd.runtime.base import Runner, TensorSpec
 
 RunnerFactory = Callable[[], Runner]
@@ -72,27 +77,57 @@ class EdgeTpuFactory:
         )
 
 
+@dataclass(frozen=True)
+class EdgeTpuProgram:
+    """Recipe for a worker that runs :mod:`segd.runtime.tpu_worker` as a program under
+    ``python`` (any Python with numpy and a TFLite runtime; segd need not be installed there).
+    Before the delegate is loaded, the daemon checks the libedgetpu/runtime pairing against
+    the runtimes that Python reports (:func:`segd.runtime.edgetpu.check_pairing`)."""
+
+    model_content: bytes
+    device: str | None = None
+    library: str | None = None
+    python: str | None = None  # default: the daemon's own interpreter
+    runtime: str | None = None  # preferred runtime (used by edgetpu_pairing = "trust")
+    num_threads: int | None = None
+    pairing: str = "check"
+    pairings: Path | None = None  # extra pairings table
+    dpkg_admindir: Path | None = None
+
+    @property
+    def executable(self) -> str:
+        return self.python or sys.executable
+
+
 def edgetpu_worker_factory(
     *, library: str | None = None, runtime: str | None = None, num_threads: int | None = None,
-    **worker_options: Any,
+    python: str | None = None, pairing: str = "check", pairings: Path | None = None,
+    dpkg_admindir: Path | None = None, **worker_options: Any,
 ) -> Callable[[bytes, str | None], WorkerRunner]:  # fmt: skip
     """A ``(model_bytes, device) -> Runner`` factory (what ``segd.engine.open_runner`` takes)
-    that opens the Edge TPU interpreter inside a WorkerRunner."""
+    that runs the Edge TPU interpreter in a WorkerRunner child under ``python``."""
     from segd.runtime.edgetpu import library_path
 
     lib = library or library_path()
 
     def make(model_content: bytes, device: str | None) -> WorkerRunner:
-        factory = EdgeTpuFactory(model_content, device, lib, runtime, num_threads)
-        return WorkerRunner(factory, **worker_options)
+        program = EdgeTpuProgram(model_content, device, lib, python, runtime, num_threads,
+                                 pairing, pairings, dpkg_admindir)  # fmt: skip
+        return WorkerRunner(program, **worker_options)
 
     return make
 
 
 # --- errors across the process boundary -----------------------------------------------------
+def _wire_spec(spec: TensorSpec) -> dict[str, Any]:
+    """A TensorSpec as the plain dict the worker protocol carries (what tpu_worker sends)."""
+    return {"name": spec.name, "index": spec.index, "shape": list(spec.shape),
+            "dtype": spec.dtype.str, "quantization": (spec.scale, spec.zero_point)}  # fmt: skip
+
+
 def _child_main(conn: mpc.Connection) -> None:
-    """Receive the factory, open the runner, report its specs, serve run requests until told
-    to stop (or the parent is gone)."""
+    """Receive the factory, open the runner, report its specs, then serve run requests with
+    the same loop as the tpu_worker program until told to stop (or the parent is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         _, factory = conn.recv()
@@ -105,46 +140,48 @@ def _child_main(conn: mpc.Connection) -> None:
         "backend": runner.backend,
         "runtime": runner.runtime,
         "device": runner.device,
-        "input": runner.input,
-        "output": runner.output,
+        "input": _wire_spec(runner.input),
+        "output": _wire_spec(runner.output),
     }
     conn.send(("ready", info))
-    message = conn.recv()
-    in_shm = SharedMemory(name=message[1])
-    out_shm = SharedMemory(name=message[2])
-    in_size, out_size = message[3], message[4]  # bytes per slot
-    conn.send(("attached",))
     try:
-        while True:
-            try:
-                message = conn.recv()
-            except EOFError:
-                break  # the parent is gone
-            if message[0] != "run":
-                break
-            _, seq, shape, dtype, slot = message
-            try:
-                tensor = np.ndarray(shape, dtype=np.dtype(dtype), buffer=in_shm.buf, offset=slot * in_size)
-                out = np.ascontiguousarray(runner.run(tensor))
-                del tensor
-                if out.nbytes > out_size:
-                    raise RuntimeError(
-                        f"output of {out.nbytes} bytes exceeds the {out_size} reserved"
-                    )
-                view = np.ndarray(out.shape, dtype=out.dtype, buffer=out_shm.buf, offset=slot * out_size)
-                view[...] = out
-                del view
-                conn.send(("ok", seq, out.shape, out.dtype.str))
-            except Exception as exc:
-                conn.send(("error", seq, *error_payload(exc)))
+        tpu_worker.serve(conn, runner)
+    except (EOFError, OSError):
+        pass  # the parent is gone
     finally:
-        in_shm.close()
-        out_shm.close()
-        runner.close()
         conn.close()
 
 
 # --- the parent ---------------------------------------------------------------------------
+class _Program:
+    """A ``subprocess.Popen`` with the parts of ``multiprocessing.Process`` _Child uses; its
+    sentinel is a pidfd, readable once the process has exited."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+        self.pid = proc.pid
+        self.sentinel = os.pidfd_open(proc.pid)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._proc.poll()
+
+    def is_alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.sentinel)
+
+
 class _Child(Child):
     """The Edge TPU child with its tensor slots and pipelined replies."""
 
@@ -201,7 +238,7 @@ class WorkerRunner:
 
     def __init__(
         self,
-        factory: RunnerFactory,
+        factory: RunnerFactory | EdgeTpuProgram,
         *,
         call_timeout: float = 30.0,
         start_timeout: float = 120.0,
@@ -242,8 +279,10 @@ class WorkerRunner:
         self.backend: str = info["backend"]
         self.runtime: str = info["runtime"]
         self.device: str | None = info["device"]
-        self.input: TensorSpec = info["input"]
-        self.output: TensorSpec = info["output"]
+        self.input: TensorSpec = TensorSpec.from_details(info["input"])
+        self.output: TensorSpec = TensorSpec.from_details(info["output"])
+        self.pairing: dict[str, Any] | None = info.get("pairing")
+        self.python: dict[str, Any] | None = info.get("python")
 
     @property
     def pid(self) -> int | None:
@@ -252,12 +291,22 @@ class WorkerRunner:
 
     def _spawn(self) -> _Child:
         """Start a child and wait until it serves; its start-up error is raised here, typed."""
+        if isinstance(self._factory, EdgeTpuProgram):
+            return self._spawn_program(self._factory)
         # The factory (model bytes included) goes through our socket, not the spawn pipe: a child
         # that dies while bootstrapping leaves a large spawn-pipe write blocked forever (CPython
         # keeps the pipe's read end open until the write ends). Pickled here, so an unpicklable
         # factory fails in the caller; sent from a thread, so a stuck child cannot block us.
         payload = ForkingPickler.dumps(("start", self._factory))
-        child, sender = start_child(self._ctx, _child_main, payload, "segd-edgetpu-worker", _Child)
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(  # type: ignore[attr-defined]
+            target=_child_main, args=(child_conn,), name="segd-edgetpu-worker", daemon=True
+        )
+        proc.start()
+        child_conn.close()  # so the parent sees EOF when the child dies
+        child = _Child(proc, parent_conn)
+        sender = threading.Thread(target=send_bytes, args=(parent_conn, payload), daemon=True)
+        sender.start()
         try:
             kind, message = child.receive(self.start_timeout)
             if kind == "timeout":
@@ -268,21 +317,84 @@ class WorkerRunner:
                 raise WorkerCrashed(f"Edge TPU worker died during start-up ({message})")
             if message[0] == "error":
                 raise rebuild_error(*message[1:])
-            info = message[1]
-            child.info = info
-            child.in_size, child.out_size = _nbytes(info["input"]), _nbytes(info["output"])
-            child.in_shm = new_segment(child.in_size * self.depth)
-            child.out_shm = new_segment(child.out_size * self.depth)
-            child.free_slots = list(range(self.depth))
-            child.conn.send(("shm", child.in_shm.name, child.out_shm.name, child.in_size, child.out_size))
-            kind, message = child.receive(self.start_timeout)
-            if kind != "msg" or message[0] != "attached":
-                raise WorkerCrashed(f"Edge TPU worker failed attaching shared memory ({message})")
+            self._attach(child, message[1])
         except BaseException:
             child.stop()
             raise
         finally:
             sender.join(5.0)
+        return child
+
+    def _attach(self, child: _Child, info: dict[str, Any]) -> None:
+        """Create the two segments (``depth`` slots each, sized from the child's report), and
+        wait for the child to map them."""
+        child.info = info
+        child.in_size = _nbytes(TensorSpec.from_details(info["input"]))
+        child.out_size = _nbytes(TensorSpec.from_details(info["output"]))
+        child.in_shm = new_segment(child.in_size * self.depth)
+        child.out_shm = new_segment(child.out_size * self.depth)
+        child.free_slots = list(range(self.depth))
+        child.conn.send(("shm", child.in_shm.name, child.out_shm.name, child.in_size, child.out_size))
+        kind, message = child.receive(self.start_timeout)
+        if kind != "msg" or message[0] != "attached":
+            raise WorkerCrashed(f"Edge TPU worker failed attaching shared memory ({message})")
+
+    def _spawn_program(self, program: EdgeTpuProgram) -> _Child:
+        """Run tpu_worker.py under ``program.python``; hear which runtimes it has, check the
+        pairing, and only then let it load the delegate (a refused pairing never loads it)."""
+        from segd.runtime import edgetpu
+
+        ours, theirs = socket.socketpair()
+        try:
+            proc = subprocess.Popen(  # -I: no PYTHONPATH, no user site, not the script's dir
+                [program.executable, "-I", tpu_worker.__file__, str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            ours.close()
+            raise RuntimeUnavailable(f"cannot start the Edge TPU worker with {program.executable}: {exc}") from exc
+        finally:
+            theirs.close()
+        conn = mpc.Connection(ours.detach())
+        child = _Child(_Program(proc), conn)
+        sender: threading.Thread | None = None
+        try:
+            kind, message = child.receive(self.start_timeout)
+            if kind == "timeout":
+                raise RuntimeUnavailable(f"Edge TPU worker did not start within {self.start_timeout:g} s")
+            if kind == "dead" or message[0] != "hello":
+                raise WorkerCrashed(f"Edge TPU worker ({program.executable}) died during start-up ({message})")
+            env = message[1]
+            decision = edgetpu.check_pairing(
+                env["runtimes"], library=program.library, policy=program.pairing,
+                pairings=program.pairings, preferred=program.runtime,
+                **({"admindir": program.dpkg_admindir} if program.dpkg_admindir else {}),
+            )  # fmt: skip
+            options = {"model": program.model_content, "library": program.library or edgetpu.library_path(),
+                       "runtime": decision.runtime, "device": program.device,
+                       "num_threads": program.num_threads}  # fmt: skip
+            payload = ForkingPickler.dumps(("start", options))
+            sender = threading.Thread(target=send_bytes, args=(conn, payload), daemon=True)
+            sender.start()
+            kind, message = child.receive(self.start_timeout)
+            if kind == "timeout":
+                raise RuntimeUnavailable(f"Edge TPU worker did not start within {self.start_timeout:g} s")
+            if kind == "dead":
+                raise WorkerCrashed(f"Edge TPU worker died during start-up ({message})")
+            if message[0] == "error":
+                raise rebuild_error(*message[1:])
+            info = dict(message[1])
+            info["pairing"] = decision.describe()
+            info["python"] = {"executable": env["python"], "version": env["python_version"], "numpy": env["numpy"]}
+            self._attach(child, info)
+        except BaseException:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(("close",))
+            child.stop(graceful=1.0)
+            raise
+        finally:
+            if sender is not None:
+                sender.join(5.0)
         return child
 
     # -- failure handling and restarts --
@@ -420,6 +532,8 @@ class WorkerRunner:
                 "input": self.input.describe(),
                 "output": self.output.describe(),
                 "isolation": "process",
+                "python": self.python,
+                "pairing": self.pairing,
                 "pid": self.pid,
                 "state": self.state,
                 "restarts": self.restarts,
@@ -465,6 +579,7 @@ def _nbytes(spec: TensorSpec) -> int:
 __all__ = [
     "SHM_PREFIX",
     "EdgeTpuFactory",
+    "EdgeTpuProgram",
     "RunnerFactory",
     "WorkerRunner",
     "backoff_delay",

@@ -50,14 +50,11 @@ class Frame:
         over the frame); thread-safe, each made once per frame."""
         with self._lock:
             if kind not in self._cache:
-                if kind == "png":
-                    self._cache[kind] = encode.encode_mask_png(self.mask, self.palette)
-                else:
-                    h, w = self.rgb.shape[:2]
-                    mask = self.mask
-                    if mask.shape != (h, w):
-                        mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
-                    self._cache[kind] = encode.encode_image(encode.overlay(self.rgb, mask, self.palette, background=self.background), "jpeg", 80)
+                mask = self.mask
+                h, w = self.rgb.shape[:2]
+                if kind == "overlay" and mask.shape != (h, w):  # a large frame was decoded DCT-scaled
+                    mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+                self._cache[kind], _ = encode.render(kind, mask, self.palette, self.rgb, "jpeg", self.background)
             return self._cache[kind]
 
 
@@ -86,8 +83,9 @@ class Source:
         self.reconnects = 0
         self.latest: Frame | None = None
         self.listeners: list[Listener] = []
-        self._pending: bytes | None = None
-        self._received_at = 0.0  # monotonic
+        self._pending: bytes | None = None  # the newest frame not yet taken (at most one)
+        self._slot = threading.Lock()  # guards _pending, the counters it changes, _wake_scheduled
+        self._wake_scheduled = False
         self._reader: FrameReader | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -158,19 +156,30 @@ class Source:
             backoff = min(backoff * 2, s.reconnect_max)
 
     def _hand_over(self, data: bytes) -> None:
+        """From the reader thread: the newest frame replaces one still waiting (dropped). The
+        frame is stored here, not in a callback, so a busy event loop never queues frames; at
+        most one wake-up is scheduled at a time."""
+        with self._slot:
+            self.received += 1
+            if self._pending is not None:
+                self.dropped += 1
+            self._pending = data
+            wake, self._wake_scheduled = not self._wake_scheduled, True
         loop = self._loop
-        if loop is not None and not loop.is_closed():
+        if wake and loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(self._deliver, data)
+                loop.call_soon_threadsafe(self._wake)
 
-    def _deliver(self, data: bytes) -> None:
-        """On the loop: the newest frame replaces one still waiting (dropped)."""
-        self.received += 1
-        if self._pending is not None:
-            self.dropped += 1
-        self._pending = data
-        self._received_at = time.monotonic()
+    def _wake(self) -> None:
+        with self._slot:
+            self._wake_scheduled = False
         self._arrived.set()
+
+    def _take(self) -> bytes | None:
+        with self._slot:
+            data, self._pending = self._pending, None
+        self._arrived.clear()
+        return data
 
     def _stall_limit(self) -> float:
         return self.settings.timeout + 1.0 / self.settings.fps
@@ -190,8 +199,7 @@ class Source:
             delay = next_at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)  # frames arriving meanwhile replace the waiting one
-            data, self._pending = self._pending, None
-            self._arrived.clear()
+            data = self._take()
             if data is None:
                 continue
             next_at = time.monotonic() + period
@@ -201,7 +209,8 @@ class Source:
         try:
             result = await self.service.segment(self.model, data, fmt="json", keep_aspect=self.settings.keep_aspect)
         except (Overloaded, ModelNotReady) as exc:
-            self.dropped += 1
+            with self._slot:
+                self.dropped += 1
             self.error = exc.detail
             return
         except SegdError as exc:

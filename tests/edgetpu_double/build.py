@@ -19,8 +19,15 @@ def compiler() -> str | None:
     return shutil.which("gcc") or shutil.which("cc")
 
 
-def build_double(out_dir: Path | str) -> Path:
-    """Compile the double into ``out_dir/libedgetpu.so.1`` and return its path."""
+def c_string(text: str) -> str:
+    """``text`` as a C string literal for a -D define (passed without a shell)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def build_double(out_dir: Path | str, version: str | None = None) -> Path:
+    """Compile the double into ``out_dir/libedgetpu.so.1`` and return its path. ``version``:
+    what its ``edgetpu_version()`` reports unless FAKE_EDGETPU_VERSION says otherwise (a
+    compile-time define, so each variant is its own file with its own sha256)."""
     cc = compiler()
     if cc is None:
         raise FileNotFoundError("no C compiler (gcc/cc) on PATH")
@@ -38,6 +45,7 @@ def build_double(out_dir: Path | str) -> Path:
         "-Wall",
         "-Wextra",
         "-Werror",
+        *([f"-DFAKE_EDGETPU_DEFAULT_VERSION={c_string(version)}"] if version is not None else []),
         "-Wl,-soname," + LIBRARY_NAME,
         "-o",
         str(out),

@@ -16,7 +16,12 @@
  *                          Unset = one USB device.
  *   FAKE_EDGETPU_DEVICES_FILE  if set, the same list is read from this file at every call
  *                          (a test plugs/unplugs the TPU of a running process).
- *   FAKE_EDGETPU_VERSION   string returned by edgetpu_version().
+ *   FAKE_EDGETPU_VERSION   string returned by edgetpu_version() (default: the compile-time
+ *                          FAKE_EDGETPU_DEFAULT_VERSION, so tests can build one library per
+ *                          libedgetpu build they stand in for: build.py's ``version=``).
+ *   FAKE_EDGETPU_MARKER    if set, tflite_plugin_create_delegate appends a line to this file
+ *                          before anything else: a test proves that load_delegate was (or
+ *                          was never) reached.
  *   FAKE_EDGETPU_MODE      what tflite_plugin_create_delegate does:
  *     auto (default)  like real libedgetpu: resolve the 'device' option ("", usb, usb:N, pci,
  *                     pci:N, :N; a path is not accepted) against FAKE_EDGETPU_DEVICES; no
@@ -292,12 +297,17 @@ EXPORT struct edgetpu_device* edgetpu_list_devices(size_t* num_devices) {
 
 EXPORT void edgetpu_free_devices(struct edgetpu_device* dev) { free(dev); }
 
+#ifndef FAKE_EDGETPU_DEFAULT_VERSION
+#define FAKE_EDGETPU_DEFAULT_VERSION \
+  "BuildLabel(COMPILER=gcc,DATE=fake,TIME=fake,CL_NUMBER=0), RuntimeVersion(14)"
+#endif
+
 EXPORT const char* edgetpu_version(void) {
   static char buf[256];
   const char* fallback =
       strcmp(env_or("FAKE_EDGETPU_MODE", ""), "latency") == 0
           ? "BuildLabel(" SIMULATED_MARK "), RuntimeVersion(14)"
-          : "BuildLabel(COMPILER=gcc,DATE=fake,TIME=fake,CL_NUMBER=0), RuntimeVersion(14)";
+          : FAKE_EDGETPU_DEFAULT_VERSION;
   snprintf(buf, sizeof buf, "%s", env_or("FAKE_EDGETPU_VERSION", fallback));
   return buf;
 }
@@ -517,6 +527,14 @@ static Mode parse_mode(const char* s) {
 
 EXPORT TfLiteDelegate* tflite_plugin_create_delegate(char** keys, char** values, size_t num_options,
                                                      void (*report_error)(const char*)) {
+  const char* marker = getenv("FAKE_EDGETPU_MARKER");
+  if (marker && *marker) {
+    FILE* f = fopen(marker, "a");
+    if (f) {
+      fprintf(f, "tflite_plugin_create_delegate pid=%ld\n", (long)getpid());
+      fclose(f);
+    }
+  }
   /* Python's Delegate declares num_options as c_int: use only the low 32 bits. */
   size_t n = num_options & 0xffffffffu;
   const char* device = "";
