@@ -12,13 +12,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from segd import postprocess, preprocess
 from segd.errors import ModelError, RequestTimeout, RuntimeUnavailable, WorkerCrashed
-from segd.preprocess import DecodedImage
+from segd.preprocess import DecodedImage, ImageHeader
 from segd.runtime import Runner, open_cpu
 from segd.settings import DEFAULT_MAX_PIXELS, check_accelerator
 from segd.variants import FileSpec, Variant, check_tensor, read_verified, resolve_file
@@ -198,6 +198,15 @@ def _open_edgetpu(
     return runner, Selection("edgetpu", spec, path, f"Edge TPU found ({where})", device=runner.device, variant=variant)
 
 
+class Decoder(Protocol):
+    """Where image bytes are decoded (e.g. segd.decode_worker.DecodePool: in a worker
+    process, so a crashing native decoder costs one request). None means in this process."""
+
+    def decode(
+        self, data: bytes, *, header: ImageHeader, reduce: int, max_pixels: int
+    ) -> DecodedImage: ...
+
+
 class Segmenter:
     """Image bytes -> class mask at the original size, for one variant on one runner."""
 
@@ -208,11 +217,13 @@ class Segmenter:
         selection: Selection | None = None,
         *,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        decoder: Decoder | None = None,
     ) -> None:
         self.variant = variant
         self.runner = runner
         self.selection = selection
         self.max_pixels = max_pixels
+        self.decoder = decoder
         self.lock = threading.Lock()
         self.input_hw = variant.input.hw
         spec = runner.input
@@ -221,23 +232,35 @@ class Segmenter:
         )
 
     @classmethod
-    def open(cls, variant: Variant, *, max_pixels: int = DEFAULT_MAX_PIXELS, **kwargs: Any) -> Segmenter:
+    def open(
+        cls, variant: Variant, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+        decoder: Decoder | None = None, **kwargs: Any,
+    ) -> Segmenter:  # fmt: skip
         runner, selection = open_runner(variant, **kwargs)
-        return cls(selection.variant or variant, runner, selection, max_pixels=max_pixels)
+        return cls(selection.variant or variant, runner, selection, max_pixels=max_pixels, decoder=decoder)
 
     @property
     def backend(self) -> str:
         return self.runner.backend
 
     # --- stages ------------------------------------------------------------------------
-    def decode(self, data: bytes, *, reduce: bool = False) -> DecodedImage:
-        """Decode (optionally at reduced JPEG scale: fine when only the mask is wanted)."""
-        factor = 1
-        if reduce:
+    def decode(
+        self, data: bytes, *, reduce: bool = False, header: ImageHeader | None = None
+    ) -> DecodedImage:
+        """Decode (optionally at reduced JPEG scale: fine when only the mask is wanted).
+        ``header``: what probe_image read from these bytes, when the caller already has it
+        (a request's header is probed once)."""
+        if header is None:
             header = preprocess.probe_image(data)
-            preprocess.check_limits(header, self.max_pixels)
-            factor = preprocess.choose_reduce(header, self.input_hw)
-        return preprocess.decode_image(data, max_pixels=self.max_pixels, reduce=factor)
+        preprocess.check_limits(header, self.max_pixels)
+        factor = preprocess.choose_reduce(header, self.input_hw) if reduce else 1
+        if self.decoder is not None:
+            return self.decoder.decode(
+                data, header=header, reduce=factor, max_pixels=self.max_pixels
+            )
+        return preprocess.decode_image(
+            data, max_pixels=self.max_pixels, reduce=factor, header=header
+        )
 
     def prepare(self, image: DecodedImage, *, keep_aspect: bool = False) -> Prepared:
         resized, box = preprocess.fit_to_input(image.rgb, self.input_hw, keep_aspect)

@@ -28,6 +28,7 @@ from segd.engine import Segmentation, Segmenter, open_runner, summary
 from segd.errors import (
     BadParameter,
     ConfigError,
+    ImageTooLarge,
     ModelNotReady,
     Overloaded,
     RequestTimeout,
@@ -37,7 +38,7 @@ from segd.errors import (
 )
 from segd.postprocess import class_pixel_counts
 from segd.runtime.pool import DevicePool
-from segd.settings import Settings
+from segd.settings import MiB, Settings
 from segd.synthetic import synthetic_jpeg
 from segd.variants import Manifest, Variant
 
@@ -69,7 +70,7 @@ class ServiceTime:
 async def in_thread(executor: Executor, fn: Any, *args: Any) -> Any:
     """Run ``fn`` on ``executor``. If the awaiting request is cancelled (timeout, client gone)
     while the thread runs, wait for the thread before unwinding: its memory stays in use until
-    it returns, so the pixel budget must not be released earlier."""
+    it returns, so the memory budget must not be released earlier."""
     job = executor.submit(fn, *args)
     try:
         return await asyncio.shield(asyncio.wrap_future(job))
@@ -80,29 +81,35 @@ async def in_thread(executor: Executor, fn: Any, *args: Any) -> Any:
         raise
 
 
-class PixelBudget:
-    """Bounds the pixels of all the images being processed at once. A request holds its image's
-    pixel count (from the header) from decode until its answer is encoded: the decoded RGB, the
-    mask and an overlay at the original size cost about 5 bytes per pixel (~200 MB for 40 MP),
-    so without this eight concurrent large images ran the daemon out of memory (1.6 GB for 8 x
-    40 MP PNGs of 2 MB each). Large images wait for each other; small ones still run together.
-    A request needing more than the whole budget runs alone."""
+class MemoryBudget:
+    """Bounds the bytes of all the requests being processed at once. A request holds what its
+    header says it may need at peak (``segd.image.decode.request_bytes``: the upload, the decoder's
+    buffers by bit depth / channels / alpha, the RGB image, the mask and the rendered answer)
+    from decode until its answer is encoded. Without it, four 10 MP 16-bit RGBA PNGs were
+    admitted together and took 2.5 GB. Large images wait for each other; small ones still run
+    together; an image that could never fit is refused up front (413)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
         self._changed = asyncio.Condition()
 
-    async def acquire(self, pixels: int) -> int:
-        need = max(1, min(pixels, self.limit))
+    def check(self, need: int, what: str) -> None:
+        if need > self.limit:
+            raise ImageTooLarge(
+                f"{what} needs about {need / MiB:.0f} MiB to process, over the memory budget of "
+                f"{self.limit / MiB:.0f} MiB (setting memory_budget)"
+            )
+
+    async def acquire(self, need: int) -> int:
         async with self._changed:
             await self._changed.wait_for(lambda: self.used + need <= self.limit)
             self.used += need
         return need
 
-    async def release(self, pixels: int) -> None:
+    async def release(self, need: int) -> None:
         async with self._changed:
-            self.used -= pixels
+            self.used -= need
             self._changed.notify_all()
 
 
@@ -222,9 +229,23 @@ class ModelService:
         if self.default not in self.slots:
             raise ConfigError(f"default model {self.default!r} is not among the served models {names}")
         self.cpu_pool = ThreadPoolExecutor(max(2, (os.cpu_count() or 1) + 1), thread_name_prefix="cpu")
-        self.pixel_budget = PixelBudget(settings.pixels_in_flight or settings.max_pixels)
+        self.memory_budget = MemoryBudget(settings.memory_budget)
+        self.decode_pool = self._decode_pool()
         self.loaded = threading.Event()
         self.stopping = threading.Event()
+
+    def _decode_pool(self) -> Any:
+        """Images are decoded in supervised worker processes, started now (they load while the
+        models do): a native decoder that crashes costs one request (400), not the daemon."""
+        s = self.settings
+        if not s.decode_isolation:
+            return None
+        from segd.decode_worker import TEST_CRASH_MARKER, DecodePool
+
+        return DecodePool(
+            s.decode_workers, timeout=s.request_timeout, backoff_base=s.worker_restart_base,
+            backoff_max=s.worker_restart_max, crash_marker=TEST_CRASH_MARKER if s.test_hooks else None,
+        )  # fmt: skip
 
     # --- loading -----------------------------------------------------------------------
     def load_all(self) -> None:
@@ -249,7 +270,7 @@ class ModelService:
             runtime=s.runtime, num_threads=s.threads, mirror=s.mirror, edgetpu_factory=factory,
             edgetpu_pairing=s.edgetpu_pairing, edgetpu_pairings=s.edgetpu_pairings, gdrive_url=s.gdrive_url,
         )  # fmt: skip
-        return Segmenter(selection.variant or variant, runner, selection, max_pixels=s.max_pixels)
+        return Segmenter(selection.variant or variant, runner, selection, max_pixels=s.max_pixels, decoder=self.decode_pool)
 
     def _worker_factory(self) -> Any:
         """Edge TPU interpreters run in a supervised child process: libedgetpu can abort()."""
@@ -500,20 +521,25 @@ class ModelService:
     async def _budgeted(
         self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str, shape: regions.Shape | None
     ) -> Result:
-        """The pipeline, once the image's pixels fit in the budget (header probed off the loop;
+        """The pipeline, once what the image needs fits in the memory budget (header probed off the loop;
         bad or oversized images are refused here without waiting)."""
         loop = asyncio.get_running_loop()
         header = await loop.run_in_executor(self.cpu_pool, preprocess.probe_image, data)
         preprocess.check_limits(header, self.settings.max_pixels)
-        held = await self.pixel_budget.acquire(header.pixels)
+        reduce = preprocess.choose_reduce(header, slot.variant.input.hw) if fmt != "overlay" else 1
+        output = f"overlay-{overlay_format}" if fmt == "overlay" else fmt
+        need = preprocess.request_bytes(header, reduce=reduce, output=output, upload=len(data))
+        self.memory_budget.check(need, f"this {header.width}x{header.height} {header.format.upper()} image")
+        held = await self.memory_budget.acquire(need)
         try:
-            return await self._pipeline(slot, data, fmt, keep_aspect, overlay_format, shape)
+            return await self._pipeline(slot, data, header, fmt, keep_aspect, overlay_format, shape)
         finally:
-            await self.pixel_budget.release(held)
+            await self.memory_budget.release(held)
 
     async def _pipeline(
-        self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str, shape: regions.Shape | None
-    ) -> Result:
+        self, slot: ModelSlot, data: bytes, header: preprocess.ImageHeader, fmt: str, keep_aspect: bool,
+        overlay_format: str, shape: regions.Shape | None,
+    ) -> Result:  # fmt: skip
         seg = slot.primary
         assert seg is not None
         timings: dict[str, float] = {}
@@ -525,7 +551,7 @@ class ModelService:
             timings[name] = (clock() - t) * 1000.0
             return out
 
-        image = await cpu("decode", lambda: seg.decode(data, reduce=fmt != "overlay"))
+        image = await cpu("decode", lambda: seg.decode(data, reduce=fmt != "overlay", header=header))
         prepared = await cpu("preprocess", lambda: seg.prepare(image, keep_aspect=keep_aspect))
         used, raw, prepared = await self._infer(slot, image, prepared, keep_aspect, timings)
         n_classes = slot.variant.n_classes
@@ -541,7 +567,7 @@ class ModelService:
             return mask, class_pixel_counts(mask, n_classes)
 
         mask, counts = await cpu("postprocess", finish)
-        body, media = await cpu("encode", encode.render, fmt, mask, labels.palette, image.rgb, overlay_format, fill)
+        body, media = await cpu("encode", encode.render, fmt, mask, labels.palette, image.rgb, overlay_format, fill, True)
         segmentation = Segmentation(mask, counts, image, timings, slot.name, used.backend)
         document = summary(segmentation, used)
         if shape is not None:
@@ -594,6 +620,8 @@ class ModelService:
             slot.executor.shutdown(wait=False, cancel_futures=True)
             slot.fallback_executor.shutdown(wait=False, cancel_futures=True)
         self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+        if self.decode_pool is not None:
+            self.decode_pool.close()
 
 
 __all__ = ["ModelService", "ModelSlot", "Result"]

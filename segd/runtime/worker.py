@@ -19,7 +19,6 @@ it keeps busy.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import itertools
 import math
@@ -32,44 +31,29 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
-from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segd import errors
+from segd.child import (
+    SHM_PREFIX,
+    Child,
+    backoff_delay,
+    describe_exit,
+    error_payload,
+    new_segment,
+    rebuild_error,
+    send_bytes,
+)
 from segd.errors import RequestTimeout, RuntimeUnavailable, WorkerCrashed
 from segd.runtime import tpu_worker
 from segd.runtime.base import Runner, TensorSpec
 
 RunnerFactory = Callable[[], Runner]
-
-SHM_PREFIX = "segd_"
-
-
-def backoff_delay(failures: int, base: float, maximum: float) -> float:
-    """Seconds to wait before restart number ``failures`` (1, 2, ...) in a row: base * 2^(n-1)."""
-    if failures <= 0:
-        return 0.0
-    return float(min(maximum, base * 2.0 ** min(failures - 1, 62)))
-
-
-def describe_exit(exitcode: int | None) -> str:
-    """'killed by SIGABRT', 'exited with code 3', ... for a child's exit code."""
-    if exitcode is None:
-        return "still running"
-    if exitcode < 0:
-        try:
-            return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exited with code {exitcode}"
-
 
 @dataclass(frozen=True)
 class EdgeTpuFactory:
@@ -135,27 +119,6 @@ def edgetpu_worker_factory(
 
 
 # --- errors across the process boundary -----------------------------------------------------
-def _error_payload(exc: BaseException) -> tuple[str, str, str]:
-    return type(exc).__module__, type(exc).__qualname__, str(exc)
-
-
-def _rebuild_error(module: str, qualname: str, message: str) -> Exception:
-    """The child's exception as the same type when it is one of ours or a builtin."""
-    cls: Any = None
-    if module == errors.__name__:
-        cls = getattr(errors, qualname, None)
-    elif module == "builtins":
-        cls = getattr(builtins, qualname, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
-            rebuilt: Exception = cls(message)
-            return rebuilt
-        except Exception:
-            pass  # a constructor with other arguments: fall back to a generic error
-    return RuntimeError(f"{qualname}: {message}")
-
-
-# --- the child ----------------------------------------------------------------------------
 def _wire_spec(spec: TensorSpec) -> dict[str, Any]:
     """A TensorSpec as the plain dict the worker protocol carries (what tpu_worker sends)."""
     return {"name": spec.name, "index": spec.index, "shape": list(spec.shape),
@@ -170,7 +133,7 @@ def _child_main(conn: mpc.Connection) -> None:
         _, factory = conn.recv()
         runner = factory()
     except BaseException as exc:
-        conn.send(("error", *_error_payload(exc)))
+        conn.send(("error", *error_payload(exc)))
         conn.close()
         return
     info = {
@@ -219,16 +182,12 @@ class _Program:
             os.close(self.sentinel)
 
 
-class _Child:
-    """One child process and its resources (owned by the parent)."""
+class _Child(Child):
+    """The Edge TPU child with its tensor slots and pipelined replies."""
 
     def __init__(self, proc: Any, conn: mpc.Connection) -> None:
-        self.proc = proc
-        self.conn = conn
-        self.in_shm: SharedMemory | None = None
-        self.out_shm: SharedMemory | None = None
+        super().__init__(proc, conn)
         self.in_size = self.out_size = 0  # bytes per slot
-        self.info: dict[str, Any] = {}
         # Pipelining: free slots, replies read by one caller for another, who is reading.
         self.free_slots: list[int] = []
         self.in_flight = 0
@@ -272,37 +231,6 @@ class _Child:
         if kind == "timeout":
             return kind, message
         return self.reply(seq, max(deadline - time.monotonic(), 0.001))
-
-    def receive(self, timeout: float) -> tuple[str, Any]:
-        """('msg', message) | ('dead', exit description) | ('timeout', None)."""
-        ready = mpc.wait([self.conn, self.proc.sentinel], timeout)
-        if self.conn in ready:
-            try:
-                return "msg", self.conn.recv()
-            except (EOFError, OSError):
-                pass
-        elif not ready:
-            return "timeout", None
-        self.proc.join(5)
-        return "dead", describe_exit(self.proc.exitcode)
-
-    def stop(self, graceful: float = 0.0) -> None:
-        """End the process (politely first when ``graceful``), reap it, free the segments."""
-        if graceful and self.proc.is_alive():
-            with contextlib.suppress(OSError, ValueError):
-                self.conn.send(("close",))
-            self.proc.join(graceful)
-        if self.proc.is_alive():
-            self.proc.kill()
-        self.proc.join()
-        self.proc.close()
-        self.conn.close()
-        for shm in (self.in_shm, self.out_shm):
-            if shm is not None:
-                shm.close()
-                with contextlib.suppress(FileNotFoundError):
-                    shm.unlink()
-        self.in_shm = self.out_shm = None
 
 
 class WorkerRunner:
@@ -377,7 +305,7 @@ class WorkerRunner:
         proc.start()
         child_conn.close()  # so the parent sees EOF when the child dies
         child = _Child(proc, parent_conn)
-        sender = threading.Thread(target=_send_bytes, args=(parent_conn, payload), daemon=True)
+        sender = threading.Thread(target=send_bytes, args=(parent_conn, payload), daemon=True)
         sender.start()
         try:
             kind, message = child.receive(self.start_timeout)
@@ -388,7 +316,7 @@ class WorkerRunner:
             if kind == "dead":
                 raise WorkerCrashed(f"Edge TPU worker died during start-up ({message})")
             if message[0] == "error":
-                raise _rebuild_error(*message[1:])
+                raise rebuild_error(*message[1:])
             self._attach(child, message[1])
         except BaseException:
             child.stop()
@@ -403,8 +331,8 @@ class WorkerRunner:
         child.info = info
         child.in_size = _nbytes(TensorSpec.from_details(info["input"]))
         child.out_size = _nbytes(TensorSpec.from_details(info["output"]))
-        child.in_shm = _segment(child.in_size * self.depth)
-        child.out_shm = _segment(child.out_size * self.depth)
+        child.in_shm = new_segment(child.in_size * self.depth)
+        child.out_shm = new_segment(child.out_size * self.depth)
         child.free_slots = list(range(self.depth))
         child.conn.send(("shm", child.in_shm.name, child.out_shm.name, child.in_size, child.out_size))
         kind, message = child.receive(self.start_timeout)
@@ -446,7 +374,7 @@ class WorkerRunner:
                        "runtime": decision.runtime, "device": program.device,
                        "num_threads": program.num_threads}  # fmt: skip
             payload = ForkingPickler.dumps(("start", options))
-            sender = threading.Thread(target=_send_bytes, args=(conn, payload), daemon=True)
+            sender = threading.Thread(target=send_bytes, args=(conn, payload), daemon=True)
             sender.start()
             kind, message = child.receive(self.start_timeout)
             if kind == "timeout":
@@ -454,7 +382,7 @@ class WorkerRunner:
             if kind == "dead":
                 raise WorkerCrashed(f"Edge TPU worker died during start-up ({message})")
             if message[0] == "error":
-                raise _rebuild_error(*message[1:])
+                raise rebuild_error(*message[1:])
             info = dict(message[1])
             info["pairing"] = decision.describe()
             info["python"] = {"executable": env["python"], "version": env["python_version"], "numpy": env["numpy"]}
@@ -585,7 +513,7 @@ class WorkerRunner:
                 f"Edge TPU worker {message} during the request; restarting in {delay:.1f} s"
             )
         if message[0] == "error":
-            raise _rebuild_error(*message[2:])
+            raise rebuild_error(*message[2:])
         _, _, shape, dtype = message
         count = int(np.prod(shape, dtype=np.int64))
         flat = np.frombuffer(out_buf, dtype=np.dtype(dtype), count=count, offset=slot * child.out_size)
@@ -644,21 +572,12 @@ class WorkerRunner:
         self.close()
 
 
-def _send_bytes(conn: mpc.Connection, payload: Any) -> None:
-    with contextlib.suppress(OSError, ValueError):  # the child died: receive() reports it
-        conn.send_bytes(payload)
-
-
 def _nbytes(spec: TensorSpec) -> int:
     return max(1, int(np.prod(spec.shape, dtype=np.int64)) * spec.dtype.itemsize)
 
 
-def _segment(size: int) -> SharedMemory:
-    name = f"{SHM_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}"
-    return SharedMemory(name=name, create=True, size=size)
-
-
 __all__ = [
+    "SHM_PREFIX",
     "EdgeTpuFactory",
     "EdgeTpuProgram",
     "RunnerFactory",
