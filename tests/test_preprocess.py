@@ -1060,17 +1060,26 @@ def test_identity_mapping_gives_no_lut() -> None:
 
 
 def test_coral_models_need_no_input_conversion(test_data: Path) -> None:
-    """The real models' input quantization with the manifest's mean/std is the identity."""
+    """The real models' input quantization with the manifest's mean/std is the identity.
+
+    Edge-TPU-only variants (the original coral-deeplab files) have no CPU file to read: their
+    inputs are scaled to 0..1 as the original code trained them, which is not the identity.
+    """
     from ai_edge_litert.interpreter import Interpreter
 
     manifest = tomllib.loads((REPO / "models" / "variants.toml").read_text())
+    checked = 0
     for variant in manifest["variants"].values():
+        if "cpu" not in variant["files"]:
+            continue
+        checked += 1
         cpu = test_data / variant["files"]["cpu"]["name"]
         detail = Interpreter(model_path=str(cpu)).get_input_details()[0]
         scale, zp = detail["quantization"]
         assert detail["dtype"] == np.uint8 and scale > 0
         inp = variant["input"]
         assert input_lut(inp["mean"], inp["std"], scale, zp, detail["dtype"]) is None, cpu.name
+    assert checked >= 3
 
 
 def test_quantize_identity_returns_the_input_itself() -> None:
