@@ -43,7 +43,6 @@ __all__ = [
     "decoded_hw",
     "fit_to_input",
     "input_lut",
-    "normalize_float",
     "probe_image",
     "quantize",
     "quiet_codec_warnings",
@@ -197,12 +196,3 @@ def quantize(rgb: np.ndarray, lut: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def normalize_float(
-    rgb: np.ndarray,
-    mean: tuple[float, float, float] | np.ndarray,
-    std: tuple[float, float, float] | np.ndarray,
-) -> np.ndarray:
-    """(p - mean) / std as float32 H x W x 3, for non-quantized (float input) models."""
-    lut = input_lut(mean, std, 1.0, 0, np.float32)
-    assert lut is not None
-    return quantize(rgb, lut)

@@ -390,8 +390,14 @@ def _env_value(env: Mapping[str, str], name: str) -> str | None:
 
 
 def environment() -> dict[str, str]:
-    """A copy of the process environment (``segd doctor`` layers an env file on top)."""
+    """A copy of the process environment (``segd doctor`` layers an env file on top; systemd's
+    ``NOTIFY_SOCKET``/``WATCHDOG_*`` and OpenCV's ``OPENCV_IO_*`` limits are read from it)."""
     return dict(os.environ)
+
+
+def environ_value(name: str) -> str | None:
+    """One variable another program defines (OpenCV's ``OPENCV_IO_*`` limits), read as it reads it."""
+    return os.environ.get(name)
 
 
 def _from_env(name: str) -> str | None:

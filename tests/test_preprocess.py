@@ -39,7 +39,6 @@ from segd.preprocess import (
     decode_image,
     fit_to_input,
     input_lut,
-    normalize_float,
     probe_image,
     quantize,
 )
@@ -1105,7 +1104,8 @@ def test_quantize_applies_each_channels_table(
 def test_float_input_is_normalized() -> None:
     img = np.random.default_rng(19).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
-    out = normalize_float(img, mean, std)
+    # A float input tensor (scale 1, zero point 0) goes through the same LUT path as the engine's.
+    out = quantize(img, input_lut(mean, std, 1.0, 0, np.float32))
     expected = ((img.astype(np.float64) - mean) / std).astype(np.float32)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, expected)

@@ -52,6 +52,7 @@ def serve(settings: Settings) -> None:
     protocol = connections.guarded_protocol(
         header_timeout=settings.header_timeout, body_timeout=settings.body_timeout,
         min_upload_rate=settings.min_upload_rate, max_connections=settings.max_connections,
+        retry_after=settings.retry_after,
     )  # fmt: skip
     config = uvicorn.Config(
         app,

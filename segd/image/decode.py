@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import struct
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from segd.errors import BadImage, BadParameter, ImageTooLarge, UnsupportedImage
 from segd.image.header import ImageHeader, probe_image
+from segd.settings import environ_value
 
 __all__ = [
     "ALPHA_BACKGROUND",
@@ -93,7 +93,7 @@ def quiet_codec_warnings() -> None:
 def _cv_limits() -> dict[str, int]:
     limits = dict(_CV_DEFAULT_LIMITS)
     for key in limits:
-        raw = os.environ.get(key)
+        raw = environ_value(key)
         if raw:
             with contextlib.suppress(ValueError):
                 limits[key] = int(raw)
