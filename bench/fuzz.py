@@ -2,6 +2,7 @@
 tests/test_fuzz.py; both use the same seed corpus, mutations and property).
 
     python bench/fuzz.py [--cases 10000] [--random-cases 2000] [--atheris-runs 100000] [--seed N] [--write]
+    python bench/fuzz.py --per-format SECONDS [--formats jpeg,png,bmp,gif,webp,tiff] [--seed N] [--write]
 
 Two engines:
 
@@ -12,6 +13,11 @@ Two engines:
   instrumented, so inputs that reach new branches are kept and mutated further; OpenCV's C
   decoders are exercised but not instrumented. Crashes (a non-segd exception, a signal, a
   >20 s case or >3 GB RSS) stop it with the input saved.
+
+``--per-format`` runs atheris once per format, seeded with that format's files only (APNG
+and multi-page TIFF included), each bounded in time; a crash is saved and the run continues
+from the grown corpus. It calls the decode entry point in-process (the function the daemon's
+decode workers run), so a native crash is seen as one instead of being absorbed by a worker.
 
 Exit status 0 only with zero failures. ``--write`` puts the table into docs/RELIABILITY.md.
 Test data (Coral's photos) from SEGD_TEST_DATA (default ../shared/coral-test-data).
@@ -104,8 +110,12 @@ def run_hypothesis(cases: int, random_cases: int, seed: int) -> dict[str, Any]:
     }
 
 
-def atheris_child(runs: int, seed: int, workdir: Path) -> None:
-    """Runs inside a fresh interpreter: libFuzzer owns the process and exits at the end."""
+FORMATS = ("jpeg", "png", "bmp", "gif", "webp", "tiff")
+
+
+def atheris_child(runs: int, seed: int, workdir: Path, formats: str = "", seconds: int = 0) -> None:
+    """Runs inside a fresh interpreter: libFuzzer owns the process and exits at the end.
+    ``formats``: seed only with those formats' files (comma-separated); ``seconds``: stop then."""
     import atheris
 
     with atheris.instrument_imports(include=["segd"]):
@@ -114,14 +124,18 @@ def atheris_child(runs: int, seed: int, workdir: Path) -> None:
 
     corpus_dir = workdir / "corpus"
     corpus_dir.mkdir(parents=True, exist_ok=True)
+    wanted = tuple(f for f in formats.split(",") if f)
     for name, blob in seed_corpus(data_dir()).items():
-        (corpus_dir / name).write_bytes(blob)
+        if not wanted or name.split("-")[0] in wanted:
+            (corpus_dir / name).write_bytes(blob)
 
     def test_one_input(blob: bytes) -> None:
         check_decode(blob)
 
     args = [sys.argv[0], str(corpus_dir), f"-runs={runs}", f"-seed={seed}", "-max_len=65536", "-timeout=20",
             "-rss_limit_mb=3072", "-print_final_stats=1", f"-artifact_prefix={workdir}/"]  # fmt: skip
+    if seconds:
+        args.append(f"-max_total_time={seconds}")
     atheris.Setup(args, test_one_input)
     atheris.Fuzz()
 
@@ -161,6 +175,64 @@ def run_atheris(runs: int, seed: int) -> dict[str, Any]:
     }
 
 
+def run_per_format(seconds: int, seed: int, formats: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Coverage-guided runs, one per format, each seeded with that format's files only and
+    bounded to ``seconds``. A crash stops libFuzzer: the input is saved and the run goes on
+    from the grown corpus until the time is used."""
+    rows = []
+    for fmt in formats:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            t0 = time.perf_counter()
+            cases, crashes, log, cov = 0, [], "", None
+            while (left := seconds - (time.perf_counter() - t0)) > 5:
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--atheris-child", "--atheris-runs", "-1", "--seed", str(seed),
+                     "--workdir", tmp, "--formats", fmt, "--seconds", str(int(left))],
+                    capture_output=True, text=True,
+                )  # fmt: skip
+                log = proc.stderr
+                m = re.search(r"stat::number_of_executed_units:\s+(\d+)", log)
+                done = re.findall(r"#(\d+)\s", log)
+                cases += int(m.group(1)) if m else (int(done[-1]) if done else 0)
+                found = re.findall(r"cov: (\d+) ft: (\d+) corp: (\d+)", log)
+                cov = found[-1] if found else cov
+                new = [p for p in work.iterdir() if p.name.startswith(("crash-", "timeout-", "oom-")) and p.name not in {c[0] for c in crashes}]
+                for p in new:
+                    FAILURES.mkdir(parents=True, exist_ok=True)
+                    (FAILURES / f"{fmt}-{p.name}").write_bytes(p.read_bytes())
+                    crashes.append((p.name, _crash_kind(log)))
+                if proc.returncode == 0 or not new:
+                    break  # time used (or libFuzzer stopped for a reason other than a finding)
+                seed += 1
+            rows.append({
+                "format": fmt, "cases": cases, "seconds": time.perf_counter() - t0,
+                "coverage": cov, "crashes": crashes, "seed": seed,
+            })  # fmt: skip
+            print(f"{fmt}: {cases} cases, {len(crashes)} crashes", file=sys.stderr)
+    return rows
+
+
+def _crash_kind(log: str) -> str:
+    for pattern in (r"(Uncaught Python exception: .*)", r"==\d+== ERROR: libFuzzer: (.*)", r"(libpng error: .*)"):
+        m = re.search(pattern, log)
+        if m:
+            return m.group(1).strip()[:120]
+    return "unknown"
+
+
+def report_per_format(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| format (seeds) | executions | wall s | coverage (edges / features / corpus) | crashes |",
+        "|---|---:|---:|---|---|",
+    ]
+    for r in rows:
+        cov = " / ".join(r["coverage"]) if r["coverage"] else "?"
+        crashes = "; ".join(f"`{n}`: {k}" for n, k in r["crashes"]) or "0"
+        lines.append(f"| {r['format']} | {r['cases']} | {r['seconds']:.0f} | {cov} | {crashes} |")
+    return "\n".join(lines)
+
+
 def report(results: list[dict[str, Any]]) -> str:
     lines = [
         "| engine | cases | failures | outcomes | wall s | slowest case ms | peak RSS MB |",
@@ -190,10 +262,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", action="store_true", help="update docs/RELIABILITY.md")
     p.add_argument("--atheris-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--per-format", type=int, default=0, metavar="SECONDS",
+                   help="instead: one coverage-guided atheris run per format, SECONDS each")  # fmt: skip
+    p.add_argument("--formats", default=",".join(FORMATS), help="with --per-format: which formats")
+    p.add_argument("--seconds", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.atheris_child:
-        atheris_child(args.atheris_runs, args.seed, args.workdir)
+        atheris_child(args.atheris_runs, args.seed, args.workdir, args.formats, args.seconds)
         return 0
+    if args.per_format:
+        rows = run_per_format(args.per_format, args.seed, tuple(args.formats.split(",")))
+        text = report_per_format(rows)
+        print(text)
+        if args.write:
+            from bench.report import write_section
+
+            cmd = f"`nice -n 10 .venv/bin/python bench/fuzz.py --per-format {args.per_format} --seed {args.seed}`"
+            write_section("fuzz-formats", text + f"\n\nReproduce: {cmd}", doc=DOC)
+        return 0 if all(not r["crashes"] for r in rows) else 1
     results = [run_hypothesis(args.cases, args.random_cases, args.seed)]
     if args.atheris_runs:
         try:

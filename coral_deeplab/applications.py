@@ -160,11 +160,14 @@ def _depthwise_bn(
     return _bn_activation(x, name, activation)
 
 
-def _mobilenet_v2_os16(inputs: tf.Tensor, alpha: float) -> tuple[tf.Tensor, tf.Tensor]:
+def _mobilenet_v2_os16(
+    inputs: tf.Tensor, alpha: float, skip_tap: str = "expanded_conv_2_depthwise"
+) -> tuple[tf.Tensor, tf.Tensor]:
     """MobileNetV2 at output stride 16; returns (stride-16 features, stride-4 skip features).
 
-    The skip is DeepLab's ``layer_4/depthwise_output``: the depthwise output of
-    ``expanded_conv_2``, the last stride-4 map.
+    The skip is DeepLab's ``layer_4/depthwise_output`` by default: the depthwise output of
+    ``expanded_conv_2``, the last stride-4 map; the original coral-deeplab's v3+ taps
+    ``expanded_conv_3_expand`` (after its ReLU6) instead.
     """
     x = _conv_bn(inputs, _depth(32, alpha), "Conv", kernel=3, strides=2)
     current_stride, rate = 2, 1
@@ -186,8 +189,10 @@ def _mobilenet_v2_os16(inputs: tf.Tensor, alpha: float) -> tuple[tf.Tensor, tf.T
             h = x
             if expansion != 1:
                 h = _conv_bn(h, in_channels * expansion, f"{prefix}_expand")
+                if skip_tap == f"{prefix}_expand":
+                    skip = h
             h = _depthwise_bn(h, f"{prefix}_depthwise", strides=layer_stride, dilation=layer_rate)
-            if block == 2:
+            if skip_tap == f"{prefix}_depthwise":
                 skip = h
             h = _conv_bn(h, out_channels, f"{prefix}_project", activation=None)
             if layer_stride == 1 and in_channels == out_channels:
@@ -222,6 +227,35 @@ def _logits(x: tf.Tensor, n_classes: int) -> tf.Tensor:
     )(x)
 
 
+def _original_h5(
+    weights: str | os.PathLike[str] | None, source: str, arch: str, alpha: float
+) -> str | None:
+    """The original coral-deeplab .h5 to load (then the model is built in its layout), or None.
+
+    ``weights='pascal_voc'``: by ``source`` (see :func:`coral_deeplab.original_weights.choose_source`);
+    a ``.h5`` path with ``source='coral-deeplab'``: that file, read as the original's."""
+    from coral_deeplab import original_weights
+
+    if source not in original_weights.SOURCES:
+        raise ValueError(f"source must be one of {original_weights.SOURCES}, got {source!r}")
+    if weights is None:
+        return None
+    if isinstance(weights, str) and weights == "pascal_voc":
+        path = original_weights.choose_source(source, arch, alpha)
+        return None if path is None else str(path)
+    return os.fspath(weights) if source == "coral-deeplab" else None
+
+
+def _input(height: int, width: int, original: bool) -> tuple[tf.Tensor, tf.Tensor]:
+    """The model input ``(pixel - 128) / 128``; for the original's weights, rescaled exactly to
+    the ``pixel / 255`` they were trained on."""
+    inputs = keras.Input(shape=(height, width, 3), name="image")
+    if not original:
+        return inputs, inputs
+    x = keras.layers.Rescaling(128.0 / 255.0, offset=128.0 / 255.0, name="input_to_0_1")(inputs)
+    return inputs, x
+
+
 def _load(
     model: keras.Model,
     weights: str | os.PathLike[str] | None,
@@ -229,8 +263,14 @@ def _load(
     n_classes: int,
     *,
     encoder_only: bool,
+    original_h5: str | None = None,
 ) -> None:
     if weights is None:
+        return
+    if original_h5 is not None:
+        from coral_deeplab.original_weights import apply_weights, read_h5_weights
+
+        apply_weights(model, read_h5_weights(original_h5), skip_logits=n_classes != _logits_classes(original_h5))
         return
     if isinstance(weights, str) and weights == "pascal_voc":
         from coral_deeplab.weights import load_pascal_voc
@@ -246,11 +286,21 @@ def _load(
     model.load_weights(path)
 
 
+def _logits_classes(h5: str) -> int:
+    from coral_deeplab.original_weights import read_h5_weights
+
+    for name, arrays in read_h5_weights(h5).items():
+        if name == "logits/semantic" and "bias" in arrays:
+            return int(arrays["bias"].shape[0])
+    return -1
+
+
 def CoralDeepLabV3(
     input_shape: Sequence[int] = (513, 513, 3),
     alpha: float = 1.0,
     n_classes: int = 21,
     weights: str | os.PathLike[str] | None = None,
+    source: str = "auto",
 ) -> keras.Model:
     """DeepLab v3, MobileNetV2 backbone, output stride 16, Edge-TPU-mappable.
 
@@ -258,21 +308,28 @@ def CoralDeepLabV3(
         input_shape: ``(H, W, 3)``; each side 16k+1 (like Google's 513), >= 33.
         alpha: MobileNetV2 depth multiplier, 1.0 or 0.5 (the two Google published).
         n_classes: number of classes (PASCAL VOC: 21, background included).
-        weights: None (random init), ``'pascal_voc'`` (Google's Coral PASCAL VOC model,
-            imported from its .tflite; with ``n_classes != 21`` everything but the logits
-            layer is loaded — the fine-tuning start point), or a path for ``load_weights``.
+        weights: None (random init), ``'pascal_voc'`` (PASCAL VOC weights from ``source``;
+            with ``n_classes != 21`` everything but the logits layer is loaded — the
+            fine-tuning start point), or a path (``load_weights``; with
+            ``source='coral-deeplab'`` an original coral-deeplab ``.h5``).
+        source: where ``'pascal_voc'`` comes from: ``'coral-deeplab'`` (the original's trained
+            ``.h5`` from Google Drive, md5-checked; see :mod:`coral_deeplab.original_weights`),
+            ``'google-tflite'`` (Google's Coral model, imported from its .tflite) or ``'auto'``
+            (the original's when it can be fetched, else Google's with a UserWarning).
 
-    The model takes float input ``(pixel - 128) / 128`` and returns logits
-    ``((H - 1)/16 + 1, (W - 1)/16 + 1, n_classes)``, logit ``i`` on pixel ``16 i`` — no
+    The model takes float input ``(pixel - 128) / 128`` (with the original's weights a
+    ``Rescaling`` layer first turns it into the ``pixel / 255`` they were trained on) and returns
+    logits ``((H - 1)/16 + 1, (W - 1)/16 + 1, n_classes)``, logit ``i`` on pixel ``16 i`` — no
     final upsample.
     """
     height, width, _ = validate_input_shape(input_shape)
     _check_args(alpha, n_classes)
-    inputs = keras.Input(shape=(height, width, 3), name="image")
-    features, _ = _mobilenet_v2_os16(inputs, alpha)
+    h5 = _original_h5(weights, source, "v3", alpha)
+    inputs, x = _input(height, width, h5 is not None)
+    features, _ = _mobilenet_v2_os16(x, alpha)
     outputs = _logits(_aspp(features), n_classes)
     model = keras.Model(inputs, outputs, name="CoralDeepLabV3")
-    _load(model, weights, alpha, n_classes, encoder_only=False)
+    _load(model, weights, alpha, n_classes, encoder_only=False, original_h5=h5)
     return model
 
 
@@ -281,6 +338,7 @@ def CoralDeepLabV3Plus(
     alpha: float = 1.0,
     n_classes: int = 21,
     weights: str | os.PathLike[str] | None = None,
+    source: str = "auto",
 ) -> keras.Model:
     """DeepLab v3+: the v3 encoder plus DeepLab's decoder, logits at output stride 4.
 
@@ -290,24 +348,37 @@ def CoralDeepLabV3Plus(
     ``16 i`` and skip feature ``j`` on ``4 j``, so corners align), concatenated, then two separable
     3x3 convs (depthwise + BN + ReLU, pointwise + BN + ReLU, 256 ch) and a 1x1 logits conv.
 
-    ``weights='pascal_voc'`` loads the encoder only (backbone + ASPP): Google published no
-    v3+ mobile PASCAL model, so the decoder and logits start from random initialisation.
+    ``weights='pascal_voc'`` with the original coral-deeplab's trained v3+ weights (``source``
+    ``'coral-deeplab'``, or ``'auto'`` when they can be fetched) loads the whole network, built
+    in the original's decoder layout: skip from ``expanded_conv_3_expand`` (after ReLU6) and
+    two full 3x3 convolutions ``decoder_conv0/1``. From Google's .tflite (``'google-tflite'``,
+    or ``'auto'`` offline) only the encoder is loaded (backbone + ASPP): Google published no v3+
+    mobile PASCAL model, so DeepLab's decoder and the logits start from random initialisation.
     Arguments are as for :func:`CoralDeepLabV3`. Output: ``((H - 1)/4 + 1, (W - 1)/4 + 1,
     n_classes)``, logit ``i`` on pixel ``4 i``.
     """
+    from coral_deeplab.original_weights import SKIP_TAP
+
     height, width, _ = validate_input_shape(input_shape)
     _check_args(alpha, n_classes)
-    inputs = keras.Input(shape=(height, width, 3), name="image")
-    features, skip = _mobilenet_v2_os16(inputs, alpha)
+    h5 = _original_h5(weights, source, "v3plus", alpha)
+    inputs, x = _input(height, width, h5 is not None)
+    if h5 is None:
+        features, skip = _mobilenet_v2_os16(x, alpha)
+    else:
+        features, skip = _mobilenet_v2_os16(x, alpha, skip_tap=SKIP_TAP)
     encoded = _aspp(features)
     skip_size = (int(skip.shape[1]), int(skip.shape[2]))
     skip = _conv_bn(skip, SKIP_DEPTH, "feature_projection0", activation="relu")
     up = ResizeBilinear(skip_size, align_corners=True, name="decoder_upsample")(encoded)
     x = keras.layers.Concatenate(name="decoder_concat")([up, skip])
     for i in range(2):
-        x = _depthwise_bn(x, f"decoder_conv{i}_depthwise", activation="relu")
-        x = _conv_bn(x, DECODER_DEPTH, f"decoder_conv{i}_pointwise", activation="relu")
+        if h5 is None:
+            x = _depthwise_bn(x, f"decoder_conv{i}_depthwise", activation="relu")
+            x = _conv_bn(x, DECODER_DEPTH, f"decoder_conv{i}_pointwise", activation="relu")
+        else:
+            x = _conv_bn(x, DECODER_DEPTH, f"decoder_conv{i}", kernel=3, activation="relu")
     outputs = _logits(x, n_classes)
     model = keras.Model(inputs, outputs, name="CoralDeepLabV3Plus")
-    _load(model, weights, alpha, n_classes, encoder_only=True)
+    _load(model, weights, alpha, n_classes, encoder_only=True, original_h5=h5)
     return model

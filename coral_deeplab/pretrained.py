@@ -129,8 +129,13 @@ def pascal_export(
     models_dir: Path | None = None,
     mirror: str | None = None,
     cache: Path | bool | None = None,
+    weights_source: str = "google-tflite",
 ) -> PascalExport:
     """int8 export of CoralDeepLabV3/V3Plus with ``weights='pascal_voc'``, cached on disk.
+
+    ``weights_source``: ``'google-tflite'`` (Google's Coral model, imported; v3+ gets its encoder
+    only) or ``'coral-deeplab'`` (the original coral-deeplab's trained .h5, the whole network —
+    a CPU file of the same trained network as its Edge TPU compiled file).
 
     The cache (``cache=None``: ``<coral_deeplab cache dir>/exports``; a Path: there; False: off)
     is keyed by :func:`export_cache_key`, so a cached file is reused only for the same Google
@@ -147,7 +152,16 @@ def pascal_export(
     images = list(itertools.islice(export.load_calibration_images(calibration), num_calibration))
     if not images:
         raise ValueError("no calibration images")
-    source, data = weights.source_model(alpha, models_dir=models_dir, mirror=mirror)
+    if weights_source not in ("google-tflite", "coral-deeplab"):
+        raise ValueError(f"weights_source must be google-tflite or coral-deeplab, got {weights_source!r}")
+    h5: Path | None = None
+    if weights_source == "coral-deeplab":
+        from coral_deeplab import original_weights
+
+        h5 = original_weights.fetch(variant, alpha, mirror=mirror)
+        source, data = f"coral-deeplab {h5.name}", h5.read_bytes()
+    else:
+        source, data = weights.source_model(alpha, models_dir=models_dir, mirror=mirror)
     key = export_cache_key(
         source_sha256=hashlib.sha256(data).hexdigest(), calibration=images,
         variant=variant, alpha=alpha, input_size=input_size,
@@ -163,9 +177,12 @@ def pascal_export(
     from coral_deeplab import applications
 
     builder = applications.CoralDeepLabV3 if variant == "v3" else applications.CoralDeepLabV3Plus
-    model = builder((input_size, input_size, 3), alpha=float(alpha), n_classes=21)
-    weights.load_pascal_voc(model, alpha=float(alpha), skip_logits=variant != "v3",
-                            models_dir=models_dir, mirror=mirror)  # fmt: skip
+    if h5 is not None:
+        model = builder((input_size, input_size, 3), alpha=float(alpha), n_classes=21, weights=h5, source="coral-deeplab")
+    else:
+        model = builder((input_size, input_size, 3), alpha=float(alpha), n_classes=21)
+        weights.load_pascal_voc(model, alpha=float(alpha), skip_logits=variant != "v3",
+                                models_dir=models_dir, mirror=mirror)  # fmt: skip
     tflite = export.to_tflite(model, images, num_calibration=len(images))
     if cache_path is not None:
         try:
@@ -194,31 +211,38 @@ def build(
     num_calibration: int = 32,
     compile: bool = True,
     cache: Path | bool | None = None,
+    weights_source: str = "google-tflite",
 ) -> tuple[PascalExport, PublishResult]:
     """Pretrained import -> int8 export -> check -> compile when possible -> publish.
 
     ``variant='v3plus'`` publishes a model whose decoder and logits are untrained (Google
     published no v3+ mobile PASCAL model; only the encoder is imported): a starting point for
     training, whose masks are meaningless until it is trained. The description says so.
+    With ``weights_source='coral-deeplab'`` the original's trained weights are used instead
+    (v3 and v3+, whole network; see :func:`pascal_export`).
     """
     from segd.variants import load_manifest
 
     _check_args(variant, alpha, input_size)
-    name = name or default_build_name(variant, alpha, input_size)
+    name = name or default_build_name(variant, alpha, input_size) + ("_original" if weights_source == "coral-deeplab" else "")
     if not NAME_PATTERN.fullmatch(name):
         raise PublishError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
     built = pascal_export(
         variant=variant, alpha=alpha, input_size=input_size, calibration=calibration,
         num_calibration=num_calibration, models_dir=models_dir, mirror=mirror, cache=cache,
+        weights_source=weights_source,
     )  # fmt: skip
-    source = load_manifest(models_dir=models_dir).get(built.source)
+    from coral_deeplab.weights import PASCAL_VARIANTS
+
+    # PASCAL VOC labels: from Google's variant (also for the original's weights, same 21 classes)
+    source = load_manifest(models_dir=models_dir).get(PASCAL_VARIANTS[float(alpha)])
     arch = "DeepLab v3" if variant == "v3" else "DeepLab v3+"
     description = (
         f"coral_deeplab {arch}, MobileNetV2 depth multiplier {float(alpha)}, "
         f"{input_size}x{input_size}, PASCAL VOC weights imported from {built.source}, "
         f"int8 export calibrated on {built.n_calibration} images"
     )
-    if variant == "v3plus":
+    if variant == "v3plus" and weights_source != "coral-deeplab":
         description += "; ONLY THE ENCODER IS PRETRAINED: decoder and logits are untrained"
     result = publish(
         built.tflite, name=name, labels=source.labels.names, palette="voc",

@@ -29,6 +29,10 @@ exact rather than callbacks around ``fit``):
 
 This module imports TensorFlow only inside :func:`train`, so ``segd``'s command line can list
 ``segd train`` without loading it.
+
+One module (~530 lines) on purpose: the run's options (:class:`TrainConfig`), its steps and its
+command line are one API read together; the pieces the steps call live in ``data``, ``losses``
+and ``export``.
 """
 
 from __future__ import annotations

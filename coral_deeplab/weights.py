@@ -139,6 +139,7 @@ def source_model(
             f"available: {sorted(PASCAL_VARIANTS)}"
         ) from None
     spec = variants.load_manifest(models_dir=models_dir).get(name).cpu
+    assert spec is not None, f"{name} has a CPU file in the built-in manifest"
     path = variants.resolve_file(spec, models_dir, mirror=mirror)
     return name, variants.read_verified(path, spec)
 

@@ -511,7 +511,8 @@ def check_models(
     the daemon gets (for the service: with /etc/segd/segd.env applied)."""
     from segd.errors import SegdError
     from segd.install import hidden_from_service
-    from segd.variants import default_models_dir, load_manifest, sha256_file
+    from segd.pins import file_digests, problem
+    from segd.variants import default_models_dir, load_manifest
 
     mdir = settings.models_dir or default_models_dir()
     try:
@@ -546,22 +547,29 @@ def check_models(
                                  "fix SEGD_MODELS; `segd models list` shows the variants"))  # fmt: skip
             continue
         variant = manifest.variants[name]
-        specs = [(variant.cpu, True)]
+        try:
+            cpu_spec = variant.cpu_variant().cpu
+        except SegdError as exc:
+            found.append(Finding("models", "error", f"{name}: {exc.detail}", "fix the manifest"))
+            continue
+        assert cpu_spec is not None
+        specs = [(cpu_spec, True)]
         if variant.edgetpu is not None and settings.accelerator != "cpu":
             specs.append((variant.edgetpu, tpu_usable or settings.accelerator == "edgetpu"))
         for spec, needed in specs:
             path = mdir / spec.name
-            source = mirror or spec.url or "nowhere"
+            drive = f"Google Drive (file {spec.gdrive_id})" if spec.gdrive_id else None
+            source = mirror or spec.url or drive or "nowhere"
             if not path.is_file():
                 level = "warn" if needed else "info"
-                if not (mirror or spec.url):
+                if not (mirror or spec.url or drive):
                     level = "error" if needed else "info"
                 what = "" if needed else " (only used with an Edge TPU)"
                 found.append(Finding("models", level, f"{name}: {spec.name} is not in {mdir}{what}; segd fetches it at start-up from {source}",
                                      f"to fetch it now: {SEGD} models pull {name} --models-dir {mdir}"))  # fmt: skip
                 continue
             try:
-                digest = sha256_file(path)
+                digest, md5 = file_digests(path)
             except OSError as exc:
                 found.append(
                     Finding(
@@ -572,20 +580,26 @@ def check_models(
                     )
                 )
                 continue
-            if digest != spec.sha256:
-                found.append(Finding("models", "error", f"{name}: {path} has sha256 {digest[:16]}…, the manifest says {spec.sha256[:16]}… (corrupt or replaced); segd refuses to load it",
+            if spec.sha256:
+                wrong = None if digest == spec.sha256 else (
+                    f"{path} has sha256 {digest[:16]}…, the manifest says {spec.sha256[:16]}… (corrupt or replaced)")
+            else:
+                wrong = problem(spec, mdir, digest, md5)
+            if wrong is not None:
+                found.append(Finding("models", "error", f"{name}: {wrong}; segd refuses to load it",
                                      f"{SEGD} models pull {name} --force --models-dir {mdir}"))  # fmt: skip
             else:
                 found.append(
                     Finding(
                         "models",
                         "ok",
-                        f"{name}: {spec.name} present, sha256 {digest[:12]}… matches",
+                        f"{name}: {spec.name} present, sha256 {digest[:12]}… matches"
+                        + ("" if spec.sha256 else " (its pin, or the publisher's md5)"),
                     )
                 )
     others = [n for n in manifest.variants if n not in names]
     if others:
-        present = [n for n in others if (mdir / manifest.variants[n].cpu.name).is_file()]
+        present = [n for n in others if all((mdir / f.name).is_file() for f in manifest.variants[n].files())]
         found.append(
             Finding(
                 "models",

@@ -12,13 +12,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from segd import postprocess, preprocess
 from segd.errors import ModelError, RequestTimeout, RuntimeUnavailable, WorkerCrashed
-from segd.preprocess import DecodedImage
+from segd.preprocess import DecodedImage, ImageHeader
 from segd.runtime import Runner, open_cpu
 from segd.settings import DEFAULT_MAX_PIXELS, check_accelerator
 from segd.variants import FileSpec, Variant, check_tensor, read_verified, resolve_file
@@ -35,6 +35,9 @@ class Selection:
     path: Path
     reason: str
     device: str | None = None
+    #: The variant that runs: the requested one (with tensors read from the file when its
+    #: manifest entry leaves them out), or the CPU fallback of an Edge-TPU-only variant.
+    variant: Variant | None = None
 
 
 @dataclass
@@ -72,6 +75,17 @@ def model_bytes(variant: Variant, spec: FileSpec, path: Path) -> bytes:
     return strip_model_tail(data) if variant.output.strip_tail else data
 
 
+def settle(variant: Variant, spec: FileSpec, path: Path) -> tuple[Variant, bytes]:
+    """Verified model bytes, and the variant with its tensors read from them when its manifest
+    entry leaves them out (sanity-checked, :mod:`segd.model_io`)."""
+    data = model_bytes(variant, spec, path)
+    if variant.tensors_from_file:
+        from segd.model_io import read_tensors
+
+        variant = read_tensors(variant, data, str(path))
+    return variant, data
+
+
 def check_runner(variant: Variant, runner: Runner, path: Path) -> None:
     """The loaded model's tensors must be what the manifest says."""
     check_tensor(str(path), "input", runner.input.shape, runner.input.dtype,
@@ -97,6 +111,7 @@ def open_runner(
     edgetpu_factory: EdgeTpuOpener | None = None,
     edgetpu_pairing: str = "check",
     edgetpu_pairings: Path | None = None,
+    gdrive_url: str | None = None,
 ) -> tuple[Runner, Selection]:
     """Open the Edge TPU file when a device is there and usable, else the CPU twin.
 
@@ -104,7 +119,9 @@ def open_runner(
     (fail with the reason instead of falling back) or "cpu". ``edgetpu_factory(model, device)``
     replaces the in-process delegate, e.g. with a crash-isolated worker process (which checks
     the libedgetpu/runtime pairing itself); in process, ``edgetpu_pairing`` / ``edgetpu_pairings``
-    decide it (:func:`segd.runtime.edgetpu.check_pairing`).
+    decide it (:func:`segd.runtime.edgetpu.check_pairing`). An Edge-TPU-only variant runs on the
+    CPU as its declared ``cpu_fallback`` variant (a different network); ``Selection.variant`` is
+    then that variant and the reason says so.
     """
     check_accelerator(accelerator)
     reason = "CPU requested"
@@ -119,7 +136,7 @@ def open_runner(
                     variant, variant.edgetpu, models_dir=models_dir, device=device,
                     runtime=runtime, num_threads=num_threads, mirror=mirror,
                     download=download, factory=edgetpu_factory, pairing=edgetpu_pairing,
-                    pairings=edgetpu_pairings,
+                    pairings=edgetpu_pairings, gdrive_url=gdrive_url,
                 )  # fmt: skip
             except (RuntimeUnavailable, WorkerCrashed, RequestTimeout, ModelError) as exc:
                 # auto: anything wrong on the Edge TPU side (no library or device, a delegate
@@ -128,10 +145,19 @@ def open_runner(
                 if accelerator == "edgetpu":
                     raise
                 reason = exc.detail if isinstance(exc, RuntimeUnavailable) else f"Edge TPU unusable: {exc.detail}"
-    path = resolve_file(variant.cpu, models_dir, mirror=mirror, download=download)
-    runner = open_cpu(model_bytes(variant, variant.cpu, path), runtime=runtime, num_threads=num_threads)
-    check_runner(variant, runner, path)
-    return runner, Selection("cpu", variant.cpu, path, reason)
+    served = variant.cpu_variant()
+    if served is not variant:
+        reason += (
+            f"; {variant.name} is Edge TPU only, so its declared CPU fallback {served.name} serves "
+            f"(a different network: {served.description})"
+        )
+    spec = served.cpu
+    assert spec is not None
+    path = resolve_file(spec, models_dir, mirror=mirror, download=download, gdrive_url=gdrive_url)
+    served, data = settle(served, spec, path)
+    runner = open_cpu(data, runtime=runtime, num_threads=num_threads)
+    check_runner(served, runner, path)
+    return runner, Selection("cpu", spec, path, reason, variant=served)
 
 
 def _open_edgetpu(
@@ -147,14 +173,15 @@ def _open_edgetpu(
     factory: EdgeTpuOpener | None,
     pairing: str = "check",
     pairings: Path | None = None,
+    gdrive_url: str | None = None,
 ) -> tuple[Runner, Selection]:
     from segd.runtime import edgetpu, tpu_worker
 
     status = edgetpu.library_status()
     if status.reason is not None:
         raise RuntimeUnavailable(status.reason)
-    path = resolve_file(spec, models_dir, mirror=mirror, download=download)
-    data = model_bytes(variant, spec, path)
+    path = resolve_file(spec, models_dir, mirror=mirror, download=download, gdrive_url=gdrive_url)
+    variant, data = settle(variant, spec, path)
     if factory is not None:
         runner = factory(data, device)
     else:
@@ -168,7 +195,16 @@ def _open_edgetpu(
         runner.close()
         raise
     where = runner.device or device or "first device"
-    return runner, Selection("edgetpu", spec, path, f"Edge TPU found ({where})", device=runner.device)
+    return runner, Selection("edgetpu", spec, path, f"Edge TPU found ({where})", device=runner.device, variant=variant)
+
+
+class Decoder(Protocol):
+    """Where image bytes are decoded (e.g. segd.decode_worker.DecodePool: in a worker
+    process, so a crashing native decoder costs one request). None means in this process."""
+
+    def decode(
+        self, data: bytes, *, header: ImageHeader, reduce: int, max_pixels: int
+    ) -> DecodedImage: ...
 
 
 class Segmenter:
@@ -181,11 +217,13 @@ class Segmenter:
         selection: Selection | None = None,
         *,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        decoder: Decoder | None = None,
     ) -> None:
         self.variant = variant
         self.runner = runner
         self.selection = selection
         self.max_pixels = max_pixels
+        self.decoder = decoder
         self.lock = threading.Lock()
         self.input_hw = variant.input.hw
         spec = runner.input
@@ -194,23 +232,35 @@ class Segmenter:
         )
 
     @classmethod
-    def open(cls, variant: Variant, *, max_pixels: int = DEFAULT_MAX_PIXELS, **kwargs: Any) -> Segmenter:
+    def open(
+        cls, variant: Variant, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+        decoder: Decoder | None = None, **kwargs: Any,
+    ) -> Segmenter:  # fmt: skip
         runner, selection = open_runner(variant, **kwargs)
-        return cls(variant, runner, selection, max_pixels=max_pixels)
+        return cls(selection.variant or variant, runner, selection, max_pixels=max_pixels, decoder=decoder)
 
     @property
     def backend(self) -> str:
         return self.runner.backend
 
     # --- stages ------------------------------------------------------------------------
-    def decode(self, data: bytes, *, reduce: bool = False) -> DecodedImage:
-        """Decode (optionally at reduced JPEG scale: fine when only the mask is wanted)."""
-        factor = 1
-        if reduce:
+    def decode(
+        self, data: bytes, *, reduce: bool = False, header: ImageHeader | None = None
+    ) -> DecodedImage:
+        """Decode (optionally at reduced JPEG scale: fine when only the mask is wanted).
+        ``header``: what probe_image read from these bytes, when the caller already has it
+        (a request's header is probed once)."""
+        if header is None:
             header = preprocess.probe_image(data)
-            preprocess.check_limits(header, self.max_pixels)
-            factor = preprocess.choose_reduce(header, self.input_hw)
-        return preprocess.decode_image(data, max_pixels=self.max_pixels, reduce=factor)
+        preprocess.check_limits(header, self.max_pixels)
+        factor = preprocess.choose_reduce(header, self.input_hw) if reduce else 1
+        if self.decoder is not None:
+            return self.decoder.decode(
+                data, header=header, reduce=factor, max_pixels=self.max_pixels
+            )
+        return preprocess.decode_image(
+            data, max_pixels=self.max_pixels, reduce=factor, header=header
+        )
 
     def prepare(self, image: DecodedImage, *, keep_aspect: bool = False) -> Prepared:
         resized, box = preprocess.fit_to_input(image.rgb, self.input_hw, keep_aspect)

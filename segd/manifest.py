@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,11 @@ RAW_BYTES_MEAN_STD = (128.0, 128.0, 128.0)
 @dataclass(frozen=True)
 class FileSpec:
     name: str
-    sha256: str
+    sha256: str  # "" when the publisher gave only an md5: then pinned on first use (segd.pins)
     size: int | None = None
     url: str | None = None
+    md5: str | None = None  # the publisher's md5 (checked once, then the sha256 pin rules)
+    gdrive_id: str | None = None  # Google Drive file id to download from (segd.gdrive)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class InputSpec:
 
     @property
     def hw(self) -> tuple[int, int]:
+        if not self.shape:
+            raise ValueError("input shape not known yet: the manifest says to read it from the file")
         return int(self.shape[1]), int(self.shape[2])
 
 
@@ -72,10 +77,27 @@ class Variant:
     labels: Labels
     input: InputSpec
     output: OutputSpec
-    cpu: FileSpec
+    cpu: FileSpec | None  # None: an Edge-TPU-only file, served on the CPU by ``cpu_fallback``
     edgetpu: FileSpec | None = None
     source: Path | None = None  # manifest file it came from
     build: Mapping[str, Any] | None = field(default=None, compare=False)  # provenance table
+    cpu_fallback: str | None = None  # variant that serves when this one's Edge TPU file cannot
+    #: ``cpu_fallback`` resolved by load_manifest (None when the variant has its own CPU file).
+    fallback: Variant | None = field(default=None, compare=False, repr=False)
+
+    def cpu_variant(self) -> Variant:
+        """The variant whose CPU file serves this one without an Edge TPU: itself, or the
+        declared ``cpu_fallback`` (a different network, e.g. Google's model of the same size)."""
+        if self.cpu is not None:
+            return self
+        if self.fallback is None or self.fallback.cpu is None:
+            raise ModelError(f"{self.name}: Edge TPU only, and its cpu_fallback {self.cpu_fallback!r} has no CPU file")
+        return self.fallback
+
+    @property
+    def tensors_from_file(self) -> bool:
+        """The manifest leaves input/output shapes to be read from the file (segd.model_io)."""
+        return not self.input.shape or not self.output.shape
 
     @property
     def n_classes(self) -> int:
@@ -148,7 +170,23 @@ def load_manifest(
             continue
         manifest.variants, manifest.default, labels = trial.variants, trial.default, trial_labels
         manifest.sources.append(path)
+    _link_fallbacks(manifest)
     return manifest
+
+
+def _link_fallbacks(manifest: Manifest) -> None:
+    """Resolve each ``cpu_fallback`` name to its variant; a variant whose fallback is unknown
+    or has no CPU file itself is dropped and reported (it could not run without a TPU)."""
+    for name, v in list(manifest.variants.items()):
+        if v.cpu_fallback is None:
+            continue
+        target = manifest.variants.get(v.cpu_fallback)
+        if target is None or target.cpu is None:
+            manifest.problems.append(f"{v.source}: variants.{name}: cpu_fallback {v.cpu_fallback!r} is not a variant with a CPU file")
+            log.error("skipping variant %s", manifest.problems[-1])
+            del manifest.variants[name]
+            continue
+        manifest.variants[name] = replace(v, fallback=target)
 
 
 def merge_manifest(manifest: Manifest, labels: dict[str, Labels], path: Path) -> None:
@@ -180,29 +218,32 @@ def _variant(name: str, t: dict[str, Any], labels: dict[str, Labels], path: Path
         i, o, files = t["input"], t["output"], t["files"]
         output = OutputSpec(
             kind=str(o["kind"]),
-            shape=tuple(int(x) for x in o["shape"]),
-            dtype=str(o["dtype"]),
+            shape=tuple(int(x) for x in o.get("shape", ())),
+            dtype=str(o.get("dtype", "")),
             stride=int(o["stride"]) if "stride" in o else None,
             align_corners=bool(o.get("align_corners", True)),
             strip_tail=bool(o.get("strip_tail", False)),
         )
         if output.kind not in ("logits", "argmax"):
             raise ModelError(f"{where}: output.kind must be 'logits' or 'argmax', not {output.kind!r}")
+        if "cpu" not in files and not ("edgetpu" in files and t.get("cpu_fallback")):
+            raise ModelError(f"{where}: needs files.cpu, or files.edgetpu and a cpu_fallback variant")
         return Variant(
             name=name,
             description=str(t.get("description", "")),
             labels=lab_obj,
             input=InputSpec(
-                shape=tuple(int(x) for x in i["shape"]),
-                dtype=str(i["dtype"]),
+                shape=tuple(int(x) for x in i.get("shape", ())),
+                dtype=str(i.get("dtype", "")),
                 mean=_triple(i.get("mean", 128.0)),
                 std=_triple(i.get("std", 128.0)),
             ),
             output=output,
-            cpu=_file(files["cpu"]),
+            cpu=_file(files["cpu"]) if "cpu" in files else None,
             edgetpu=_file(files["edgetpu"]) if "edgetpu" in files else None,
             source=path,
             build=dict(t["build"]) if isinstance(t.get("build"), dict) else None,
+            cpu_fallback=str(t["cpu_fallback"]) if t.get("cpu_fallback") else None,
         )
     except KeyError as exc:
         raise ModelError(f"{where}: missing key {exc}") from None
@@ -218,12 +259,25 @@ def _triple(v: Any) -> tuple[float, float, float]:
 
 
 def _file(t: dict[str, Any]) -> FileSpec:
+    sha256, md5 = str(t.get("sha256", "")).lower(), str(t.get("md5", "")).lower() or None
+    if not sha256 and not md5:
+        raise ValueError(f"file {t.get('name')!r}: give its sha256 (or at least the publisher's md5)")
+    if sha256 and not _HEX64.fullmatch(sha256):
+        raise ValueError(f"file {t.get('name')!r}: sha256 must be 64 hex digits")
+    if md5 and not _HEX32.fullmatch(md5):
+        raise ValueError(f"file {t.get('name')!r}: md5 must be 32 hex digits")
     return FileSpec(
         name=str(t["name"]),
-        sha256=str(t["sha256"]).lower(),
+        sha256=sha256,
         size=int(t["size"]) if "size" in t else None,
         url=str(t["url"]) if t.get("url") else None,
+        md5=md5,
+        gdrive_id=str(t["gdrive_id"]) if t.get("gdrive_id") else None,
     )
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 # --- dump ----------------------------------------------------------------------------------
@@ -241,32 +295,52 @@ def _palette_spec(labels: Labels) -> str | list[list[int]]:
 
 
 def _file_table(spec: FileSpec) -> dict[str, Any]:
-    table: dict[str, Any] = {"name": spec.name, "sha256": spec.sha256}
+    table: dict[str, Any] = {"name": spec.name}
+    if spec.sha256:
+        table["sha256"] = spec.sha256
+    if spec.md5:
+        table["md5"] = spec.md5
     if spec.size is not None:
         table["size"] = spec.size
     if spec.url:
         table["url"] = spec.url
+    if spec.gdrive_id:
+        table["gdrive_id"] = spec.gdrive_id
     return table
 
 
 def variant_table(v: Variant) -> dict[str, Any]:
     """A Variant as its ``[variants.NAME]`` table (labels inline) — what :func:`load_manifest`
     reads back into an equal Variant."""
-    output: dict[str, Any] = {"kind": v.output.kind, "shape": list(v.output.shape), "dtype": v.output.dtype}
+    # Shapes and dtypes left out (empty) are read from the file at load (segd.model_io).
+    output: dict[str, Any] = {"kind": v.output.kind}
+    if v.output.shape:
+        output["shape"] = list(v.output.shape)
+    if v.output.dtype:
+        output["dtype"] = v.output.dtype
     if v.output.stride is not None:
         output["stride"] = v.output.stride
     output.update(align_corners=v.output.align_corners, strip_tail=v.output.strip_tail)
-    files = {"cpu": _file_table(v.cpu)}
+    files: dict[str, Any] = {}
+    if v.cpu is not None:
+        files["cpu"] = _file_table(v.cpu)
     if v.edgetpu is not None:
         files["edgetpu"] = _file_table(v.edgetpu)
+    inp: dict[str, Any] = {}
+    if v.input.shape:
+        inp["shape"] = list(v.input.shape)
+    if v.input.dtype:
+        inp["dtype"] = v.input.dtype
+    inp.update(mean=list(v.input.mean), std=list(v.input.std))
     table: dict[str, Any] = {
         "description": v.description,
         "labels": {"names": list(v.labels.names), "palette": _palette_spec(v.labels)},
-        "input": {"shape": list(v.input.shape), "dtype": v.input.dtype,
-                  "mean": list(v.input.mean), "std": list(v.input.std)},
+        "input": inp,
         "output": output,
         "files": files,
     }  # fmt: skip
+    if v.cpu_fallback:
+        table["cpu_fallback"] = v.cpu_fallback
     if v.build:
         table["build"] = dict(v.build)
     return table

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from segd.engine import Segmenter
 from segd.errors import ModelNotFound, UnknownModel
-from segd.variants import Variant, builtin_manifest, load_manifest, sha256_file
+from segd.pins import file_digests
+from segd.variants import FileSpec, Variant, builtin_manifest, load_manifest, sha256_file
 
 __all__ = ["is_path", "open_segmenter", "variant_for_file"]
 
@@ -40,10 +41,19 @@ def variant_for_file(path: Path, models_dir: Path | None = None) -> Variant:
         manifest = load_manifest(paths=paths)
         candidates += [v for v in manifest.variants.values() if v.source == beside]
     candidates += list(load_manifest(models_dir=models_dir).variants.values())
+    md5: list[str] = []  # computed once, only if an md5-only entry needs it
+
+    def same(spec: FileSpec) -> bool:
+        if spec.sha256:
+            return spec.sha256 == digest
+        if not md5:
+            md5.append(file_digests(path)[1])
+        return spec.md5 == md5[0]  # the publisher's md5 (read_verified then pins the sha256)
+
     for variant in candidates:
-        if variant.cpu.sha256 == digest:
+        if variant.cpu is not None and same(variant.cpu):
             return replace(variant, cpu=replace(variant.cpu, name=path.name))
-        if variant.edgetpu is not None and variant.edgetpu.sha256 == digest:
+        if variant.edgetpu is not None and same(variant.edgetpu):
             # The CPU twin is needed as a fallback; it keeps its manifest name beside it.
             return replace(variant, edgetpu=replace(variant.edgetpu, name=path.name))
     raise UnknownModel(

@@ -35,6 +35,8 @@ DEFAULT_MAX_PIXELS = 40_000_000
 ACCELERATORS = ("auto", "cpu", "edgetpu")
 #: What serves when the Edge TPU worker dies.
 TPU_FALLBACKS = ("cpu", "503")
+#: Google Drive's download endpoint (files a manifest gives a ``gdrive_id``, segd.gdrive).
+DEFAULT_GDRIVE_URL = "https://drive.google.com/uc"
 #: Which libedgetpu/runtime pairs the Edge TPU worker loads: known-good ones only, or any.
 EDGETPU_PAIRINGS = ("check", "trust")
 #: How a camera is read: an ffmpeg subprocess, HTTP multipart, or a polled still image.
@@ -88,6 +90,7 @@ class Settings:
     models_dir: Path | None = None
     # directory or base URL to fetch missing model files from
     mirror: str | None = field(default=None, metadata={"env": "SEGD_MODEL_MIRROR", "deprecated_env": "SEGD_MIRROR"})
+    gdrive_url: str = DEFAULT_GDRIVE_URL  # Google Drive download endpoint (segd.gdrive)
     models: list[str] = field(default_factory=list)  # variants to serve (default: the default one)
     default_model: str | None = None  # default: the manifest's default (or the first served)
     accelerator: str = "auto"  # auto | cpu | edgetpu
@@ -106,7 +109,7 @@ class Settings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     queue_size: int = 0  # optional hard cap on requests admitted per variant; 0: admit by expected wait only
     upload_budget_bytes: int = 64 * MiB  # request bodies held in memory at once, all requests; more -> 503
-    pixels_in_flight: int = 0  # image pixels processed at once, all requests (0: max_pixels); more wait
+    memory_budget: int = 448 * MiB  # bytes all requests in process may take at once (charged from each header); more wait, a request over it alone gets 413
     request_timeout: float = 30.0  # seconds for the whole pipeline of one request
     header_timeout: float = 10.0  # seconds for a request's line and headers to arrive (slow clients get 408)
     body_timeout: float = 60.0  # seconds for a request's body to arrive after its headers (408)
@@ -115,6 +118,8 @@ class Settings:
     max_header_bytes: int = 64 * 1024  # request line + headers (431)
     retry_after: int = 1  # seconds, sent with 503 overloaded
     tpu_isolation: bool = True  # run Edge TPU interpreters in a supervised worker process
+    decode_isolation: bool = True  # decode images in supervised worker processes (a decoder crash costs one request)
+    decode_workers: int = 2  # image decode processes (each ~25 MB of its own; decodes run in parallel up to this)
     edgetpu_python: str | None = None  # Python (numpy + TFLite runtime) the Edge TPU worker runs under
     edgetpu_pairing: str = "check"  # check: only libedgetpu/runtime pairs known good | trust: load anyway
     edgetpu_pairings: Path | None = None  # extra pairings table (format of segd/data/edgetpu_pairings.toml)
@@ -313,17 +318,17 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"tpu_fallback must be {' or '.join(TPU_FALLBACKS)}, not {s.tpu_fallback!r}")
     if not s.host.strip():
         raise ConfigError("host is empty: set SEGD_HOST (or host in the config file) to an address such as 127.0.0.1")
-    for name in ("max_upload_bytes", "max_pixels", "max_connections", "max_header_bytes"):
+    for name in ("max_upload_bytes", "max_pixels", "max_connections", "max_header_bytes", "decode_workers"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be positive")
     if s.queue_size < 0 or s.min_upload_rate < 0:
         raise ConfigError("queue_size and min_upload_rate must not be negative (0 turns them off)")
     if s.upload_budget_bytes < s.max_upload_bytes:
         raise ConfigError("upload_budget_bytes must be at least max_upload_bytes (one upload must fit)")
+    if s.memory_budget < 16 * MiB:
+        raise ConfigError("memory_budget must be at least 16 MiB (16777216 bytes)")
     if s.tpu_pipeline < 1:
         raise ConfigError("tpu_pipeline must be at least 1")
-    if s.pixels_in_flight < 0:
-        raise ConfigError("pixels_in_flight must be 0 (= max_pixels) or positive")
     for name in ("request_timeout", "header_timeout", "body_timeout", "tpu_timeout",
                  "device_check_interval", "worker_restart_base"):  # fmt: skip
         if getattr(s, name) <= 0:
@@ -334,6 +339,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("retry_after and graceful_timeout must not be negative")
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"port out of range: {s.port}")
+    if not s.gdrive_url.startswith(("http://", "https://")):
+        raise ConfigError(f"gdrive_url must be an http(s) URL, not {s.gdrive_url!r}")
     for src in s.sources.values():
         validate_source(src)
     if s.mqtt is not None:
@@ -383,8 +390,14 @@ def _env_value(env: Mapping[str, str], name: str) -> str | None:
 
 
 def environment() -> dict[str, str]:
-    """A copy of the process environment (``segd doctor`` layers an env file on top)."""
+    """A copy of the process environment (``segd doctor`` layers an env file on top; systemd's
+    ``NOTIFY_SOCKET``/``WATCHDOG_*`` and OpenCV's ``OPENCV_IO_*`` limits are read from it)."""
     return dict(os.environ)
+
+
+def environ_value(name: str) -> str | None:
+    """One variable another program defines (OpenCV's ``OPENCV_IO_*`` limits), read as it reads it."""
+    return os.environ.get(name)
 
 
 def _from_env(name: str) -> str | None:
@@ -411,6 +424,11 @@ def user_data_dir() -> Path:
 def env_mirror() -> str | None:
     """``SEGD_MODEL_MIRROR`` (or the deprecated ``SEGD_MIRROR``) when set."""
     return _from_env("mirror")
+
+
+def env_gdrive_url() -> str:
+    """``SEGD_GDRIVE_URL`` when set, else Google Drive's endpoint."""
+    return _from_env("gdrive_url") or DEFAULT_GDRIVE_URL
 
 
 def env_runtime() -> str | None:

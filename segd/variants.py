@@ -1,8 +1,9 @@
 """Model files: a variant's file is found in the models directory, else copied from a mirror
-(directory or base URL, ``SEGD_MODEL_MIRROR``), else downloaded from the manifest URL —
-sha256-verified in every case, written to a temporary name and renamed into place only once
-verified, so a crash or a full disk never leaves a partial or corrupt file where a model is
-expected. The manifest itself (schema, load, dump) is :mod:`segd.manifest`; its names are
+(directory or base URL, ``SEGD_MODEL_MIRROR``), else downloaded from the manifest URL or Google
+Drive (``gdrive_id``, :mod:`segd.gdrive`) — sha256-verified in every case (a publisher that gave
+only an md5: the md5 once, then the sha256 pinned at that first verification, :mod:`segd.pins`),
+written to a temporary name and renamed into place only once verified, so a crash or a full disk
+never leaves a partial or corrupt file where a model is expected. The manifest itself (schema, load, dump) is :mod:`segd.manifest`; its names are
 re-exported here for existing imports.
 """
 
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from segd import settings
+from segd import pins, settings
 from segd.errors import ChecksumMismatch, ModelError, ModelNotFound
 from segd.fsutil import fsync_dir
 from segd.manifest import (
@@ -62,6 +63,8 @@ __all__ = [
 ]
 
 CHUNK = 1 << 20
+GDRIVE_SOURCE = "gdrive:"  # a source "gdrive:<file id>" is fetched through segd.gdrive
+MAX_DOWNLOAD = 1 << 30  # bound on a download whose size the manifest does not give
 
 ProgressFn = Callable[[int, int], None]
 
@@ -91,12 +94,10 @@ def read_verified(path: Path, spec: FileSpec) -> bytes:
             f"{path}: size {len(data)} bytes, manifest says {spec.size} "
             "(truncated or wrong file; run `segd models pull --force`)"
         )
-    digest = sha256_bytes(data)
-    if digest != spec.sha256:
-        raise ChecksumMismatch(
-            f"{path}: sha256 {digest}, manifest says {spec.sha256} "
-            "(corrupt or replaced file; run `segd models pull --force`)"
-        )
+    if spec.sha256:
+        pins.verify_digests(str(path), spec, path.parent, sha256_bytes(data), None)
+    else:  # md5-only publisher checksum: the sha256 pin, else the md5 (then pinned)
+        pins.verify_digests(str(path), spec, path.parent, *pins.bytes_digests(data))
     return data
 
 
@@ -113,17 +114,20 @@ def resolve_file(
     download: bool = True,
     force: bool = False,
     progress: ProgressFn | None = None,
+    gdrive_url: str | None = None,
 ) -> Path:
     """Return the path of a verified copy of ``spec`` in the models dir, fetching it if needed."""
     mdir = models_dir or default_models_dir()
     target = mdir / spec.name
     if target.exists() and not force:
-        if (spec.size is None or target.stat().st_size == spec.size) and sha256_file(target) == spec.sha256:
-            return target
-        raise ChecksumMismatch(
-            f"{target}: does not match the manifest sha256 {spec.sha256} "
-            "(corrupt or replaced file; run `segd models pull --force` to fetch it again)"
-        )
+        if spec.size is not None and target.stat().st_size != spec.size:
+            raise ChecksumMismatch(
+                f"{target}: does not match the manifest sha256 {spec.sha256} ({target.stat().st_size} bytes, "
+                f"the manifest says {spec.size}: corrupt or replaced file; run `segd models pull --force` "
+                "to fetch it again)"
+            )
+        _verify_file(str(target), target, spec, mdir)
+        return target
     mirror = mirror if mirror is not None else model_mirror()
     errors: list[str] = []
     sources: list[str] = []
@@ -131,6 +135,8 @@ def resolve_file(
         sources.append(_join(mirror, spec.name))
     if download and spec.url:
         sources.append(spec.url)
+    if download and spec.gdrive_id:
+        sources.append(GDRIVE_SOURCE + spec.gdrive_id)
     if not sources:
         raise ModelNotFound(
             f"model file {spec.name} is not in {mdir} and there is no mirror or URL to fetch it from"
@@ -138,7 +144,7 @@ def resolve_file(
     mdir.mkdir(parents=True, exist_ok=True)
     for src in sources:
         try:
-            fetch(src, target, spec, progress=progress)
+            fetch(src, target, spec, progress=progress, gdrive_url=gdrive_url)
             return target
         except ChecksumMismatch:
             raise
@@ -153,18 +159,24 @@ def _join(mirror: str, name: str) -> str:
     return str(Path(mirror) / name)
 
 
-def fetch(src: str, target: Path, spec: FileSpec, *, progress: ProgressFn | None = None) -> None:
+def fetch(
+    src: str, target: Path, spec: FileSpec, *, progress: ProgressFn | None = None, gdrive_url: str | None = None
+) -> None:
     """Copy or download ``src`` to ``target`` via ``target.partial``: resumes a partial download
-    (HTTP Range), verifies size and sha256, fsyncs, then renames atomically. On any failure the
+    (HTTP Range), verifies size and sha256 (or the publisher's md5, then pins the sha256), fsyncs,
+    then renames atomically; ``gdrive:<id>`` sources go through :mod:`segd.gdrive`. On any failure the
     partial file is removed — except after a network interruption of a download, which the next
     attempt resumes — so a failed fetch never holds disk space another model needs. A full disk
     is named as such (ENOSPC)."""
     partial = target.with_name(target.name + ".partial")
     try:
-        _fetch_to(src, partial, spec, progress)
+        _fetch_to(src, partial, spec, progress, gdrive_url)
     except OSError as exc:
+        from segd.gdrive import DriveTruncated
+
         storage = exc.errno in STORAGE_ERRNOS
-        resumable = "://" in src and isinstance(exc, NETWORK_ERRORS) and not storage
+        network = ("://" in src and isinstance(exc, NETWORK_ERRORS)) or isinstance(exc, DriveTruncated)
+        resumable = network and not storage
         if not resumable:
             partial.unlink(missing_ok=True)
         if storage:
@@ -188,8 +200,14 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EI
 NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, ShortTransfer, http.client.HTTPException)
 
 
-def _fetch_to(src: str, partial: Path, spec: FileSpec, progress: ProgressFn | None) -> None:
-    if "://" not in src:
+def _fetch_to(src: str, partial: Path, spec: FileSpec, progress: ProgressFn | None, gdrive_url: str | None) -> None:
+    if src.startswith(GDRIVE_SOURCE):
+        from segd import gdrive
+
+        base = gdrive_url or settings.env_gdrive_url()
+        gdrive.download(src[len(GDRIVE_SOURCE):], partial, base_url=base, progress=progress,
+                        max_bytes=spec.size or MAX_DOWNLOAD)  # fmt: skip
+    elif "://" not in src:
         if not Path(src).is_file():
             raise FileNotFoundError(f"not in mirror ({src})")
         partial.unlink(missing_ok=True)
@@ -217,10 +235,19 @@ def _fetch_to(src: str, partial: Path, spec: FileSpec, progress: ProgressFn | No
         if size < spec.size and "://" in src:
             raise ShortTransfer(f"got {size} bytes, expected {spec.size}")
         raise OSError(f"got {size} bytes, expected {spec.size}")
-    digest = sha256_file(partial)
-    if digest != spec.sha256:
+    try:
+        _verify_file(src, partial, spec, partial.parent)
+    except ChecksumMismatch as exc:
         partial.unlink(missing_ok=True)
-        raise ChecksumMismatch(f"{src}: sha256 {digest}, manifest says {spec.sha256}; not installed")
+        raise ChecksumMismatch(f"{exc.detail}; not installed") from None
+
+
+def _verify_file(where: str, path: Path, spec: FileSpec, models_dir: Path) -> None:
+    """Manifest sha256, else the sha256 pin, else the publisher's md5 (see segd.pins)."""
+    if spec.sha256:
+        pins.verify_digests(where, spec, models_dir, sha256_file(path), None)
+    else:
+        pins.verify_digests(where, spec, models_dir, *pins.file_digests(path))
 
 
 def _copy(fin: Any, fout: Any, total: int, done: int, progress: ProgressFn | None) -> None:

@@ -126,7 +126,7 @@ def test_pascal_voc_keyword_with_other_class_count_keeps_fresh_logits(
     monkeypatch.setenv("SEGD_MODEL_MIRROR", weight_env["mirror"])
     monkeypatch.setenv("CORAL_DEEPLAB_CACHE", str(weight_env["cache"]))
     model = applications.CoralDeepLabV3(
-        (SIZE, SIZE, 3), alpha=0.5, n_classes=5, weights="pascal_voc"
+        (SIZE, SIZE, 3), alpha=0.5, n_classes=5, weights="pascal_voc", source="google-tflite"
     )
     w = imported[0.5]
     np.testing.assert_array_equal(
@@ -145,7 +145,7 @@ def test_pascal_voc_keyword_loads_all_21_logits(monkeypatch, weight_env, importe
     monkeypatch.setenv("SEGD_MODELS_DIR", str(weight_env["models_dir"]))
     monkeypatch.setenv("SEGD_MODEL_MIRROR", weight_env["mirror"])
     monkeypatch.setenv("CORAL_DEEPLAB_CACHE", str(weight_env["cache"]))
-    model = applications.CoralDeepLabV3((SIZE, SIZE, 3), weights="pascal_voc")
+    model = applications.CoralDeepLabV3((SIZE, SIZE, 3), weights="pascal_voc", source="google-tflite")
     kernel, bias = model.get_layer("logits_semantic").get_weights()
     np.testing.assert_array_equal(kernel, imported[1.0]["logits_semantic/kernel"])
     np.testing.assert_array_equal(bias, imported[1.0]["logits_semantic/bias"])
@@ -155,7 +155,7 @@ def test_v3plus_pascal_voc_loads_the_encoder_only(monkeypatch, weight_env, impor
     monkeypatch.setenv("SEGD_MODELS_DIR", str(weight_env["models_dir"]))
     monkeypatch.setenv("SEGD_MODEL_MIRROR", weight_env["mirror"])
     monkeypatch.setenv("CORAL_DEEPLAB_CACHE", str(weight_env["cache"]))
-    model = applications.CoralDeepLabV3Plus((SIZE, SIZE, 3), alpha=1.0, weights="pascal_voc")
+    model = applications.CoralDeepLabV3Plus((SIZE, SIZE, 3), alpha=1.0, weights="pascal_voc", source="google-tflite")
     w = imported[1.0]
     np.testing.assert_array_equal(model.get_layer("aspp0").get_weights()[0], w["aspp0/kernel"])
     np.testing.assert_array_equal(model.get_layer("Conv").get_weights()[0], w["Conv/kernel"])

@@ -348,7 +348,10 @@ def test_rtsp_camera_frames_are_segmented_with_the_masks_of_post_segment(rtsp_da
 def test_rtsp_camera_is_reconnected_after_a_restart(rtsp_daemon: Daemon, rtsp_camera: RtspServer) -> None:
     wait_for(lambda: source(rtsp_daemon, "gate")["state"] == "streaming", what="streaming")
     rtsp_camera.stop()
-    wait_for(lambda: source(rtsp_daemon, "gate")["state"] == "reconnecting", what="reconnecting")
+    down = wait_for(lambda: (s := source(rtsp_daemon, "gate"))["state"] == "reconnecting" and s, what="reconnecting")
+    wait_for(lambda: "Connection refused" in str(source(rtsp_daemon, "gate")["error"]), timeout=15,
+             what="ffmpeg's own message as the error")  # fmt: skip
+    assert str(down["error"]).startswith("ffmpeg ended")
     time.sleep(1.0)
     before = source(rtsp_daemon, "gate")["frames"]["segmented"]
     rtsp_camera.start()

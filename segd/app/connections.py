@@ -108,6 +108,7 @@ class GuardedH11Protocol(H11Protocol):
     body_timeout: ClassVar[float] = 60.0
     min_upload_rate: ClassVar[float] = 1024.0  # bytes/s; 0 turns the check off
     max_connections: ClassVar[int] = 512
+    retry_after: ClassVar[int] = 1  # seconds, the daemon's retry_after setting
     live: ClassVar[dict[GuardedH11Protocol, None]]  # open connections, oldest first (per server)
     refusals: ClassVar[RefusalLog]
 
@@ -140,7 +141,7 @@ class GuardedH11Protocol(H11Protocol):
         reason = "idle connections closed (connection cap)" if victim is not self else "connections over the cap"
         self.refusals.note(reason)
         victim._close_with(503, "overloaded", "too many open connections; this idle one is closed, retry later",
-                           (("retry-after", "1"),))  # fmt: skip
+                           (("retry-after", str(self.retry_after)),))  # fmt: skip
 
     def _waiting_for_head(self) -> bool:
         return self._phase == "headers" and self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
@@ -248,13 +249,15 @@ class GuardedH11Protocol(H11Protocol):
 
 
 def guarded_protocol(
-    *, header_timeout: float, body_timeout: float, min_upload_rate: float, max_connections: int
+    *, header_timeout: float, body_timeout: float, min_upload_rate: float, max_connections: int,
+    retry_after: int = 1,
 ) -> type[GuardedH11Protocol]:
     """The protocol class for one server (its own connection registry and refusal log)."""
     return type(
         "SegdH11Protocol", (GuardedH11Protocol,),
         {"header_timeout": header_timeout, "body_timeout": body_timeout, "min_upload_rate": min_upload_rate,
-         "max_connections": max_connections, "live": {}, "refusals": RefusalLog(log)},
+         "max_connections": max_connections, "retry_after": retry_after, "live": {},
+         "refusals": RefusalLog(log)},
     )  # fmt: skip
 
 

@@ -78,6 +78,23 @@ class ServiceCollector(Collector):
             restarts.add_metric([name], float(worker.get("restarts", 0)))
             fallbacks.add_metric([name], float(slot.fallbacks))
         yield from (queue, ready, backend, restarts, fallbacks, *per_device.values())
+        yield from self._memory_and_decoders()
+
+    def _memory_and_decoders(self) -> Iterator[Metric]:
+        budget = self.service.memory_budget
+        used = GaugeMetricFamily("segd_memory_budget_used_bytes", "Bytes charged to the requests being processed (from their image headers)")
+        used.add_metric([], float(budget.used))
+        limit = GaugeMetricFamily("segd_memory_budget_bytes", "The memory budget of all requests in process (setting memory_budget)")
+        limit.add_metric([], float(budget.limit))
+        yield from (used, limit)
+        pool = self.service.decode_pool
+        if pool is not None:
+            info = pool.describe()
+            running = GaugeMetricFamily("segd_decoder_workers_running", "Image decode worker processes running")
+            running.add_metric([], float(info["running"]))
+            crashes = CounterMetricFamily("segd_decoder_crashes", "Decode workers lost on an image (crash or timeout; the request got 400)")
+            crashes.add_metric([], float(info["crashes"]))
+            yield from (running, crashes)
 
 
 class SourceCollector(Collector):

@@ -3,13 +3,13 @@ finish in-flight requests, then exit). Connection-level defences live in ``segd.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 from typing import Any
 
 import uvicorn
 
+from segd import preprocess
 from segd.app import connections
 from segd.app.main import create_app
 from segd.errors import InsecureBind
@@ -37,16 +37,6 @@ def check_bind(settings: Settings) -> None:
         )
 
 
-def quiet_codec_warnings() -> None:
-    """OpenCV logs a warning line per oddity of a decoded file (a TIFF with 4000 unknown tags:
-    4000 lines), so one upload could flood the journal and push segd's own messages out of
-    journald's rate limit; errors are still logged."""
-    import cv2
-
-    with contextlib.suppress(AttributeError):  # builds without the logging utilities
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-
-
 def serve(settings: Settings) -> None:
     check_bind(settings)
     connections.check_uvicorn()
@@ -57,11 +47,12 @@ def serve(settings: Settings) -> None:
             "open-files limit %d is low for max_connections=%d (raise LimitNOFILE)", files, settings.max_connections
         )
     app = create_app(settings)
-    quiet_codec_warnings()
+    preprocess.quiet_codec_warnings()
     connections.quiet_uvicorn_invalid_request_lines()
     protocol = connections.guarded_protocol(
         header_timeout=settings.header_timeout, body_timeout=settings.body_timeout,
         min_upload_rate=settings.min_upload_rate, max_connections=settings.max_connections,
+        retry_after=settings.retry_after,
     )  # fmt: skip
     config = uvicorn.Config(
         app,

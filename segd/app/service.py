@@ -9,21 +9,27 @@ CPU work overlaps an inference in flight.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
 import math
 import os
-import re
 import threading
 import time
-from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from segd import encode, preprocess, regions
+from segd.app.slots import (
+    MemoryBudget,
+    ModelSlot,
+    Result,
+    ServiceTime,
+    device_present,
+    device_states,
+    in_thread,
+    without_paths,
+)
 from segd.engine import Segmentation, Segmenter, open_runner, summary
 from segd.errors import (
     BadParameter,
@@ -47,167 +53,6 @@ SELFTEST_AGREEMENT = 0.98  # Edge TPU mask vs CPU twin on the synthetic image (C
 FORMATS = encode.FORMATS
 
 
-class ServiceTime:
-    """How long a model takes per request, as admission needs it (seconds): an exponentially
-    weighted mean of the time between completions while other requests were in flight (the
-    rate the queue drains at, contention included), or of a request's latency when it ran
-    alone; seeded by the warm-up. Stage timings are no measure: they include waits."""
-
-    def __init__(self, seconds: float = 0.5, weight: float = 0.1) -> None:
-        self.seconds = seconds
-        self.weight = weight
-        self.last_done: float | None = None
-
-    def completed(self, now: float, latency: float, busy: bool) -> None:
-        sample = latency
-        if busy and self.last_done is not None:
-            sample = min(now - self.last_done, latency)
-        self.seconds += self.weight * (sample - self.seconds)
-        self.last_done = now
-
-
-async def in_thread(executor: Executor, fn: Any, *args: Any) -> Any:
-    """Run ``fn`` on ``executor``. If the awaiting request is cancelled (timeout, client gone)
-    while the thread runs, wait for the thread before unwinding: its memory stays in use until
-    it returns, so the pixel budget must not be released earlier."""
-    job = executor.submit(fn, *args)
-    try:
-        return await asyncio.shield(asyncio.wrap_future(job))
-    except asyncio.CancelledError:
-        if not job.cancel():  # already running: let it finish
-            with contextlib.suppress(BaseException):
-                await asyncio.wrap_future(job)
-        raise
-
-
-class PixelBudget:
-    """Bounds the pixels of all the images being processed at once. A request holds its image's
-    pixel count (from the header) from decode until its answer is encoded: the decoded RGB, the
-    mask and an overlay at the original size cost about 5 bytes per pixel (~200 MB for 40 MP),
-    so without this eight concurrent large images ran the daemon out of memory (1.6 GB for 8 x
-    40 MP PNGs of 2 MB each). Large images wait for each other; small ones still run together.
-    A request needing more than the whole budget runs alone."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._changed = asyncio.Condition()
-
-    async def acquire(self, pixels: int) -> int:
-        need = max(1, min(pixels, self.limit))
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.used + need <= self.limit)
-            self.used += need
-        return need
-
-    async def release(self, pixels: int) -> None:
-        async with self._changed:
-            self.used -= pixels
-            self._changed.notify_all()
-
-
-@dataclass
-class Result:
-    """What a route needs to answer: the body plus the facts for headers."""
-
-    body: bytes
-    media_type: str
-    model: str
-    backend: str
-    timings: dict[str, float]
-    document: dict[str, Any]  # the JSON summary (the body of format=json, a header otherwise)
-    segmentation: Segmentation | None = None  # mask and decoded image, for the camera sources
-
-
-@dataclass
-class ModelSlot:
-    """One served variant and everything the service knows about it."""
-
-    name: str
-    variant: Variant
-    state: str = "loading"  # loading | ready | failed
-    error: str | None = None
-    primary: Segmenter | None = None
-    fallback: Segmenter | None = None  # CPU twin of an Edge TPU primary
-    executor: Executor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="invoke"))
-    fallback_executor: Executor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="invoke-cpu"))
-    load_seconds: float | None = None
-    selftest: dict[str, Any] = field(default_factory=dict)
-    device_present: bool = True
-    queued: int = 0  # admitted requests (in flight + waiting)
-    service: ServiceTime = field(default_factory=ServiceTime)
-    requests: int = 0
-    errors: int = 0
-    fallbacks: int = 0
-    latencies_ms: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=2048))
-
-    @property
-    def can_answer(self) -> bool:
-        """Requests get an answer: on its device, or on the CPU twin when the device is gone."""
-        return self.ready or (self.fallback is not None and self.state == "ready")
-
-    @property
-    def ready(self) -> bool:
-        if self.state != "ready" or self.primary is None:
-            return False
-        return self.device_present or self.primary.backend != "edgetpu"
-
-    def latency_percentiles(self) -> dict[str, float | None]:
-        if not self.latencies_ms:
-            return {"p50": None, "p90": None, "p99": None}
-        values = np.fromiter(self.latencies_ms, dtype=np.float64)
-        p50, p90, p99 = np.percentile(values, [50, 90, 99])
-        return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3)}
-
-    def worker_info(self) -> dict[str, Any] | None:
-        """State of the Edge TPU worker process (pid, state, restarts, last crash), if any."""
-        runner = self.primary.runner if self.primary else None
-        if runner is None or runner.backend != "edgetpu":
-            return None
-        info = runner.describe()
-        if info.get("isolation") != "process":
-            return None
-        keys = ("pid", "state", "restarts", "crashes", "last_crash", "retry_in", "devices", "runtime", "python", "pairing")
-        return {k: info[k] for k in keys if k in info}
-
-    def describe(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {
-            "name": self.name,
-            "description": self.variant.description,
-            "state": self.state,
-            "ready": self.ready,
-            "error": self.error,
-            "input_size": list(self.variant.input.hw),
-            "output": {
-                "kind": self.variant.output.kind,
-                "shape": list(self.variant.output.shape),
-                "stride": self.variant.output.stride,
-                "align_corners": self.variant.output.align_corners,
-            },
-            "labels": list(self.variant.labels.names),
-            "load_seconds": round(self.load_seconds, 3) if self.load_seconds is not None else None,
-            "selftest": self.selftest,
-            "requests": self.requests,
-            "errors": self.errors,
-            "cpu_fallbacks": self.fallbacks,
-            "queue": self.queued,
-            "latency_ms": self.latency_percentiles(),
-        }
-        if self.primary is not None:
-            seg = self.primary.describe()
-            doc.update(
-                backend=seg["backend"], reason=seg["reason"], device=seg["device"],
-                runtime=seg["runtime"], file=seg["file"], sha256=seg["sha256"],
-                device_present=self.device_present if seg["backend"] == "edgetpu" else None,
-            )  # fmt: skip
-            worker = self.worker_info()
-            if worker is not None:
-                doc["worker"] = worker
-        else:
-            doc.update(backend=None, reason=None, device=None, file=None, sha256=None)
-        return doc
-
-
 class ModelService:
     def __init__(self, settings: Settings, manifest: Manifest) -> None:
         self.settings = settings
@@ -220,9 +65,23 @@ class ModelService:
         if self.default not in self.slots:
             raise ConfigError(f"default model {self.default!r} is not among the served models {names}")
         self.cpu_pool = ThreadPoolExecutor(max(2, (os.cpu_count() or 1) + 1), thread_name_prefix="cpu")
-        self.pixel_budget = PixelBudget(settings.pixels_in_flight or settings.max_pixels)
+        self.memory_budget = MemoryBudget(settings.memory_budget)
+        self.decode_pool = self._decode_pool()
         self.loaded = threading.Event()
         self.stopping = threading.Event()
+
+    def _decode_pool(self) -> Any:
+        """Images are decoded in supervised worker processes, started now (they load while the
+        models do): a native decoder that crashes costs one request (400), not the daemon."""
+        s = self.settings
+        if not s.decode_isolation:
+            return None
+        from segd.decode_worker import TEST_CRASH_MARKER, DecodePool
+
+        return DecodePool(
+            s.decode_workers, timeout=s.request_timeout, backoff_base=s.worker_restart_base,
+            backoff_max=s.worker_restart_max, crash_marker=TEST_CRASH_MARKER if s.test_hooks else None,
+        )  # fmt: skip
 
     # --- loading -----------------------------------------------------------------------
     def load_all(self) -> None:
@@ -245,9 +104,9 @@ class ModelService:
         runner, selection = open_runner(
             variant, models_dir=s.models_dir, accelerator=accelerator, device=s.device,
             runtime=s.runtime, num_threads=s.threads, mirror=s.mirror, edgetpu_factory=factory,
-            edgetpu_pairing=s.edgetpu_pairing, edgetpu_pairings=s.edgetpu_pairings,
+            edgetpu_pairing=s.edgetpu_pairing, edgetpu_pairings=s.edgetpu_pairings, gdrive_url=s.gdrive_url,
         )  # fmt: skip
-        return Segmenter(variant, runner, selection, max_pixels=s.max_pixels)
+        return Segmenter(selection.variant or variant, runner, selection, max_pixels=s.max_pixels, decoder=self.decode_pool)
 
     def _worker_factory(self) -> Any:
         """Edge TPU interpreters run in a supervised child process: libedgetpu can abort()."""
@@ -293,7 +152,10 @@ class ModelService:
             primary = self._open(slot.variant, self.settings.accelerator)
             if primary.backend == "edgetpu":
                 fallback = self._open(slot.variant, "cpu")
-                reason = self._selftest(slot, primary, fallback)
+                if fallback.variant.name != primary.variant.name:
+                    reason = self._warm_only(slot, primary, fallback)
+                else:
+                    reason = self._selftest(slot, primary, fallback)
                 if reason is not None:
                     log.error("%s: %s; serving on the CPU twin", slot.name, reason)
                     primary.close()
@@ -345,6 +207,19 @@ class ModelService:
                 log.warning("%s: self-test not enforced: the Edge TPU is segd's simulator", slot.name)
                 return None
         return f"Edge TPU self-test failed: mask agreement with the CPU twin {agreement:.4f} <= {SELFTEST_AGREEMENT}"
+
+    def _warm_only(self, slot: ModelSlot, tpu: Segmenter, cpu: Segmenter) -> str | None:
+        """An Edge-TPU-only variant's CPU fallback is another network: masks are not compared,
+        the TPU must only get through its warm-up."""
+        note = f"CPU fallback {cpu.variant.name} is a different network: masks not compared"
+        try:
+            self._warm(tpu)
+            self._warm(cpu)
+        except Exception as exc:
+            slot.selftest = {"probe": "synthetic", "passed": False, "error": getattr(exc, "detail", str(exc)), "note": note}
+            return f"Edge TPU failed its warm-up: {slot.selftest['error']}"
+        slot.selftest = {"probe": "synthetic", "passed": True, "note": note}
+        return None
 
     @staticmethod
     def _retag(seg: Segmenter, reason: str) -> Segmenter:
@@ -482,20 +357,28 @@ class ModelService:
     async def _budgeted(
         self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str, shape: regions.Shape | None
     ) -> Result:
-        """The pipeline, once the image's pixels fit in the budget (header probed off the loop;
+        """The pipeline, once what the image needs fits in the memory budget (header probed off the loop;
         bad or oversized images are refused here without waiting)."""
         loop = asyncio.get_running_loop()
         header = await loop.run_in_executor(self.cpu_pool, preprocess.probe_image, data)
         preprocess.check_limits(header, self.settings.max_pixels)
-        held = await self.pixel_budget.acquire(header.pixels)
+        seg = slot.primary
+        assert seg is not None  # slot.can_answer
+        # the loaded Segmenter's size: a manifest entry may leave the input shape to be read from the file
+        reduce = preprocess.choose_reduce(header, seg.input_hw) if fmt != "overlay" else 1
+        output = f"overlay-{overlay_format}" if fmt == "overlay" else fmt
+        need = preprocess.request_bytes(header, reduce=reduce, output=output, upload=len(data))
+        self.memory_budget.check(need, f"this {header.width}x{header.height} {header.format.upper()} image")
+        held = await self.memory_budget.acquire(need)
         try:
-            return await self._pipeline(slot, data, fmt, keep_aspect, overlay_format, shape)
+            return await self._pipeline(slot, data, header, fmt, keep_aspect, overlay_format, shape)
         finally:
-            await self.pixel_budget.release(held)
+            await self.memory_budget.release(held)
 
     async def _pipeline(
-        self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str, shape: regions.Shape | None
-    ) -> Result:
+        self, slot: ModelSlot, data: bytes, header: preprocess.ImageHeader, fmt: str, keep_aspect: bool,
+        overlay_format: str, shape: regions.Shape | None,
+    ) -> Result:  # fmt: skip
         seg = slot.primary
         assert seg is not None
         timings: dict[str, float] = {}
@@ -507,9 +390,9 @@ class ModelService:
             timings[name] = (clock() - t) * 1000.0
             return out
 
-        image = await cpu("decode", lambda: seg.decode(data, reduce=fmt != "overlay"))
+        image = await cpu("decode", lambda: seg.decode(data, reduce=fmt != "overlay", header=header))
         prepared = await cpu("preprocess", lambda: seg.prepare(image, keep_aspect=keep_aspect))
-        used, raw = await self._infer(slot, prepared.tensor, timings)
+        used, raw, prepared = await self._infer(slot, image, prepared, keep_aspect, timings)
         n_classes = slot.variant.n_classes
         labels = slot.variant.labels
         keep, fill = shape.resolve(labels) if shape is not None else (None, labels.background)
@@ -523,24 +406,28 @@ class ModelService:
             return mask, class_pixel_counts(mask, n_classes)
 
         mask, counts = await cpu("postprocess", finish)
-        body, media = await cpu("encode", encode.render, fmt, mask, labels.palette, image.rgb, overlay_format, fill)
+        body, media = await cpu("encode", encode.render, fmt, mask, labels.palette, image.rgb, overlay_format, fill, True)
         segmentation = Segmentation(mask, counts, image, timings, slot.name, used.backend)
         document = summary(segmentation, used)
         if shape is not None:
             await cpu("regions", shape.describe, document, mask, keep, fill)
         return Result(body, media, slot.name, used.backend, timings, document, segmentation)
 
-    async def _infer(self, slot: ModelSlot, tensor: np.ndarray, timings: dict[str, float]) -> tuple[Segmenter, np.ndarray]:
+    async def _infer(
+        self, slot: ModelSlot, image: Any, prepared: Any, keep_aspect: bool, timings: dict[str, float]
+    ) -> tuple[Segmenter, np.ndarray, Any]:
         """Run the model; when the Edge TPU fails in any way (worker died or hung, delegate error)
-        the request goes to the CPU twin if there is one, else it is a 503 naming the failure."""
+        the request goes to the CPU twin if there is one, else it is a 503 naming the failure.
+        Returns the segmenter used, its raw output and the input it was given (the CPU fallback
+        of an Edge-TPU-only variant is another network: the image is prepared again for it)."""
         primary = slot.primary
         assert primary is not None
         t = time.perf_counter()
         if slot.ready or slot.fallback is None:
             try:
-                raw = await in_thread(slot.executor, primary.infer, tensor)
+                raw = await in_thread(slot.executor, primary.infer, prepared.tensor)
                 timings["invoke"] = (time.perf_counter() - t) * 1000.0
-                return primary, raw
+                return primary, raw, prepared
             except Exception as exc:
                 if primary.backend != "edgetpu":
                     raise
@@ -554,9 +441,11 @@ class ModelService:
         if fallback is None:
             raise ModelNotReady(f"model {slot.name!r} is not ready")
         slot.fallbacks += 1
-        raw = await in_thread(slot.fallback_executor, fallback.infer, tensor)
+        if fallback.variant.name != primary.variant.name:
+            prepared = await in_thread(self.cpu_pool, lambda: fallback.prepare(image, keep_aspect=keep_aspect))
+        raw = await in_thread(slot.fallback_executor, fallback.infer, prepared.tensor)
         timings["invoke"] = (time.perf_counter() - t) * 1000.0
-        return fallback, raw
+        return fallback, raw, prepared
 
     def close(self) -> None:
         self.stopping.set()
@@ -570,33 +459,8 @@ class ModelService:
             slot.executor.shutdown(wait=False, cancel_futures=True)
             slot.fallback_executor.shutdown(wait=False, cancel_futures=True)
         self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+        if self.decode_pool is not None:
+            self.decode_pool.close()
 
 
 __all__ = ["ModelService", "ModelSlot", "Result"]
-
-
-_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\":,;()]+/)*([^\s/'\":,;()]+)")
-
-
-def without_paths(text: str | None) -> str | None:
-    """``text`` with absolute file-system paths cut to their file names: /readyz is
-    unauthenticated and must not map the host's directories (/models keeps the full error)."""
-    return _PATH.sub(r"\1", text) if text else text
-def device_states(slot: ModelSlot) -> dict[str, Any]:
-    """``{"devices": {path: state}}`` for a model on several Edge TPUs, else nothing."""
-    worker = slot.worker_info() or {}
-    if "devices" not in worker:
-        return {}
-    return {"devices": {d["device"]: d["state"] for d in worker["devices"]}}
-
-
-def device_present(wanted: str | None, devices: list[Any]) -> bool:
-    """Is the device a runner was opened on (``usb``, ``usb:1``, ``pci:0``, ``:0``, a path)
-    still among ``devices`` (``EdgeTpuDevice(type, path)``)?"""
-    if not wanted:
-        return bool(devices)
-    kind, _, index = wanted.partition(":")
-    if kind in ("usb", "pci", ""):
-        pool = [d for d in devices if not kind or d.type == kind]
-        return len(pool) > (int(index) if index.isdigit() else 0)
-    return any(d.path == wanted for d in devices)

@@ -29,6 +29,8 @@ import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from segd.settings import environment
+
 if TYPE_CHECKING:
     from segd.app.service import ModelService
     from segd.settings import Settings
@@ -55,7 +57,7 @@ class Notifier:
     ) -> Notifier | None:
         """A notifier when systemd asked for one (``NOTIFY_SOCKET``), else None. The watchdog is
         on when ``WATCHDOG_USEC`` is set and ``WATCHDOG_PID`` (if set) is this process."""
-        env = os.environ if env is None else env
+        env = environment() if env is None else env
         address = env.get("NOTIFY_SOCKET")
         if not address or not (address.startswith("/") or address.startswith("@")):
             return None

@@ -107,7 +107,6 @@ def library_status(library: str | None = None) -> EdgeTpuStatus:
     return EdgeTpuStatus(lib, True, version, tuple(devices), None)
 
 
-probe = library_status  # the name before "probe" was taken by the image header; use library_status
 
 
 def device_option(device: str | None, devices: list[EdgeTpuDevice] | None = None) -> str:

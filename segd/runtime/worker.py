@@ -15,104 +15,50 @@ shared segments. The child runs them one after the other, so the next input is a
 when an invoke ends and the device never idles while the parent wakes up, copies the previous
 result out and sends the next one. ``run`` is thread-safe; ``parallelism`` says how many callers
 it keeps busy.
+
+The recipes, the spawned child's main loop and the parent's handle on one child are in
+:mod:`segd.runtime.worker_child`; this module is the supervisor.
 """
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import itertools
 import math
 import multiprocessing as mp
 import multiprocessing.connection as mpc
-import os
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
-from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segd import errors
+from segd.child import (
+    SHM_PREFIX,
+    backoff_delay,
+    describe_exit,
+    new_segment,
+    rebuild_error,
+    send_bytes,
+)
 from segd.errors import RequestTimeout, RuntimeUnavailable, WorkerCrashed
 from segd.runtime import tpu_worker
 from segd.runtime.base import Runner, TensorSpec
+from segd.runtime.worker_child import (
+    EdgeTpuFactory,
+    EdgeTpuProgram,
+    _Child,
+    _child_main,
+    _nbytes,
+    _Program,
+)
 
 RunnerFactory = Callable[[], Runner]
-
-SHM_PREFIX = "segd_"
-
-
-def backoff_delay(failures: int, base: float, maximum: float) -> float:
-    """Seconds to wait before restart number ``failures`` (1, 2, ...) in a row: base * 2^(n-1)."""
-    if failures <= 0:
-        return 0.0
-    return float(min(maximum, base * 2.0 ** min(failures - 1, 62)))
-
-
-def describe_exit(exitcode: int | None) -> str:
-    """'killed by SIGABRT', 'exited with code 3', ... for a child's exit code."""
-    if exitcode is None:
-        return "still running"
-    if exitcode < 0:
-        try:
-            return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exited with code {exitcode}"
-
-
-@dataclass(frozen=True)
-class EdgeTpuFactory:
-    """Picklable recipe for the child: open the Edge TPU interpreter there, not here."""
-
-    model_content: bytes
-    device: str | None = None
-    library: str | None = None
-    runtime: str | None = None
-    num_threads: int | None = None
-
-    def __call__(self) -> Runner:
-        from segd.runtime.edgetpu import open_edgetpu
-
-        return open_edgetpu(
-            self.model_content,
-            device=self.device,
-            library=self.library,
-            runtime=self.runtime,
-            num_threads=self.num_threads,
-        )
-
-
-@dataclass(frozen=True)
-class EdgeTpuProgram:
-    """Recipe for a worker that runs :mod:`segd.runtime.tpu_worker` as a program under
-    ``python`` (any Python with numpy and a TFLite runtime; segd need not be installed there).
-    Before the delegate is loaded, the daemon checks the libedgetpu/runtime pairing against
-    the runtimes that Python reports (:func:`segd.runtime.edgetpu.check_pairing`)."""
-
-    model_content: bytes
-    device: str | None = None
-    library: str | None = None
-    python: str | None = None  # default: the daemon's own interpreter
-    runtime: str | None = None  # preferred runtime (used by edgetpu_pairing = "trust")
-    num_threads: int | None = None
-    pairing: str = "check"
-    pairings: Path | None = None  # extra pairings table
-    dpkg_admindir: Path | None = None
-
-    @property
-    def executable(self) -> str:
-        return self.python or sys.executable
 
 
 def edgetpu_worker_factory(
@@ -132,177 +78,6 @@ def edgetpu_worker_factory(
         return WorkerRunner(program, **worker_options)
 
     return make
-
-
-# --- errors across the process boundary -----------------------------------------------------
-def _error_payload(exc: BaseException) -> tuple[str, str, str]:
-    return type(exc).__module__, type(exc).__qualname__, str(exc)
-
-
-def _rebuild_error(module: str, qualname: str, message: str) -> Exception:
-    """The child's exception as the same type when it is one of ours or a builtin."""
-    cls: Any = None
-    if module == errors.__name__:
-        cls = getattr(errors, qualname, None)
-    elif module == "builtins":
-        cls = getattr(builtins, qualname, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
-            rebuilt: Exception = cls(message)
-            return rebuilt
-        except Exception:
-            pass  # a constructor with other arguments: fall back to a generic error
-    return RuntimeError(f"{qualname}: {message}")
-
-
-# --- the child ----------------------------------------------------------------------------
-def _wire_spec(spec: TensorSpec) -> dict[str, Any]:
-    """A TensorSpec as the plain dict the worker protocol carries (what tpu_worker sends)."""
-    return {"name": spec.name, "index": spec.index, "shape": list(spec.shape),
-            "dtype": spec.dtype.str, "quantization": (spec.scale, spec.zero_point)}  # fmt: skip
-
-
-def _child_main(conn: mpc.Connection) -> None:
-    """Receive the factory, open the runner, report its specs, then serve run requests with
-    the same loop as the tpu_worker program until told to stop (or the parent is gone)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    try:
-        _, factory = conn.recv()
-        runner = factory()
-    except BaseException as exc:
-        conn.send(("error", *_error_payload(exc)))
-        conn.close()
-        return
-    info = {
-        "backend": runner.backend,
-        "runtime": runner.runtime,
-        "device": runner.device,
-        "input": _wire_spec(runner.input),
-        "output": _wire_spec(runner.output),
-    }
-    conn.send(("ready", info))
-    try:
-        tpu_worker.serve(conn, runner)
-    except (EOFError, OSError):
-        pass  # the parent is gone
-    finally:
-        conn.close()
-
-
-# --- the parent ---------------------------------------------------------------------------
-class _Program:
-    """A ``subprocess.Popen`` with the parts of ``multiprocessing.Process`` _Child uses; its
-    sentinel is a pidfd, readable once the process has exited."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self._proc = proc
-        self.pid = proc.pid
-        self.sentinel = os.pidfd_open(proc.pid)
-
-    @property
-    def exitcode(self) -> int | None:
-        return self._proc.poll()
-
-    def is_alive(self) -> bool:
-        return self._proc.poll() is None
-
-    def join(self, timeout: float | None = None) -> None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(timeout)
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.kill()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.sentinel)
-
-
-class _Child:
-    """One child process and its resources (owned by the parent)."""
-
-    def __init__(self, proc: Any, conn: mpc.Connection) -> None:
-        self.proc = proc
-        self.conn = conn
-        self.in_shm: SharedMemory | None = None
-        self.out_shm: SharedMemory | None = None
-        self.in_size = self.out_size = 0  # bytes per slot
-        self.info: dict[str, Any] = {}
-        # Pipelining: free slots, replies read by one caller for another, who is reading.
-        self.free_slots: list[int] = []
-        self.in_flight = 0
-        self._replies: dict[int, Any] = {}
-        self._gone: tuple[str, Any] | None = None
-        self._reading = False
-        self._replied = threading.Condition()
-        self.send_lock = threading.Lock()
-
-    def reply(self, seq: int, timeout: float) -> tuple[str, Any]:
-        """The child's answer to request ``seq`` (as :meth:`receive`). Answers come in request
-        order; whichever caller reads the pipe files the others' answers for them."""
-        deadline = time.monotonic() + timeout
-        with self._replied:
-            while True:
-                if seq in self._replies:
-                    return "msg", self._replies.pop(seq)
-                if self._gone is not None:
-                    return self._gone
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return "timeout", None
-                if not self._reading:
-                    self._reading = True
-                    break
-                self._replied.wait(remaining)
-        kind: str = "timeout"
-        message: Any = None
-        try:
-            kind, message = self.receive(remaining)
-        except (OSError, ValueError):  # another caller tore the child down meanwhile
-            kind, message = "dead", "stopped"
-        finally:
-            with self._replied:
-                self._reading = False
-                if kind == "msg" and message is not None:
-                    self._replies[message[1]] = message
-                elif kind == "dead":
-                    self._gone = (kind, message)
-                self._replied.notify_all()
-        if kind == "timeout":
-            return kind, message
-        return self.reply(seq, max(deadline - time.monotonic(), 0.001))
-
-    def receive(self, timeout: float) -> tuple[str, Any]:
-        """('msg', message) | ('dead', exit description) | ('timeout', None)."""
-        ready = mpc.wait([self.conn, self.proc.sentinel], timeout)
-        if self.conn in ready:
-            try:
-                return "msg", self.conn.recv()
-            except (EOFError, OSError):
-                pass
-        elif not ready:
-            return "timeout", None
-        self.proc.join(5)
-        return "dead", describe_exit(self.proc.exitcode)
-
-    def stop(self, graceful: float = 0.0) -> None:
-        """End the process (politely first when ``graceful``), reap it, free the segments."""
-        if graceful and self.proc.is_alive():
-            with contextlib.suppress(OSError, ValueError):
-                self.conn.send(("close",))
-            self.proc.join(graceful)
-        if self.proc.is_alive():
-            self.proc.kill()
-        self.proc.join()
-        self.proc.close()
-        self.conn.close()
-        for shm in (self.in_shm, self.out_shm):
-            if shm is not None:
-                shm.close()
-                with contextlib.suppress(FileNotFoundError):
-                    shm.unlink()
-        self.in_shm = self.out_shm = None
 
 
 class WorkerRunner:
@@ -377,7 +152,7 @@ class WorkerRunner:
         proc.start()
         child_conn.close()  # so the parent sees EOF when the child dies
         child = _Child(proc, parent_conn)
-        sender = threading.Thread(target=_send_bytes, args=(parent_conn, payload), daemon=True)
+        sender = threading.Thread(target=send_bytes, args=(parent_conn, payload), daemon=True)
         sender.start()
         try:
             kind, message = child.receive(self.start_timeout)
@@ -388,7 +163,7 @@ class WorkerRunner:
             if kind == "dead":
                 raise WorkerCrashed(f"Edge TPU worker died during start-up ({message})")
             if message[0] == "error":
-                raise _rebuild_error(*message[1:])
+                raise rebuild_error(*message[1:])
             self._attach(child, message[1])
         except BaseException:
             child.stop()
@@ -403,8 +178,8 @@ class WorkerRunner:
         child.info = info
         child.in_size = _nbytes(TensorSpec.from_details(info["input"]))
         child.out_size = _nbytes(TensorSpec.from_details(info["output"]))
-        child.in_shm = _segment(child.in_size * self.depth)
-        child.out_shm = _segment(child.out_size * self.depth)
+        child.in_shm = new_segment(child.in_size * self.depth)
+        child.out_shm = new_segment(child.out_size * self.depth)
         child.free_slots = list(range(self.depth))
         child.conn.send(("shm", child.in_shm.name, child.out_shm.name, child.in_size, child.out_size))
         kind, message = child.receive(self.start_timeout)
@@ -446,7 +221,7 @@ class WorkerRunner:
                        "runtime": decision.runtime, "device": program.device,
                        "num_threads": program.num_threads}  # fmt: skip
             payload = ForkingPickler.dumps(("start", options))
-            sender = threading.Thread(target=_send_bytes, args=(conn, payload), daemon=True)
+            sender = threading.Thread(target=send_bytes, args=(conn, payload), daemon=True)
             sender.start()
             kind, message = child.receive(self.start_timeout)
             if kind == "timeout":
@@ -454,7 +229,7 @@ class WorkerRunner:
             if kind == "dead":
                 raise WorkerCrashed(f"Edge TPU worker died during start-up ({message})")
             if message[0] == "error":
-                raise _rebuild_error(*message[1:])
+                raise rebuild_error(*message[1:])
             info = dict(message[1])
             info["pairing"] = decision.describe()
             info["python"] = {"executable": env["python"], "version": env["python_version"], "numpy": env["numpy"]}
@@ -585,7 +360,7 @@ class WorkerRunner:
                 f"Edge TPU worker {message} during the request; restarting in {delay:.1f} s"
             )
         if message[0] == "error":
-            raise _rebuild_error(*message[2:])
+            raise rebuild_error(*message[2:])
         _, _, shape, dtype = message
         count = int(np.prod(shape, dtype=np.int64))
         flat = np.frombuffer(out_buf, dtype=np.dtype(dtype), count=count, offset=slot * child.out_size)
@@ -644,21 +419,8 @@ class WorkerRunner:
         self.close()
 
 
-def _send_bytes(conn: mpc.Connection, payload: Any) -> None:
-    with contextlib.suppress(OSError, ValueError):  # the child died: receive() reports it
-        conn.send_bytes(payload)
-
-
-def _nbytes(spec: TensorSpec) -> int:
-    return max(1, int(np.prod(spec.shape, dtype=np.int64)) * spec.dtype.itemsize)
-
-
-def _segment(size: int) -> SharedMemory:
-    name = f"{SHM_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}"
-    return SharedMemory(name=name, create=True, size=size)
-
-
 __all__ = [
+    "SHM_PREFIX",
     "EdgeTpuFactory",
     "EdgeTpuProgram",
     "RunnerFactory",

@@ -4,9 +4,12 @@ stdout. A subprocess keeps a misbehaving decoder or camera out of the daemon's m
 
 from __future__ import annotations
 
+import collections
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
+from typing import IO
 
 from segd.settings import SourceSettings
 from segd.sources.base import FrameReader, SourceError, read_multipart
@@ -25,6 +28,15 @@ def ffmpeg_command(url: str, fps: float, timeout: float) -> list[str]:
     return cmd
 
 
+def _drain(stream: IO[bytes] | None, into: collections.deque[str]) -> None:
+    if stream is None:
+        return
+    for line in iter(lambda: stream.readline(4096), b""):
+        text = line.decode(errors="replace").strip()
+        if text:
+            into.append(text)
+
+
 class RtspReader(FrameReader):
     def __init__(self, settings: SourceSettings, max_frame_bytes: int) -> None:
         super().__init__(settings, max_frame_bytes)
@@ -35,14 +47,19 @@ class RtspReader(FrameReader):
         cmd = ffmpeg_command(s.url, s.fps, s.timeout)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._proc = proc
+        # ffmpeg's messages are drained all the time (a flaky stream can print decode errors
+        # without end: a full stderr pipe would stall ffmpeg); the last few say why it ended.
+        messages: collections.deque[str] = collections.deque(maxlen=8)
+        drain = threading.Thread(target=_drain, args=(proc.stderr, messages), name="ffmpeg-stderr", daemon=True)
+        drain.start()
         try:
             assert proc.stdout is not None
             yield from read_multipart(proc.stdout, self.max_frame_bytes)  # type: ignore[arg-type]
         finally:
             self._stop()
+            drain.join(5)
         if not self.closed:
-            err = proc.stderr.read(4096).decode(errors="replace").strip() if proc.stderr else ""
-            last = err.splitlines()[-1] if err else f"exit status {proc.returncode}"
+            last = messages[-1] if messages else f"exit status {proc.returncode}"
             raise SourceError(f"ffmpeg ended: {last}")
 
     def _stop(self) -> None:

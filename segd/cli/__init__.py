@@ -10,24 +10,21 @@ SIGPIPE.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import faulthandler
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from segd import __version__
+from segd.cli.common import _settings
+from segd.cli.models import cmd_models_build, cmd_models_check, cmd_models_list, cmd_models_pull
 from segd.errors import SegdError
 from segd.geometry import SUPPORTED_ALPHAS
 from segd.runtime.cpu import RUNTIMES
 from segd.settings import ACCELERATORS
-
-if TYPE_CHECKING:
-    from segd.settings import Settings
-
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
@@ -76,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=None, help="variant(s) (default: all)")
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--original", action="store_true",
+                   help="the original coral-deeplab latency table: its compiled files and Google's DM1, next to its published figures")  # fmt: skip
     _common_model_args(p)
 
     models = sub.add_parser("models", help="list, pull, check or build models").add_subparsers(dest="models_command", required=True)
@@ -97,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         "to int8 calibrated on your images, check the Edge TPU op mapping, compile it when edgetpu_compiler is "
         "on PATH, and publish it as a variant in the models dir (<name>.tflite + <name>.toml).",
     )  # fmt: skip
-    p.add_argument("--variant", choices=("v3", "v3plus"), default="v3", help="v3+: only the encoder is pretrained")
+    p.add_argument("--variant", choices=("v3", "v3plus"), default="v3", help="v3+: only the encoder is pretrained (from Google's files)")
+    p.add_argument("--weights", choices=("google-tflite", "coral-deeplab"), default="google-tflite",
+                   help="PASCAL VOC weights: Google's Coral model (default) or the original coral-deeplab's trained .h5 (v3 and v3+)")  # fmt: skip
     p.add_argument("--alpha", type=float, choices=SUPPORTED_ALPHAS, default=1.0, help="MobileNetV2 depth multiplier")
     p.add_argument("--input-size", type=int, default=513, help="square input side, 16k+1 (e.g. 513, 321, 257)")
     p.add_argument("--name", default=None, help="variant name (default cdl_<variant>_dm<alpha>_<size>_pascal)")
@@ -209,26 +210,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --- commands ------------------------------------------------------------------------------
 
 
-def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
-    """The settings a command runs with: ``SEGD_*`` environment < this command's flags. The CLI
-    passes them down, so library code never looks at the environment for it."""
-    from segd.settings import load_settings
-
-    flags = {name: getattr(args, flag, None) for name, flag in (
-        ("models_dir", "models_dir"), ("mirror", "mirror"), ("device", "device"),
-        ("runtime", "runtime"), ("threads", "threads"),
-    )}  # fmt: skip
-    accelerator = getattr(args, "accelerator", None)
-    flags["accelerator"] = accelerator if accelerator != "auto" else None
-    return load_settings(overrides={**flags, **overrides})
-
-
-def _models_dir(settings: Settings) -> Path:
-    from segd.variants import default_models_dir
-
-    return settings.models_dir or default_models_dir()
-
-
 def _open(args: argparse.Namespace, name: str | None) -> Any:
     from segd.engine import Segmenter
     from segd.variants import load_manifest
@@ -237,7 +218,7 @@ def _open(args: argparse.Namespace, name: str | None) -> Any:
     variant = load_manifest(models_dir=s.models_dir).get(name)
     return Segmenter.open(
         variant, models_dir=s.models_dir, accelerator=s.accelerator, device=s.device,
-        runtime=s.runtime, num_threads=s.threads, mirror=s.mirror,
+        runtime=s.runtime, num_threads=s.threads, mirror=s.mirror, gdrive_url=s.gdrive_url,
     )  # fmt: skip
 
 
@@ -326,127 +307,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
-def cmd_models_list(args: argparse.Namespace) -> int:
-    from segd.variants import load_manifest
-
-    mdir = _models_dir(_settings(args))
-    manifest = load_manifest(models_dir=mdir)
-    rows: list[dict[str, Any]] = []
-    for name, v in manifest.variants.items():
-        rows.append({
-            "name": name,
-            "default": name == manifest.default,
-            "description": v.description,
-            "classes": v.n_classes,
-            "input": list(v.input.hw),
-            "files": {f.name: (mdir / f.name).is_file() for f in v.files()},
-        })  # fmt: skip
-    if args.json:
-        print(json.dumps({"models_dir": str(mdir), "variants": rows}, indent=2))
-        return 0
-    print(f"models dir: {mdir}")
-    for r in rows:
-        star = "*" if r["default"] else " "
-        present = ", ".join(f"{n} [{'present' if ok else 'missing'}]" for n, ok in r["files"].items())
-        print(f"{star} {r['name']:34} {r['classes']:3d} classes  {r['input'][0]}x{r['input'][1]}  {present}")
-    return 0
-
-
-def cmd_models_pull(args: argparse.Namespace) -> int:
-    from segd.progress import Progress
-    from segd.variants import load_manifest, resolve_file
-
-    s = _settings(args)
-    mdir = _models_dir(s)
-    manifest = load_manifest(models_dir=mdir)
-    names = args.names or [manifest.default]
-    if names == ["all"]:
-        names = list(manifest.variants)
-    for name in names:
-        variant = manifest.get(name)
-        specs = [variant.cpu] if args.cpu_only else variant.files()
-        for spec in specs:
-            bar = Progress(spec.name, unit="MB")
-            path = resolve_file(spec, mdir, mirror=s.mirror, force=args.force, progress=bar)
-            bar.close(f"{path} ok (sha256 {spec.sha256[:12]}…)")
-    return 0
-
-
-def cmd_models_check(args: argparse.Namespace) -> int:
-    from segd.tflite.checker import check_model, format_report
-
-    try:
-        data = args.file.read_bytes()
-    except OSError as exc:
-        print(f"segd: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-        return 2
-    if args.file.suffix.lower() != ".tflite" and data[4:8] != b"TFL3":
-        print(f"segd: {args.file} is not a .tflite model (no TFLite file identifier)", file=sys.stderr)
-        return 2
-    try:
-        report = check_model(data)
-    except ValueError as exc:
-        print(f"segd: {args.file}: {exc}", file=sys.stderr)
-        return 2
-    compiled = [r for r in report.rows if r.op == "edgetpu-custom-op"]
-    if compiled and not args.json:
-        cpu = [f"{r.index} {r.op}" for r in report.rows if r.op != "edgetpu-custom-op"]
-        print(f"{args.file} is already compiled for the Edge TPU: {len(compiled)} edgetpu-custom-op "
-              f"(the compiled part) and {len(cpu)} ops on the CPU{': ' + ', '.join(cpu) if cpu else ''}. "
-              "The op-mapping check reads the model before compiling (the file without _edgetpu).")  # fmt: skip
-        return 0
-    if args.json:
-        print(json.dumps(dataclasses.asdict(report), indent=2))
-    else:
-        print(format_report(report))
-    return 0 if report.fully_mapped else 1
-
-
-def cmd_models_build(args: argparse.Namespace) -> int:
-    if args.calibration is None:
-        print(
-            "segd: models build needs --calibration DIR: int8 quantization takes its value ranges from "
-            "real images, so point it at a directory of photos like the ones you will segment "
-            "(a few dozen is plenty)",
-            file=sys.stderr,
-        )  # fmt: skip
-        return 2
-    if not args.calibration.is_dir():
-        print(f"segd: --calibration {args.calibration} is not a directory", file=sys.stderr)
-        return 2
-    from coral_deeplab import zoo
-
-    try:
-        zoo.require_tensorflow("segd models build")
-    except ImportError as exc:
-        print(f"segd: {exc}", file=sys.stderr)
-        return 2
-
-    if args.variant == "v3plus":
-        print("segd: warning: v3+ gets pretrained weights for the encoder only; its decoder and logits "
-              "are untrained, so its masks are meaningless until you train it", file=sys.stderr)  # fmt: skip
-    try:
-        built, result = zoo.build(
-            variant=args.variant, alpha=args.alpha, input_size=args.input_size, calibration=args.calibration,
-            name=args.name, models_dir=args.models_dir, mirror=args.mirror, num_calibration=args.num_calibration,
-            compile=not args.no_compile, cache=False if args.no_cache else None,
-        )  # fmt: skip
-    except ValueError as exc:  # keras/TensorFlow's own argument errors; ours are SegdErrors (main)
-        print(f"segd: {exc}", file=sys.stderr)
-        return 2
-    print(f"Edge TPU check: {zoo.describe_report(result.report)}", file=sys.stderr)
-    how = f"cached export {built.cache_path}" if built.from_cache else f"exported ({built.n_calibration} calibration images)"
-    print(f"{how}; {len(built.tflite)} bytes", file=sys.stderr)
-    if result.edgetpu_path is not None and result.compile_log is not None:
-        log = result.compile_log
-        print(f"compiled: {result.edgetpu_path} ({log.ops_mapped}/{log.ops_total} ops on the Edge TPU)", file=sys.stderr)
-    else:
-        print(f"no Edge TPU file: {result.compile_skipped_reason}", file=sys.stderr)
-    print(f"published {result.manifest_path.stem}: {result.cpu_path}, {result.manifest_path}", file=sys.stderr)
-    print(result.manifest_path.stem)
-    return 0
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     supervisor_exit = supervise_if_pid1()
     if supervisor_exit is not None:
@@ -473,16 +333,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from segd.bench import bench_variants, format_table
+    from segd.bench import ORIGINAL_TABLE, bench_variants, format_original_table, format_table
     from segd.progress import Progress
 
     s = _settings(args)
+    names = args.model or (list(ORIGINAL_TABLE) if args.original else None)
     rows = bench_variants(
-        args.model, iterations=args.iterations, warmup=args.warmup, models_dir=s.models_dir,
+        names, iterations=args.iterations, warmup=args.warmup, models_dir=s.models_dir,
         mirror=s.mirror, accelerator=s.accelerator, device=s.device, runtime=s.runtime,
-        num_threads=s.threads, progress=Progress("bench"),
+        num_threads=s.threads, gdrive_url=s.gdrive_url, progress=Progress("bench"),
     )  # fmt: skip
-    print(format_table(rows))
+    print(format_original_table(rows) if args.original else format_table(rows))
     return 0
 
 

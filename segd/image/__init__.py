@@ -1,0 +1,1 @@
+"""Reading images: container headers (header, ifd) and decoding (decode)."""
