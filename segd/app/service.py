@@ -362,7 +362,10 @@ class ModelService:
         loop = asyncio.get_running_loop()
         header = await loop.run_in_executor(self.cpu_pool, preprocess.probe_image, data)
         preprocess.check_limits(header, self.settings.max_pixels)
-        reduce = preprocess.choose_reduce(header, slot.variant.input.hw) if fmt != "overlay" else 1
+        seg = slot.primary
+        assert seg is not None  # slot.can_answer
+        # the loaded Segmenter's size: a manifest entry may leave the input shape to be read from the file
+        reduce = preprocess.choose_reduce(header, seg.input_hw) if fmt != "overlay" else 1
         output = f"overlay-{overlay_format}" if fmt == "overlay" else fmt
         need = preprocess.request_bytes(header, reduce=reduce, output=output, upload=len(data))
         self.memory_budget.check(need, f"this {header.width}x{header.height} {header.format.upper()} image")
