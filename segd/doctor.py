@@ -504,10 +504,15 @@ def _systemctl_show() -> dict[str, str]:
 
 
 # --- models ----------------------------------------------------------------------------------
-def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
+def check_models(
+    settings: Settings, tpu_usable: bool, env: Mapping[str, str] | None = None, service: bool = False
+) -> list[Finding]:
+    """Model files present and intact, else where they come from. ``env`` is the environment
+    the daemon gets (for the service: with /etc/segd/segd.env applied)."""
     from segd.errors import SegdError
+    from segd.install import hidden_from_service
     from segd.pins import file_digests, problem
-    from segd.variants import default_models_dir, load_manifest, model_mirror
+    from segd.variants import default_models_dir, load_manifest
 
     mdir = settings.models_dir or default_models_dir()
     try:
@@ -517,8 +522,17 @@ def check_models(settings: Settings, tpu_usable: bool) -> list[Finding]:
             Finding("models", "error", f"cannot read the model manifest: {exc}", "reinstall segd")
         ]
     names, _ = settings.served_models(manifest)
-    mirror = settings.mirror or model_mirror()
+    env = os.environ if env is None else env
+    mirror = settings.mirror or env.get("SEGD_MODEL_MIRROR") or None
     found: list[Finding] = []
+    if service:
+        # ProtectHome=yes: /home, /root and /run/user are empty to the service. A mirror or
+        # models dir there gives "Permission denied" and a unit that never gets ready.
+        for what, where in (("SEGD_MODEL_MIRROR", mirror), ("SEGD_MODELS_DIR", str(mdir))):
+            hidden = hidden_from_service(where) if where and where.startswith("/") else None
+            if hidden is not None:
+                found.append(Finding("models", "error", f"{what}={where} is under {hidden}, which segd.service cannot see (ProtectHome=yes): it cannot read model files there and never gets ready",
+                                     f"move it out of {hidden}, e.g. sudo cp -r {where} /srv/segd-models, and set {what}=/srv/segd-models in {SERVICE_ENV_FILE}"))  # fmt: skip
     if not mdir.is_dir():
         found.append(
             Finding(
@@ -649,7 +663,7 @@ def run_checks(machine: MachinePaths) -> list[Finding]:
     findings += check_groups(machine.service)
     if machine.service:
         findings += check_service(machine.unit, machine.env_file)
-    findings += check_models(s, status.available and s.accelerator != "cpu")
+    findings += check_models(s, status.available and s.accelerator != "cpu", machine.env, machine.service)
     findings += check_sources(s, shutil.which("ffmpeg"), importlib.util.find_spec("paho") is not None)
     return findings
 

@@ -123,6 +123,26 @@ def _group_exists(name: str) -> bool:
         return False
 
 
+def systemd_running() -> bool:
+    """systemd is PID 1 here (not a chroot, an image build or a container without systemd)."""
+    return Path("/run/systemd/system").is_dir()
+
+
+def udev_running() -> bool:
+    """udevd runs here (containers and chroots have no udevadm or no daemon to reload)."""
+    return shutil.which("udevadm") is not None and Path("/run/udev/control").exists()
+
+
+def hidden_from_service(path: str | Path) -> str | None:
+    """The directory (/home, /root, /run/user) that hides ``path`` from the sandboxed service
+    (ProtectHome=yes), or None when the service can see it."""
+    text = str(path)
+    for hidden in ("/home", "/root", "/run/user"):
+        if text == hidden or text.startswith(hidden + "/"):
+            return hidden
+    return None
+
+
 def plan(
     root: Path,
     exec_path: str,
@@ -132,13 +152,19 @@ def plan(
     home: Path | None = None,
     edgetpu_pair: bool = False,
     machine: str | None = None,
+    systemd_live: bool | None = None,
+    udev_live: bool | None = None,
 ) -> list[Step]:
     """What installing means, as steps; nothing is touched here. ``edgetpu_pair``: also install
     the known-good libedgetpu/TFLite pair (segd/data/edgetpu_pairings.toml) and point the
-    settings at its Python."""
+    settings at its Python. Commands for a udev or systemd that is not running here (containers,
+    chroots, image builds) become skipped steps: the files are all that is needed, and both read
+    them when they start."""
     from segd.runtime import pairing
 
     system = str(root) == "/"
+    systemd_live = systemd_running() if systemd_live is None else systemd_live
+    udev_live = udev_running() if udev_live is None else udev_live
     if system and not user:
         check_exec(exec_path)
     unit = render_unit(data_file(UNIT_NAME).read_text(), exec_path)
@@ -206,10 +232,14 @@ def plan(
             )
         commands.append(["systemctl", "daemon-reload"])
     for cmd in commands:
-        if system:
-            steps.append(Step("run", shlex.join(cmd)))
-        else:
+        if not system:
             steps.append(Step("skip", shlex.join(cmd), note=f"not run: installing under {root}"))
+        elif cmd[0] == "udevadm" and not udev_live:
+            steps.append(Step("skip", shlex.join(cmd), note="udev is not running here (container or chroot): the rules apply where udev reads them, at its next start"))  # fmt: skip
+        elif cmd[:2] == ["systemctl", "daemon-reload"] and not systemd_live:
+            steps.append(Step("skip", shlex.join(cmd), note="systemd is not running here (chroot or image build): it reads the unit when it boots"))  # fmt: skip
+        else:
+            steps.append(Step("run", shlex.join(cmd)))
     return steps
 
 
@@ -217,14 +247,14 @@ def check_exec(exec_path: str) -> None:
     path = Path(exec_path)
     if not path.is_absolute():
         raise InstallError(f"ExecStart needs an absolute path, not {exec_path!r}")
-    for hidden in ("/home", "/root", "/run/user"):
-        if exec_path == hidden or exec_path.startswith(hidden + "/"):
-            raise InstallError(
-                f"{exec_path} is under {hidden}, which the service cannot see (ProtectHome=yes); "
-                f"install segd in a venv outside it, e.g. sudo python3 -m venv /opt/segd && "
-                f"sudo /opt/segd/bin/pip install <segd checkout>, then run "
-                f"sudo /opt/segd/bin/segd install-service"
-            )
+    hidden = hidden_from_service(exec_path)
+    if hidden is not None:
+        raise InstallError(
+            f"{exec_path} is under {hidden}, which the service cannot see (ProtectHome=yes); "
+            f"install segd in a venv outside it, e.g. sudo python3 -m venv /opt/segd && "
+            f"sudo /opt/segd/bin/pip install <segd checkout>, then run "
+            f"sudo /opt/segd/bin/segd install-service"
+        )
     if not (path.is_file() and os.access(path, os.X_OK)):
         raise InstallError(f"{exec_path} is not an executable file; pass --prefix or --exec")
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from conftest import read_mask_png
 
 
@@ -160,3 +162,51 @@ def test_bench_draws_progress_on_a_terminal(models_dir: Path) -> None:
     os.close(master)
     assert proc.returncode == 0
     assert b"bench: [" in seen and b"6/6  model=deeplabv3_mnv2_dm05_pascal stage=end-to-end" in seen
+
+
+def test_a_native_crash_in_a_worker_thread_names_the_thread_and_ends_the_process() -> None:
+    # What a TFLite kernel crashing in the inference thread looks like: a segfault off the main
+    # thread. segd's CLI turns that into a report on stderr and a process that exits by the signal.
+    code = (
+        "import ctypes, threading, sys; from segd.cli import enable_crash_reports; enable_crash_reports()\n"
+        "def invoke(): ctypes.string_at(0)\n"
+        "t = threading.Thread(target=invoke, name='invoke_0'); t.start(); t.join(); sys.exit(0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == -11, (proc.returncode, proc.stderr)
+    assert "Fatal Python error: Segmentation fault" in proc.stderr
+    assert "in invoke" in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare (a PID namespace)")
+def test_as_pid1_a_crash_the_kernel_would_drop_still_ends_segd_with_the_signal_status() -> None:
+    # A container's PID 1 ignores self-sent fatal signals (what a crash under qemu-user is), so
+    # segd as PID 1 serves from a child and returns its status: 128 + 11 for SIGSEGV.
+    code = (
+        "import os, signal, sys\n"
+        "from segd.cli import supervise_if_pid1\n"
+        "assert os.getpid() == 1\n"
+        "status = supervise_if_pid1()\n"
+        "if status is None:\n"
+        "    os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "    sys.exit(0)  # not reached in the child\n"
+        "sys.exit(status)\n"
+    )
+    proc = subprocess.run(["unshare", "--fork", "--pid", "--mount-proc", sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 139, (proc.returncode, proc.stderr)
+    # SIGTERM to PID 1 reaches the server process, which exits 0 as after a drained shutdown.
+    code_term = (
+        "import os, signal, sys, time\n"
+        "from segd.cli import supervise_if_pid1\n"
+        "status = supervise_if_pid1()\n"
+        "if status is None:\n"
+        "    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+        "    os.kill(1, signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "    sys.exit(3)\n"
+        "sys.exit(status)\n"
+    )
+    proc = subprocess.run(["unshare", "--fork", "--pid", "--mount-proc", sys.executable, "-c", code_term],
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)

@@ -98,8 +98,7 @@ def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
             assert len(words) == 3 and words[1].upper() == "AS", (
                 f"line {ins.line}: every stage is named (FROM image AS name)"
             )
-            base = re.sub(r"\$\{(\w+)\}", lambda m: global_args[m.group(1)], words[0])
-            stages.append(Stage(words[2], base, flags.get("platform", "")))
+            stages.append(Stage(words[2], expand(words[0], global_args), expand(flags.get("platform", ""), global_args)))
         elif not stages:
             assert ins.keyword == "ARG", f"line {ins.line}: only ARG may come before the first FROM"
             name, _, default = ins.args.partition("=")
@@ -107,6 +106,13 @@ def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
         else:
             stages[-1].instructions.append(ins)
     return global_args, stages
+
+
+def expand(text: str, args: dict[str, str]) -> str:
+    """``${NAME}`` replaced by the ARG defaults (which may refer to earlier ARGs), as Docker does."""
+    while (expanded := re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], text)) != text:
+        text = expanded
+    return text
 
 
 def env_of(stage: Stage) -> dict[str, str]:
@@ -308,7 +314,11 @@ def test_the_image_installs_the_pinned_known_good_edgetpu_pair_of_the_table(stag
     rec = pairing.Table.load().recommended
     edgetpu, runtime = stage(stages, "edgetpu"), stage(stages, "runtime")
     args = dict(a.args.split("=", 1) for a in edgetpu.all("ARG"))
-    assert args == {"LIBEDGETPU_DEB_URL": rec.deb("aarch64"), "TFLITE_RUNTIME_WHEEL_URL": rec.wheel("aarch64")}
+    assert args == {"LIBEDGETPU_DEB_URL": rec.deb("aarch64"), "TFLITE_RUNTIME_WHEEL_URL": rec.wheel("aarch64"),
+                    "EDGETPU": "pair"}  # fmt: skip
+    # EDGETPU=none (a CPU-only image, offline builds) skips the fetch and the install, nothing else.
+    assert all(i.args.startswith('if [ "${EDGETPU}" = none ]; then') for i in edgetpu.all("RUN"))
+    assert [a.args for a in runtime.all("ARG")] == ["EDGETPU=pair"]
     fetch = " ".join(i.args for i in edgetpu.all("RUN"))
     assert f'pip install "{rec.numpy}" "${{TFLITE_RUNTIME_WHEEL_URL}}"' in fetch and '"${LIBEDGETPU_DEB_URL}"' in fetch
     install = " ".join(i.args for i in runtime.all("RUN"))

@@ -360,3 +360,26 @@ def test_cameras_and_mqtt_need_ffmpeg_and_paho(tmp_path: Path) -> None:
     present = check_sources(s, "/usr/bin/ffmpeg", True)
     assert [f.level for f in present] == ["ok", "ok"] and "broker.lan:1883" in present[1].message
     assert check_sources(load_settings(env={}), None, False) == []  # nothing configured, nothing needed
+
+
+def test_service_check_takes_the_mirror_from_the_env_file_and_flags_one_the_sandbox_hides(
+    tmp_path: Path,
+) -> None:
+    empty = tmp_path / "models"
+    env_file = tmp_path / "segd.env"
+    base = f"SEGD_MODELS_DIR={empty}\nSEGD_MODELS={DM1}\nSEGD_ACCELERATOR=cpu\n"
+    env_file.write_text(base + "SEGD_MODEL_MIRROR=/srv/segd-mirror\n")
+    proc = run_doctor("--service", "--env-file", str(env_file), "--json", env={})
+    models = by_check(findings_of(proc), "models")
+    assert any("fetches it at start-up from /srv/segd-mirror" in f.message for f in models), models
+
+    env_file.write_text(base + "SEGD_MODEL_MIRROR=/root/segd-mirror\n")
+    proc = run_doctor("--service", "--env-file", str(env_file), "--json", env={})
+    assert proc.returncode == 1
+    [hidden] = [f for f in by_check(findings_of(proc), "models") if "ProtectHome" in f.message]
+    assert hidden.level == "error" and "SEGD_MODEL_MIRROR=/root/segd-mirror is under /root" in hidden.message
+    assert hidden.fix is not None and "/srv/segd-models" in hidden.fix
+
+    # The same mirror for `segd serve` run by hand is fine: no sandbox there.
+    proc = run_doctor("--env-file", str(env_file), "--json", env={})
+    assert not any("ProtectHome" in f.message for f in findings_of(proc))

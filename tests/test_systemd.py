@@ -525,3 +525,23 @@ def test_install_service_user_mode_writes_into_home(tmp_path: Path) -> None:
     assert (root / "home/someone/.config/segd/segd.env").is_file()
     assert not (root / "etc").exists()
     assert "systemctl --user enable --now segd" in proc.stdout
+
+
+def test_install_service_in_a_container_or_chroot_skips_udev_and_systemd_and_says_so() -> None:
+    from segd.install import plan
+
+    exec_path = f"{sys.prefix}/bin/segd"
+    if sys.prefix.startswith(("/home/", "/root/")):
+        pytest.skip("this run's segd is under a directory the service cannot see")
+    steps = plan(Path("/"), exec_path, systemd_live=False, udev_live=False)
+    commands = {s.target: s for s in steps if s.action in ("run", "skip")}
+    assert commands["systemctl daemon-reload"].action == "skip"
+    assert "systemd is not running here" in commands["systemctl daemon-reload"].describe(False)
+    udev = [s for s in steps if s.target.startswith("udevadm")]
+    assert len(udev) == 2 and all(s.action == "skip" and "udev is not running" in s.note for s in udev)
+    assert any(s.action == "write" and s.target.endswith("segd.service") for s in steps) or any(
+        s.action == "keep" and s.target.endswith("segd.service") for s in steps
+    )
+    # On a booted machine the same commands run.
+    live = plan(Path("/"), exec_path, systemd_live=True, udev_live=True)
+    assert {s.target for s in live if s.action == "run"} >= {"systemctl daemon-reload", *(s.target for s in udev)}

@@ -10,6 +10,7 @@ SIGPIPE.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -142,7 +143,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def enable_crash_reports() -> None:
+    """A native crash in any thread (a runtime's CPU kernels, a decoder) prints which Python
+    code every thread was running and then ends the process with the signal, so the log says
+    why segd died. Without it a crash in the inference thread leaves no Python-level trace; under
+    qemu-user (an arm64 image tested on x86-64) the process may not even die."""
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
+
+
+def supervise_if_pid1() -> int | None:
+    """As PID 1 (a container's entrypoint without ``--init``) the kernel drops every signal whose
+    default action would end the process, unless the kernel itself forces it. Under qemu-user
+    (an arm64 image on x86-64) a crash becomes exactly such a self-sent signal, so the daemon
+    printed its crash report and then hung for ever. As PID 1, segd therefore forks: the child
+    serves, this process passes SIGTERM/SIGINT/SIGHUP/SIGQUIT on, reaps orphans and returns the
+    child's exit status (128 + signal number when a signal ended it). Returns None in the child
+    and when not PID 1."""
+    import os
+    import signal
+
+    if os.getpid() != 1:
+        return None
+    passed_on = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
+    # Held back until the handlers are in place: a SIGTERM right after the fork is not lost.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, passed_on)
+    child = os.fork()
+    if child == 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return None
+    for sig in passed_on:
+        signal.signal(sig, lambda signum, _frame: os.kill(child, signum))
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            return 1
+        if pid == child:
+            code = os.waitstatus_to_exitcode(status)
+            return code if code >= 0 else 128 - code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    enable_crash_reports()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = COMMANDS[args.command if args.command != "models" else f"models {args.models_command}"]
@@ -264,6 +308,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    supervisor_exit = supervise_if_pid1()
+    if supervisor_exit is not None:
+        return supervisor_exit
     from segd.app.server import serve
     from segd.settings import config_path, load_settings
 
