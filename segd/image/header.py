@@ -16,6 +16,9 @@ Why not Pillow's lazy ``Image.open``: it reads sizes without decoding too, but i
 whether the data is complete, does not count PNG metadata chunks or check animation frames
 against the canvas, and would identify formats segd hands to OpenCV — the probe must agree
 with OpenCV's decoders, which are what runs.
+
+One module (~520 lines) on purpose: one small walker per container format behind one entry point,
+sharing the limits and the truncation rules.
 """
 
 from __future__ import annotations
