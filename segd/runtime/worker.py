@@ -48,7 +48,7 @@ from segd.child import (
 )
 from segd.errors import RequestTimeout, RuntimeUnavailable, WorkerCrashed
 from segd.runtime import tpu_worker
-from segd.runtime.base import Runner, TensorSpec
+from segd.runtime.base import Runner, TensorSpec, describe_runner
 from segd.runtime.worker_child import (
     EdgeTpuFactory,
     EdgeTpuProgram,
@@ -373,11 +373,7 @@ class WorkerRunner:
     def describe(self) -> dict[str, Any]:
         with self._state_lock:
             return {
-                "backend": self.backend,
-                "runtime": self.runtime,
-                "device": self.device,
-                "input": self.input.describe(),
-                "output": self.output.describe(),
+                **describe_runner(self),
                 "isolation": "process",
                 "python": self.python,
                 "pairing": self.pairing,
