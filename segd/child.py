@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import uuid
+from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, TypeVar
@@ -91,6 +92,18 @@ class Child:
             return "timeout", None
         self.proc.join(5)
         return "dead", describe_exit(self.proc.exitcode)
+
+    @contextlib.contextmanager
+    def starting(self, sender: threading.Thread) -> Iterator[None]:
+        """Around the start-up handshake: any failure in it stops the child; the thread sending
+        the start payload (:func:`start_child`) is joined either way."""
+        try:
+            yield
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            sender.join(5.0)
 
     def stop(self, graceful: float = 0.0) -> None:
         """End the process (politely first when ``graceful``), reap it, free the segments."""

@@ -180,15 +180,10 @@ class DecodePool:
 
         payload = ForkingPickler.dumps(("start", self._crash_marker))
         child, sender = start_child(self._ctx, _decode_main, payload, "segd-decoder", Child)
-        try:
+        with child.starting(sender):
             kind, message = child.receive(self.start_timeout)
             if kind != "msg" or message[0] != "ready":
                 raise RuntimeUnavailable(f"image decoder did not start ({kind}: {message})")
-        except BaseException:
-            child.stop()
-            raise
-        finally:
-            sender.join(5.0)
         return child
 
     def _lose(self, child: Child, reason: str) -> None:

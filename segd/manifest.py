@@ -18,7 +18,7 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tomli_w
@@ -26,6 +26,9 @@ import tomli_w
 from segd import settings
 from segd.errors import GeometryError, ModelError, UnknownModel
 from segd.labels import Labels, palette_from, voc_palette
+
+if TYPE_CHECKING:
+    from segd.tflite.model import TensorInfo
 
 log = logging.getLogger("segd")
 
@@ -388,6 +391,25 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def image_model_tensors(model: bytes, where: str) -> tuple[TensorInfo, TensorInfo]:
+    """The input and output tensors of a ``.tflite`` that takes one ``[1, H, W, 3]`` image and
+    has one output; ModelError starting with ``where`` otherwise. Both describing a new file and
+    checking a manifest entry against its file start here."""
+    from segd.tflite.model import read_model, subgraph_inputs, subgraph_outputs
+
+    try:
+        parsed = read_model(model)
+    except ValueError as exc:
+        raise ModelError(f"{where}: not a TFLite model: {exc}") from None
+    inputs, outputs = subgraph_inputs(parsed), subgraph_outputs(parsed)
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelError(f"{where}: expected 1 input and 1 output tensor, found {len(inputs)} and {len(outputs)}")
+    inp, out = inputs[0], outputs[0]
+    if len(inp.shape) != 4 or inp.shape[0] != 1 or inp.shape[3] != 3:
+        raise ModelError(f"{where}: input {list(inp.shape)} is not a [1, H, W, 3] image")
+    return inp, out
+
+
 def describe_tflite(
     data: bytes,
     *,
@@ -408,7 +430,6 @@ def describe_tflite(
     ModelError naming the problem otherwise.
     """
     from segd.geometry import output_geometry
-    from segd.tflite.model import read_model, subgraph_inputs, subgraph_outputs
     from segd.tflite.surgery import strip_tail as cut_tail
 
     body, stripped = data, False
@@ -418,16 +439,9 @@ def describe_tflite(
         except ValueError as exc:
             if strip_tail:
                 raise ModelError(f"{file_name}: cannot strip the resize/argmax tail: {exc}") from None
-    try:
-        model = read_model(body)
-    except ValueError as exc:
-        raise ModelError(f"{file_name}: {exc}") from None
-    inputs, outputs = subgraph_inputs(model), subgraph_outputs(model)
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise ModelError(f"expected 1 input and 1 output, found {len(inputs)} and {len(outputs)}")
-    inp, out = inputs[0], outputs[0]
-    if len(inp.shape) != 4 or inp.shape[0] != 1 or inp.shape[3] != 3 or inp.is_dynamic:
-        raise ModelError(f"input must be a static [1, H, W, 3] image, got {list(inp.shape)}")
+    inp, out = image_model_tensors(body, file_name)
+    if inp.is_dynamic:
+        raise ModelError(f"{file_name}: input must be a static [1, H, W, 3] image, got {list(inp.shape)}")
     if len(out.shape) != 4 or out.shape[0] != 1 or out.is_dynamic:
         raise ModelError(
             f"output must be static [1, h, w, classes] logits, got {list(out.shape)}; a model "

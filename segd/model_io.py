@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from segd.errors import ModelError
-from segd.manifest import Variant
+from segd.manifest import Variant, image_model_tensors
 
 __all__ = ["ALLOWED_STRIDES", "read_tensors"]
 
@@ -28,16 +28,8 @@ def read_tensors(variant: Variant, model: bytes, where: str) -> Variant:
     (already verified and tail-stripped as the entry says). Raises ModelError naming the file
     and what is wrong with it."""
     from segd.geometry import check_side, output_geometry
-    from segd.tflite.model import read_model, subgraph_inputs, subgraph_outputs
 
-    try:
-        parsed = read_model(model)
-    except ValueError as exc:
-        raise ModelError(f"{where}: not a TFLite model: {exc}") from None
-    inputs, outputs = subgraph_inputs(parsed), subgraph_outputs(parsed)
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise ModelError(f"{where}: expected 1 input and 1 output tensor, found {len(inputs)} and {len(outputs)}")
-    inp, out = inputs[0], outputs[0]
+    inp, out = image_model_tensors(model, where)
     shape_in, shape_out = tuple(int(x) for x in inp.shape), tuple(int(x) for x in out.shape)
     if len(shape_in) != 4 or shape_in[0] != 1 or shape_in[3] != 3 or shape_in[1] != shape_in[2]:
         raise ModelError(f"{where}: input {list(shape_in)} is not a square [1, N, N, 3] image")

@@ -56,6 +56,17 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
+def describe_runner(runner: Runner) -> dict[str, Any]:
+    """What every runner reports about itself; runners that supervise a child add their state."""
+    return {
+        "backend": runner.backend,
+        "runtime": runner.runtime,
+        "device": runner.device,
+        "input": runner.input.describe(),
+        "output": runner.output.describe(),
+    }
+
+
 class InterpreterRunner:
     """Runner over an allocated interpreter with one input and one output."""
 
@@ -83,13 +94,7 @@ class InterpreterRunner:
         return out[0] if out.shape[0] == 1 else out
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "runtime": self.runtime,
-            "device": self.device,
-            "input": self.input.describe(),
-            "output": self.output.describe(),
-        }
+        return describe_runner(self)
 
     def close(self) -> None:
         self._interpreter = None

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from segd.errors import RequestTimeout, RuntimeUnavailable, WorkerCrashed
-from segd.runtime.base import Runner, TensorSpec
+from segd.runtime.base import Runner, TensorSpec, describe_runner
 
 
 def resolve_devices(wanted: Sequence[str], listed: Sequence[Any]) -> list[str]:
@@ -236,11 +236,7 @@ class DevicePool:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "backend": self.backend,
-            "runtime": self.runtime,
-            "device": self.device,
-            "input": self.input.describe(),
-            "output": self.output.describe(),
+            **describe_runner(self),
             "isolation": "process",
             "state": self.state,
             "devices": self.devices(),

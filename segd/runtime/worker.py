@@ -45,10 +45,11 @@ from segd.child import (
     new_segment,
     rebuild_error,
     send_bytes,
+    start_child,
 )
 from segd.errors import RequestTimeout, RuntimeUnavailable, WorkerCrashed
 from segd.runtime import tpu_worker
-from segd.runtime.base import Runner, TensorSpec
+from segd.runtime.base import Runner, TensorSpec, describe_runner
 from segd.runtime.worker_child import (
     EdgeTpuFactory,
     EdgeTpuProgram,
@@ -140,21 +141,11 @@ class WorkerRunner:
         """Start a child and wait until it serves; its start-up error is raised here, typed."""
         if isinstance(self._factory, EdgeTpuProgram):
             return self._spawn_program(self._factory)
-        # The factory (model bytes included) goes through our socket, not the spawn pipe: a child
-        # that dies while bootstrapping leaves a large spawn-pipe write blocked forever (CPython
-        # keeps the pipe's read end open until the write ends). Pickled here, so an unpicklable
-        # factory fails in the caller; sent from a thread, so a stuck child cannot block us.
+        # The factory (model bytes included) is pickled here, so an unpicklable factory fails in
+        # the caller; start_child sends it through our socket from a thread (why: its docstring).
         payload = ForkingPickler.dumps(("start", self._factory))
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(  # type: ignore[attr-defined]
-            target=_child_main, args=(child_conn,), name="segd-edgetpu-worker", daemon=True
-        )
-        proc.start()
-        child_conn.close()  # so the parent sees EOF when the child dies
-        child = _Child(proc, parent_conn)
-        sender = threading.Thread(target=send_bytes, args=(parent_conn, payload), daemon=True)
-        sender.start()
-        try:
+        child, sender = start_child(self._ctx, _child_main, payload, "segd-edgetpu-worker", _Child)
+        with child.starting(sender):
             kind, message = child.receive(self.start_timeout)
             if kind == "timeout":
                 raise RuntimeUnavailable(
@@ -165,11 +156,6 @@ class WorkerRunner:
             if message[0] == "error":
                 raise rebuild_error(*message[1:])
             self._attach(child, message[1])
-        except BaseException:
-            child.stop()
-            raise
-        finally:
-            sender.join(5.0)
         return child
 
     def _attach(self, child: _Child, info: dict[str, Any]) -> None:
@@ -373,11 +359,7 @@ class WorkerRunner:
     def describe(self) -> dict[str, Any]:
         with self._state_lock:
             return {
-                "backend": self.backend,
-                "runtime": self.runtime,
-                "device": self.device,
-                "input": self.input.describe(),
-                "output": self.output.describe(),
+                **describe_runner(self),
                 "isolation": "process",
                 "python": self.python,
                 "pairing": self.pairing,
