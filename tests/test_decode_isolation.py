@@ -132,8 +132,16 @@ def test_worker_decodes_exactly_what_the_in_process_decoder_does(pool: DecodePoo
     np.testing.assert_array_equal(decode_in(pool, crashing_apng()), decode_image(crashing_apng(), max_pixels=BIG).rgb)
 
 
+def all_workers_up(pool: DecodePool, deadline: float) -> set[int]:
+    """The pool starts its workers in the background: wait until both are running."""
+    while len(pool.pids) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return set(pool.pids)
+
+
 def test_worker_errors_come_back_typed_and_are_not_crashes(pool: DecodePool) -> None:
     jpeg = photo_jpeg()
+    all_workers_up(pool, time.monotonic() + 30)
     pids, crashes = pool.pids, pool.describe()["crashes"]
     truncated = jpeg[:-2]
     with pytest.raises(BadImage, match="no end-of-image marker"):
@@ -147,17 +155,13 @@ def test_worker_errors_come_back_typed_and_are_not_crashes(pool: DecodePool) -> 
 def test_a_worker_that_dies_costs_one_request_400_and_is_replaced(pool: DecodePool) -> None:
     jpeg = photo_jpeg()
     deadline = time.monotonic() + 30
-    while len(pool.pids) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    before = set(pool.pids)
+    before = all_workers_up(pool, deadline)
     crashes = pool.describe()["crashes"]
     with pytest.raises(BadImage, match=r"JPEG decoder crashed on this image \(killed by SIGABRT\)"):
         decode_in(pool, with_crash_marker(jpeg))
     assert pool.describe()["crashes"] == crashes + 1
     np.testing.assert_array_equal(decode_in(pool, jpeg), decode_image(jpeg, max_pixels=BIG).rgb)
-    while len(pool.pids) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    after = set(pool.pids)
+    after = all_workers_up(pool, deadline)
     assert len(after) == 2 and len(after - before) == 1  # exactly the dead one was replaced
     assert own_segments() == set()  # no shared-memory file left behind
 
