@@ -27,7 +27,9 @@ class ErrorBody(BaseModel):
     detail: str
 
 
-def get_service(request: Request) -> ModelService:
+# Dependencies are ``async def``: FastAPI runs a plain ``def`` one in a thread pool, a thread
+# hop (two wake-ups) per request for a few attribute reads.
+async def get_service(request: Request) -> ModelService:
     service: ModelService = request.app.state.service
     return service
 
@@ -49,7 +51,7 @@ def api_key_of(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """Enforce the API key (see :func:`api_key_of`), compared in constant time; the key is
     never logged or echoed."""
     expected = request.app.state.settings.api_key

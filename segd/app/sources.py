@@ -20,7 +20,7 @@ BOUNDARY = "segdframe"
 KEEPALIVE_S = 5.0  # an MJPEG/WebSocket waiter re-checks shutdown this often
 
 
-def get_sources(request: Request) -> SourceManager:
+async def get_sources(request: Request) -> SourceManager:
     manager: SourceManager = request.app.state.sources
     return manager
 
