@@ -1,9 +1,9 @@
 """The model service: loads the configured variants, warms them up, admits requests into a
 bounded queue per variant and runs the engine's stages without blocking the event loop.
 
-Decode / preprocess / postprocess / encode run on a shared thread pool; inference runs on a
-single-thread executor per variant (one interpreter, one caller at a time), so other requests'
-CPU work overlaps an inference in flight.
+Decode + preprocess, then postprocess + encode, run on a shared thread pool (one hop each);
+inference runs on a single-thread executor per variant (one interpreter, one caller at a time),
+so other requests' CPU work overlaps an inference in flight.
 """
 
 from __future__ import annotations
