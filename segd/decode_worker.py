@@ -220,18 +220,14 @@ class DecodePool:
         name, standing = create_mapping(STANDING_BYTES)
         try:
             payload = ForkingPickler.dumps(("start", self._crash_marker, name))
-            child, sender = start_child(
-                self._ctx, _decode_main, payload, "segd-decoder", DecodeChild
-            )
+            child, sender = start_child(self._ctx, _decode_main, payload, "segd-decoder", DecodeChild)
             child.standing = standing
             with child.starting(sender):
                 kind, message = child.receive(self.start_timeout)
                 if kind != "msg" or message[0] != "ready":
                     raise RuntimeUnavailable(f"image decoder did not start ({kind}: {message})")
-        finally:
-            remove_segment(
-                name
-            )  # both sides have it mapped: nothing is left behind, however they end
+        finally:  # both sides have it mapped: nothing is left behind, however they end
+            remove_segment(name)
         return child
 
     def _lose(self, child: DecodeChild, reason: str) -> None:

@@ -42,12 +42,7 @@ BIG = 10**8
 
 
 def png_chunk(tag: bytes, payload: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(payload))
-        + tag
-        + payload
-        + struct.pack(">I", zlib.crc32(tag + payload))
-    )
+    return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
 
 
 def crashing_apng(w: int = 4, h: int = 4, filter_byte: int = 7) -> bytes:
@@ -134,9 +129,7 @@ def test_worker_decodes_exactly_what_the_in_process_decoder_does(pool: DecodePoo
         np.testing.assert_array_equal(
             decode_in(pool, jpeg, reduce), decode_image(jpeg, max_pixels=BIG, reduce=reduce).rgb
         )
-    np.testing.assert_array_equal(
-        decode_in(pool, crashing_apng()), decode_image(crashing_apng(), max_pixels=BIG).rgb
-    )
+    np.testing.assert_array_equal(decode_in(pool, crashing_apng()), decode_image(crashing_apng(), max_pixels=BIG).rgb)
 
 
 def all_workers_up(pool: DecodePool, deadline: float) -> set[int]:
@@ -192,17 +185,14 @@ def test_each_answer_is_its_own_array_though_workers_reuse_their_segment(pool: D
     np.testing.assert_array_equal(first, expected)
 
 
-def test_an_image_larger_than_the_standing_segment_gets_a_segment_of_its_own(
-    pool: DecodePool,
-) -> None:
+def test_an_image_larger_than_the_standing_segment_gets_a_segment_of_its_own(pool: DecodePool) -> None:
     h, w = 1800, STANDING_BYTES // (3 * 1800) + 16  # just over the standing segment
     jpeg = photo_jpeg(h, w, seed=6)
     rgb = decode_in(pool, jpeg)
     assert rgb.nbytes > STANDING_BYTES
     np.testing.assert_array_equal(rgb, decode_image(jpeg, max_pixels=BIG).rgb)
-    np.testing.assert_array_equal(
-        decode_in(pool, photo_jpeg(seed=7)), decode_image(photo_jpeg(seed=7), max_pixels=BIG).rgb
-    )
+    small = photo_jpeg(seed=7)
+    np.testing.assert_array_equal(decode_in(pool, small), decode_image(small, max_pixels=BIG).rgb)
     assert own_segments() == set()
 
 
@@ -219,9 +209,7 @@ def test_mutated_animation_chunks_never_reach_the_decoder(pool: DecodePool) -> N
         fw, fh = (int(v) for v in rng.integers(1, 5, 2))
         fctl = struct.pack(">IIIIIHHBB", 1, fw, fh, int(rng.integers(0, 5 - fw)), int(rng.integers(0, 5 - fh)),
                            1, 10, int(rng.integers(0, 3)), int(rng.integers(0, 2)))  # fmt: skip
-        rows = b"".join(
-            bytes([int(rng.integers(5, 256))]) + rng.bytes(3 * fw) for _ in range(fh)
-        )  # bad filter bytes
+        rows = b"".join(bytes([int(rng.integers(5, 256))]) + rng.bytes(3 * fw) for _ in range(fh))  # bad filter bytes
         data = b"".join((
             b"\x89PNG\r\n\x1a\n",
             png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)),
@@ -266,9 +254,7 @@ def test_a_decoder_crash_answers_400_and_the_daemon_keeps_serving_exact_masks(
                 return c.post("/segment", files={"image": ("c.jpg", crash, "image/jpeg")})
             return c.post("/segment", content=crash, headers={"content-type": "image/jpeg"})
 
-        jobs = [ex.submit(good, i) for i in range(12)] + [
-            ex.submit(bad, m) for m in (False, True, False)
-        ]
+        jobs = [ex.submit(good, i) for i in range(12)] + [ex.submit(bad, m) for m in (False, True, False)]
         answers = [j.result() for j in jobs]
     for r in answers[12:]:
         assert r.status_code == 400, r.text

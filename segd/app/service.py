@@ -63,12 +63,8 @@ class ModelService:
             variant = manifest.get(name)  # unknown configured model: fail at start-up
             self.slots[name] = ModelSlot(name, variant)
         if self.default not in self.slots:
-            raise ConfigError(
-                f"default model {self.default!r} is not among the served models {names}"
-            )
-        self.cpu_pool = ThreadPoolExecutor(
-            max(2, (os.cpu_count() or 1) + 1), thread_name_prefix="cpu"
-        )
+            raise ConfigError(f"default model {self.default!r} is not among the served models {names}")
+        self.cpu_pool = ThreadPoolExecutor(max(2, (os.cpu_count() or 1) + 1), thread_name_prefix="cpu")
         self.memory_budget = MemoryBudget(settings.memory_budget)
         self.decode_pool = self._decode_pool()
         self.loaded = threading.Event()
@@ -110,13 +106,7 @@ class ModelService:
             runtime=s.runtime, num_threads=s.threads, mirror=s.mirror, edgetpu_factory=factory,
             edgetpu_pairing=s.edgetpu_pairing, edgetpu_pairings=s.edgetpu_pairings, gdrive_url=s.gdrive_url,
         )  # fmt: skip
-        return Segmenter(
-            selection.variant or variant,
-            runner,
-            selection,
-            max_pixels=s.max_pixels,
-            decoder=self.decode_pool,
-        )
+        return Segmenter(selection.variant or variant, runner, selection, max_pixels=s.max_pixels, decoder=self.decode_pool)
 
     def _worker_factory(self) -> Any:
         """Edge TPU interpreters run in a supervised child process: libedgetpu can abort()."""
@@ -185,24 +175,14 @@ class ModelService:
                 slot.executor = ThreadPoolExecutor(parallel, thread_name_prefix="invoke")
             slot.state = "ready"
             slot.error = None
-            log.info(
-                "%s: ready on %s (%s)",
-                slot.name,
-                primary.backend,
-                primary.selection.reason if primary.selection else "",
-            )
+            log.info("%s: ready on %s (%s)", slot.name, primary.backend, primary.selection.reason if primary.selection else "")
         except Exception as exc:  # a variant that cannot load must not stop the others
             for seg in (primary, fallback):
                 if seg is not None:
                     seg.close()
             slot.state = "failed"
             slot.error = getattr(exc, "detail", None) or f"{type(exc).__name__}: {exc}"
-            log.error(
-                "%s: failed to load: %s",
-                slot.name,
-                slot.error,
-                exc_info=not isinstance(exc, SegdError),
-            )
+            log.error("%s: failed to load: %s", slot.name, slot.error, exc_info=not isinstance(exc, SegdError))
         finally:
             slot.load_seconds = time.perf_counter() - t0
 
@@ -212,11 +192,7 @@ class ModelService:
         try:
             agreement = self._compare(tpu, cpu)
         except Exception as exc:  # the worker died or the delegate failed on its first invoke
-            slot.selftest = {
-                "probe": "synthetic",
-                "passed": False,
-                "error": getattr(exc, "detail", str(exc)),
-            }
+            slot.selftest = {"probe": "synthetic", "passed": False, "error": getattr(exc, "detail", str(exc))}
             return f"Edge TPU failed its warm-up: {slot.selftest['error']}"
         passed = agreement > SELFTEST_AGREEMENT
         slot.selftest = {"probe": "synthetic", "tpu_vs_cpu_agreement": round(agreement, 5),
@@ -227,12 +203,8 @@ class ModelService:
             from segd.runtime import edgetpu
 
             if edgetpu.is_simulator():
-                slot.selftest["relaxed"] = (
-                    "simulated Edge TPU (relax_simulated_tpu_selftest, bench only)"
-                )
-                log.warning(
-                    "%s: self-test not enforced: the Edge TPU is segd's simulator", slot.name
-                )
+                slot.selftest["relaxed"] = "simulated Edge TPU (relax_simulated_tpu_selftest, bench only)"
+                log.warning("%s: self-test not enforced: the Edge TPU is segd's simulator", slot.name)
                 return None
         return f"Edge TPU self-test failed: mask agreement with the CPU twin {agreement:.4f} <= {SELFTEST_AGREEMENT}"
 
@@ -244,12 +216,7 @@ class ModelService:
             self._warm(tpu)
             self._warm(cpu)
         except Exception as exc:
-            slot.selftest = {
-                "probe": "synthetic",
-                "passed": False,
-                "error": getattr(exc, "detail", str(exc)),
-                "note": note,
-            }
+            slot.selftest = {"probe": "synthetic", "passed": False, "error": getattr(exc, "detail", str(exc)), "note": note}
             return f"Edge TPU failed its warm-up: {slot.selftest['error']}"
         slot.selftest = {"probe": "synthetic", "passed": True, "note": note}
         return None
@@ -290,9 +257,7 @@ class ModelService:
                     "backend": s.primary.backend if s.primary else None,
                     "error": without_paths(s.error),
                     # null for a model served on the CPU: there is no device to be present
-                    "device_present": s.device_present
-                    if s.primary is not None and s.primary.backend == "edgetpu"
-                    else None,
+                    "device_present": s.device_present if s.primary is not None and s.primary.backend == "edgetpu" else None,
                     **device_states(s),
                 }
                 for n, s in self.slots.items()
@@ -301,11 +266,7 @@ class ModelService:
 
     def check_devices(self) -> None:
         """Mark Edge TPU slots whose device disappeared as not ready (and back)."""
-        tpu_slots = [
-            s
-            for s in self.slots.values()
-            if s.primary is not None and s.primary.backend == "edgetpu"
-        ]
+        tpu_slots = [s for s in self.slots.values() if s.primary is not None and s.primary.backend == "edgetpu"]
         if not tpu_slots:
             return
         from segd.runtime import edgetpu
@@ -320,15 +281,10 @@ class ModelService:
             pool = slot.primary.runner
             if isinstance(pool, DevicePool):  # several Edge TPUs: each one on its own
                 for path, there in pool.mark_present({d.path for d in devices}):
-                    log.warning(
-                        "%s: Edge TPU %s %s", slot.name, path, "is back" if there else "disappeared"
-                    )
+                    log.warning("%s: Edge TPU %s %s", slot.name, path, "is back" if there else "disappeared")
                 if self.settings.devices == ["all"] and pool.adopt([d.path for d in devices]):
                     log.warning("%s: now serving on Edge TPUs %s", slot.name, pool.device)
-                    old, slot.executor = (
-                        slot.executor,
-                        ThreadPoolExecutor(pool.parallelism, thread_name_prefix="invoke"),
-                    )
+                    old, slot.executor = slot.executor, ThreadPoolExecutor(pool.parallelism, thread_name_prefix="invoke")
                     old.shutdown(wait=False)  # what it holds still runs
                 slot.device_present = pool.any_present
                 continue
@@ -342,9 +298,7 @@ class ModelService:
         key = name or self.default
         if key not in self.slots:
             self.manifest.get(key)  # raises UnknownModel listing the known ones
-            raise UnknownModel(
-                f"model {key!r} is in the manifest but not served here; served: {', '.join(self.slots)}"
-            )
+            raise UnknownModel(f"model {key!r} is in the manifest but not served here; served: {', '.join(self.slots)}")
         return self.slots[key]
 
     async def segment(
@@ -366,14 +320,11 @@ class ModelService:
         t0 = time.perf_counter()
         try:
             result = await asyncio.wait_for(
-                self._budgeted(slot, data, fmt, keep_aspect, overlay_format, shape),
-                self.settings.request_timeout,
+                self._budgeted(slot, data, fmt, keep_aspect, overlay_format, shape), self.settings.request_timeout
             )
         except TimeoutError:
             slot.errors += 1
-            raise RequestTimeout(
-                f"request took longer than {self.settings.request_timeout:g} s"
-            ) from None
+            raise RequestTimeout(f"request took longer than {self.settings.request_timeout:g} s") from None
         except SegdError:
             slot.errors += 1
             raise
@@ -395,9 +346,7 @@ class ModelService:
             raise Overloaded(f"model {slot.name!r} has {slot.queued} requests queued (limit {s.queue_size})",
                              retry_after=max(1, math.ceil(slot.service.seconds)))  # fmt: skip
         finish = (slot.queued + 1) * slot.service.seconds
-        if (
-            slot.queued and finish > s.request_timeout
-        ):  # a lone request is always tried (and measured)
+        if slot.queued and finish > s.request_timeout:  # a lone request is always tried (and measured)
             wait = finish - s.request_timeout
             raise Overloaded(
                 f"model {slot.name!r} has {slot.queued} requests queued, about {finish:.1f} s of work at "
@@ -406,13 +355,7 @@ class ModelService:
             )
 
     async def _budgeted(
-        self,
-        slot: ModelSlot,
-        data: bytes,
-        fmt: str,
-        keep_aspect: bool,
-        overlay_format: str,
-        shape: regions.Shape | None,
+        self, slot: ModelSlot, data: bytes, fmt: str, keep_aspect: bool, overlay_format: str, shape: regions.Shape | None
     ) -> Result:
         """The pipeline, once what the image needs fits in the memory budget (header probed off the loop;
         bad or oversized images are refused here without waiting)."""
@@ -425,9 +368,7 @@ class ModelService:
         reduce = preprocess.choose_reduce(header, seg.input_hw) if fmt != "overlay" else 1
         output = f"overlay-{overlay_format}" if fmt == "overlay" else fmt
         need = preprocess.request_bytes(header, reduce=reduce, output=output, upload=len(data))
-        self.memory_budget.check(
-            need, f"this {header.width}x{header.height} {header.format.upper()} image"
-        )
+        self.memory_budget.check(need, f"this {header.width}x{header.height} {header.format.upper()} image")
         held = await self.memory_budget.acquire(need)
         try:
             return await self._pipeline(slot, data, header, fmt, keep_aspect, overlay_format, shape)
@@ -451,9 +392,7 @@ class ModelService:
 
         # Stages that follow each other run in one thread hop: a hop costs two thread wake-ups.
         def prepare() -> tuple[Any, Any]:
-            image = timed(
-                "decode", lambda: seg.decode(data, reduce=fmt != "overlay", header=header)
-            )
+            image = timed("decode", lambda: seg.decode(data, reduce=fmt != "overlay", header=header))
             return image, timed("preprocess", lambda: seg.prepare(image, keep_aspect=keep_aspect))
 
         image, prepared = await in_thread(self.cpu_pool, prepare)
@@ -472,17 +411,7 @@ class ModelService:
 
         def answer() -> Result:
             mask, counts = timed("postprocess", finish)
-            body, media = timed(
-                "encode",
-                encode.render,
-                fmt,
-                mask,
-                labels.palette,
-                image.rgb,
-                overlay_format,
-                fill,
-                True,
-            )
+            body, media = timed("encode", encode.render, fmt, mask, labels.palette, image.rgb, overlay_format, fill, True)
             segmentation = Segmentation(mask, counts, image, timings, slot.name, used.backend)
             document = summary(segmentation, used)
             if shape is not None:
@@ -493,12 +422,7 @@ class ModelService:
         return result
 
     async def _infer(
-        self,
-        slot: ModelSlot,
-        image: Any,
-        prepared: Any,
-        keep_aspect: bool,
-        timings: dict[str, float],
+        self, slot: ModelSlot, image: Any, prepared: Any, keep_aspect: bool, timings: dict[str, float]
     ) -> tuple[Segmenter, np.ndarray, Any]:
         """Run the model; when the Edge TPU fails in any way (worker died or hung, delegate error)
         the request goes to the CPU twin if there is one, else it is a 503 naming the failure.
@@ -520,19 +444,13 @@ class ModelService:
                     if isinstance(exc, SegdError) and exc.http_status == 503:
                         raise
                     raise RuntimeUnavailable(f"Edge TPU inference failed: {detail}") from exc
-                log.warning(
-                    "%s: Edge TPU failed (%s); serving this request on the CPU twin",
-                    slot.name,
-                    detail,
-                )
+                log.warning("%s: Edge TPU failed (%s); serving this request on the CPU twin", slot.name, detail)
         fallback = slot.fallback
         if fallback is None:
             raise ModelNotReady(f"model {slot.name!r} is not ready")
         slot.fallbacks += 1
         if fallback.variant.name != primary.variant.name:
-            prepared = await in_thread(
-                self.cpu_pool, lambda: fallback.prepare(image, keep_aspect=keep_aspect)
-            )
+            prepared = await in_thread(self.cpu_pool, lambda: fallback.prepare(image, keep_aspect=keep_aspect))
         raw = await in_thread(slot.fallback_executor, fallback.infer, prepared.tensor)
         timings["invoke"] = (time.perf_counter() - t) * 1000.0
         return fallback, raw, prepared
