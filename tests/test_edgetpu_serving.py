@@ -25,27 +25,7 @@ from segd.errors import RuntimeUnavailable
 from segd.variants import load_manifest
 
 DM05_CPU = "deeplabv3_mnv2_dm05_pascal_quant.tflite"
-TPU_TOML = """
-[variants.tpu_dm05]
-description = "DM0.5 with its CPU file standing in for the Edge TPU file (test double)"
-labels = "pascal_voc"
-[variants.tpu_dm05.input]
-shape = [1, 513, 513, 3]
-dtype = "uint8"
-[variants.tpu_dm05.output]
-kind = "logits"
-shape = [1, 33, 33, 21]
-dtype = "uint8"
-stride = 16
-align_corners = true
-strip_tail = true
-[variants.tpu_dm05.files.cpu]
-name = "{name}"
-sha256 = "{sha}"
-[variants.tpu_dm05.files.edgetpu]
-name = "{name}"
-sha256 = "{sha}"
-"""
+TPU_TOML = (Path(__file__).parent / "data" / "tpu_variant.toml").read_text()
 
 
 @pytest.fixture(scope="module")
