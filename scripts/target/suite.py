@@ -32,8 +32,9 @@ REFERENCE = {
     "cat.bmp": "deeplabv3_mnv2_pascal",
     "cityscapes_segmentation.bmp": "deeplab_edgetpu_slim_cityscapes",
 }
-# The stand-in Edge TPU variant (tests/data/tpu_variant.toml, copied beside this file).
-TPU_TOML = (Path(__file__).parent / "tpu_variant.toml").read_text()
+# The stand-in Edge TPU variant: tests/data/tpu_variant.toml, which scripts/test-target copies
+# beside this file in the rootfs (read when used: compare_masks.py imports this module on the host).
+TPU_TOML = Path(__file__).parent / "tpu_variant.toml"
 
 failures = 0
 
@@ -215,7 +216,7 @@ def main() -> int:
         # file stands in for an Edge TPU file (as in tests/test_edgetpu_serving.py).
         cpu_file = "deeplabv3_mnv2_dm05_pascal_quant.tflite"
         sha = hashlib.sha256((tpu_models / cpu_file).read_bytes()).hexdigest()
-        (tpu_models / "tpu.toml").write_text(TPU_TOML.format(name=cpu_file, sha=sha))
+        (tpu_models / "tpu.toml").write_text(TPU_TOML.read_text().format(name=cpu_file, sha=sha))
         # segd loads only a libedgetpu its pairings table vouches for: register the double by its
         # sha256, as a user registers their own build (SEGD_EDGETPU_PAIRINGS).
         lib_sha = hashlib.sha256(args.double.read_bytes()).hexdigest()
