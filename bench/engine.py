@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.postprocess import naive_mask
-from bench.report import write_section
+from bench.report import publish
 from segd import encode
 from segd.bench import median_ms as _timed
 from segd.decode_worker import DecodePool
@@ -149,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "Reproduce: `nice -n 10 .venv/bin/python bench/engine.py --write`",
     ]
     text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section("Engine stages", text)
+    publish("Engine stages", text, args.write)
     return 0
 
 

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.report import write_section
+from bench.report import publish
 from coral_deeplab import zoo
 from coral_deeplab.export import op_list
 from segd.postprocess import SampleGrid, upsample_argmax
@@ -239,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "exports with TensorFlow, later runs reuse the cache).",
     ]
     text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section("Exports vs Google's models", text)
+    publish("Exports vs Google's models", text, args.write)
     return 0
 
 

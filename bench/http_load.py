@@ -33,7 +33,7 @@ for extra in (REPO, REPO / "tests"):
 
 from daemon import start_daemon  # tests/daemon.py starts the real server
 
-from bench.report import write_section
+from bench.report import publish
 from segd.engine import Segmenter
 from segd.variants import default_models_dir, load_manifest, resolve_file
 
@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines += ["", "Reproduce: `.venv/bin/python bench/http_load.py --write`"]
     text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section("HTTP throughput", text)
+    publish("HTTP throughput", text, args.write)
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 
 

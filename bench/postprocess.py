@@ -156,11 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{os.cpu_count()} CPUs; median of up to {args.repeats} runs; logits of Coral's DM1 model "
             "on each image (stretched to 513x513), upsampled to the output size.")  # fmt: skip
     text = f"{head}\n\n{markdown(rows)}\n\nReproduce: `.venv/bin/python bench/postprocess.py --write`"
-    print(text)
-    if args.write:
-        from bench.report import write_section
+    from bench.report import publish
 
-        write_section("Postprocess: exact upsample + argmax vs naive", text)
+    publish("Postprocess: exact upsample + argmax vs naive", text, args.write)
     return 0 if all(r["exact"] is not False for r in rows) else 1
 
 

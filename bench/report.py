@@ -28,3 +28,10 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
         text = text.rstrip() + f"\n\n## {name}\n\n{block}\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+def publish(name: str, text: str, write: bool, doc: Path = DOC) -> None:
+    """Print a benchmark's report; with ``--write`` also put it in its section of ``doc``."""
+    print(text)
+    if write:
+        write_section(name, text, doc)

@@ -111,14 +111,12 @@ def main(argv: list[str] | None = None) -> int:
           + (" --cityscapes" if args.cityscapes else "") + "`"  # fmt: skip
     lines += ["", f"Result: {'PASS' if ok else 'FAIL'}. Reproduce: {cmd}"]
     text = "\n".join(lines)
-    print(text)
+    from bench.report import publish
+
+    publish("soak", text, args.write, doc=DOC)
     if not ok:
         for problem in (r.lost + r.wrong_status + r.wrong_body)[:10]:
             print(problem, file=sys.stderr)
-    if args.write:
-        from bench.report import write_section
-
-        write_section("soak", text, doc=DOC)
     return 0 if ok else 1
 
 

@@ -31,7 +31,7 @@ from camera import Camera  # tests/camera.py: the MJPEG camera the tests use
 from daemon import start_daemon  # tests/daemon.py starts the real server
 
 from bench.http_load import probe_image
-from bench.report import write_section
+from bench.report import publish
 from segd.variants import default_models_dir, load_manifest, resolve_file
 
 
@@ -123,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Reproduce: `.venv/bin/python bench/sources.py --write`",
     ])  # fmt: skip
-    print(text)
-    if args.write:
-        write_section("Camera sources", text)
+    publish("Camera sources", text, args.write)
     return 0
 
 

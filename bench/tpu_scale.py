@@ -43,7 +43,7 @@ for extra in (REPO, REPO / "tests"):
 from daemon import start_daemon  # tests/daemon.py starts the real server
 from edgetpu_double.build import build_double
 
-from bench.report import write_section
+from bench.report import publish
 from segd.synthetic import synthetic_jpeg
 from segd.variants import default_models_dir, load_manifest, resolve_file
 
@@ -182,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "Reproduce: `.venv/bin/python bench/tpu_scale.py --write` (SEGD_MODEL_MIRROR or the "
               "manifest URLs supply the model files)."]  # fmt: skip
     text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section("Several Edge TPUs (simulated)", text)
+    publish("Several Edge TPUs (simulated)", text, args.write)
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 
 
