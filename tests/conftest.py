@@ -45,6 +45,15 @@ def manifest(models_dir: Path):  # type: ignore[no-untyped-def]
     return load_manifest(models_dir=models_dir)
 
 
+@pytest.fixture(scope="session")
+def engine(manifest, models_dir: Path):  # type: ignore[no-untyped-def]
+    """Google's DM0.5 model on the CPU, in this process: what the daemons the HTTP tests start
+    (``--model deeplabv3_mnv2_dm05_pascal --accelerator cpu``) must answer."""
+    from segd.engine import Segmenter
+
+    return Segmenter.open(manifest.get("deeplabv3_mnv2_dm05_pascal"), models_dir=models_dir, accelerator="cpu")
+
+
 def read_rgb(path: Path):  # type: ignore[no-untyped-def]
     import cv2
 

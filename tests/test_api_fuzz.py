@@ -27,7 +27,6 @@ from hypothesis.errors import Unsatisfiable
 from test_fuzz import mutated_images, seed_corpus
 
 from segd.engine import Segmenter
-from segd.variants import Manifest
 
 schemathesis = pytest.importorskip("schemathesis")
 
@@ -158,11 +157,6 @@ def test_protected_operations_refuse_requests_without_the_key(daemon: Daemon) ->
                     assert r.status_code == 401 and r.json()["error"] == "unauthorized", (method, path, r.text)
                     assert "401" in methods[method]["responses"], f"{method} {path} does not document 401"
     assert API_KEY not in daemon.output()
-
-
-@pytest.fixture(scope="module")
-def engine(manifest: Manifest, models_dir: Path) -> Segmenter:
-    return Segmenter.open(manifest.get(DM05), models_dir=models_dir, accelerator="cpu")
 
 
 def test_mutated_real_images_over_http_give_masks_or_json_errors(

@@ -35,7 +35,6 @@ from segd.decode_worker import STANDING_BYTES, TEST_CRASH_MARKER, DecodePool
 from segd.engine import Segmenter
 from segd.errors import BadImage, ImageTooLarge
 from segd.preprocess import decode_image, probe_image
-from segd.variants import Manifest
 
 DM05 = "deeplabv3_mnv2_dm05_pascal"
 BIG = 10**8
@@ -232,11 +231,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterat
     )  # fmt: skip
     yield d
     d.stop()
-
-
-@pytest.fixture(scope="module")
-def engine(manifest: Manifest, models_dir: Path) -> Segmenter:
-    return Segmenter.open(manifest.get(DM05), models_dir=models_dir, accelerator="cpu")
 
 
 def test_a_decoder_crash_answers_400_and_the_daemon_keeps_serving_exact_masks(

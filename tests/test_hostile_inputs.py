@@ -47,7 +47,6 @@ from test_preprocess import (
 )
 
 from segd.engine import Segmenter
-from segd.variants import Manifest
 
 DM05 = "deeplabv3_mnv2_dm05_pascal"
 HEADER_TIMEOUT = 2.0
@@ -63,11 +62,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterat
     )  # fmt: skip
     yield d
     d.stop()
-
-
-@pytest.fixture(scope="module")
-def engine(manifest: Manifest, models_dir: Path) -> Segmenter:
-    return Segmenter.open(manifest.get(DM05), models_dir=models_dir, accelerator="cpu")
 
 
 # ----------------------------------------------------------------------------------------------
