@@ -210,3 +210,12 @@ def test_as_pid1_a_crash_the_kernel_would_drop_still_ends_segd_with_the_signal_s
     proc = subprocess.run(["unshare", "--fork", "--pid", "--mount-proc", sys.executable, "-c", code_term],
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert proc.returncode == 0, (proc.returncode, proc.stderr)
+
+
+def test_the_cli_offers_every_cpu_runtime_and_starts_without_numpy() -> None:
+    from segd.cli import CPU_RUNTIMES
+    from segd.runtime.tpu_worker import RUNTIMES
+
+    assert CPU_RUNTIMES == tuple(RUNTIMES)
+    code = "import sys, segd.cli; sys.exit('numpy' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

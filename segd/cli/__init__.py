@@ -23,8 +23,12 @@ from segd.cli.common import _settings
 from segd.cli.models import cmd_models_build, cmd_models_check, cmd_models_list, cmd_models_pull
 from segd.errors import SegdError
 from segd.geometry import SUPPORTED_ALPHAS
-from segd.runtime.cpu import RUNTIMES
 from segd.settings import ACCELERATORS
+
+
+CPU_RUNTIMES = ("litert", "tflite_runtime")
+"""The keys of ``segd.runtime.tpu_worker.RUNTIMES``, spelled out: importing the runtime package
+loads numpy, which ``segd --help``, doctor and install-service do not need (a test keeps the two equal)."""
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
@@ -35,7 +39,7 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
         help="auto: Edge TPU when present, else CPU (default)",
     )  # fmt: skip
     p.add_argument("--device", default=None, help="Edge TPU device: usb, usb:0, pci:0, ...")
-    p.add_argument("--runtime", choices=tuple(RUNTIMES), default=None, help="CPU runtime (default: first installed)")
+    p.add_argument("--runtime", choices=CPU_RUNTIMES, default=None, help="CPU runtime (default: first installed)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the interpreter")
 
 
