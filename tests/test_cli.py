@@ -216,6 +216,6 @@ def test_the_cli_offers_every_cpu_runtime_and_starts_without_numpy() -> None:
     from segd.cli import CPU_RUNTIMES
     from segd.runtime.tpu_worker import RUNTIMES
 
-    assert CPU_RUNTIMES == tuple(RUNTIMES)
+    assert tuple(RUNTIMES) == CPU_RUNTIMES
     code = "import sys, segd.cli; sys.exit('numpy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

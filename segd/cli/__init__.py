@@ -25,7 +25,6 @@ from segd.errors import SegdError
 from segd.geometry import SUPPORTED_ALPHAS
 from segd.settings import ACCELERATORS
 
-
 CPU_RUNTIMES = ("litert", "tflite_runtime")
 """The keys of ``segd.runtime.tpu_worker.RUNTIMES``, spelled out: importing the runtime package
 loads numpy, which ``segd --help``, doctor and install-service do not need (a test keeps the two equal)."""
