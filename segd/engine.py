@@ -112,6 +112,7 @@ def open_runner(
     edgetpu_pairing: str = "check",
     edgetpu_pairings: Path | None = None,
     gdrive_url: str | None = None,
+    edgetpu_library: str | None = None,
 ) -> tuple[Runner, Selection]:
     """Open the Edge TPU file when a device is there and usable, else the CPU twin.
 
@@ -119,7 +120,8 @@ def open_runner(
     (fail with the reason instead of falling back) or "cpu". ``edgetpu_factory(model, device)``
     replaces the in-process delegate, e.g. with a crash-isolated worker process (which checks
     the libedgetpu/runtime pairing itself); in process, ``edgetpu_pairing`` / ``edgetpu_pairings``
-    decide it (:func:`segd.runtime.edgetpu.check_pairing`). An Edge-TPU-only variant runs on the
+    decide it (:func:`segd.runtime.edgetpu.check_pairing`); ``edgetpu_library`` is the libedgetpu
+    to load (None: ``SEGD_EDGETPU_LIBRARY`` or the loader's default). An Edge-TPU-only variant runs on the
     CPU as its declared ``cpu_fallback`` variant (a different network); ``Selection.variant`` is
     then that variant and the reason says so.
     """
@@ -136,7 +138,7 @@ def open_runner(
                     variant, variant.edgetpu, models_dir=models_dir, device=device,
                     runtime=runtime, num_threads=num_threads, mirror=mirror,
                     download=download, factory=edgetpu_factory, pairing=edgetpu_pairing,
-                    pairings=edgetpu_pairings, gdrive_url=gdrive_url,
+                    pairings=edgetpu_pairings, gdrive_url=gdrive_url, library=edgetpu_library,
                 )  # fmt: skip
             except (RuntimeUnavailable, WorkerCrashed, RequestTimeout, ModelError) as exc:
                 # auto: anything wrong on the Edge TPU side (no library or device, a delegate
@@ -174,10 +176,11 @@ def _open_edgetpu(
     pairing: str = "check",
     pairings: Path | None = None,
     gdrive_url: str | None = None,
+    library: str | None = None,
 ) -> tuple[Runner, Selection]:
-    from segd.runtime import edgetpu, tpu_worker
+    from segd.runtime import edgetpu
 
-    status = edgetpu.library_status()
+    status = edgetpu.library_status(library)
     if status.reason is not None:
         raise RuntimeUnavailable(status.reason)
     path = resolve_file(spec, models_dir, mirror=mirror, download=download, gdrive_url=gdrive_url)
@@ -185,10 +188,8 @@ def _open_edgetpu(
     if factory is not None:
         runner = factory(data, device)
     else:
-        decision = edgetpu.check_pairing(
-            tpu_worker.runtime_versions(), policy=pairing, pairings=pairings, preferred=runtime
-        )
-        runner = edgetpu.open_edgetpu(data, device=device, runtime=decision.runtime, num_threads=num_threads)
+        runner = edgetpu.open_paired(data, device=device, library=library, policy=pairing,
+                                     pairings=pairings, preferred=runtime, num_threads=num_threads)  # fmt: skip
     try:
         check_runner(variant, runner, path)
     except ModelError:

@@ -67,6 +67,20 @@ def test_with_no_device_attached_the_cpu_twin_is_used(tpu_models: Path, fake_edg
     assert runner.backend == "cpu" and sel.reason.startswith("no Edge TPU found")
 
 
+def test_the_configured_library_is_the_one_loaded_in_process(
+    tpu_models: Path, edgetpu_double: Path, double_pairings: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``edgetpu_library`` from the config file (not only SEGD_EDGETPU_LIBRARY) decides which
+    libedgetpu is checked, paired and loaded."""
+    monkeypatch.setenv("SEGD_EDGETPU_LIBRARY", "/nonexistent/libedgetpu.so.1")
+    monkeypatch.setenv("FAKE_EDGETPU_DEVICES", "usb:/sys/bus/usb/devices/2-1")
+    variant = load_manifest(models_dir=tpu_models).get("tpu_dm05")
+    runner, sel = open_runner(variant, models_dir=tpu_models, accelerator="edgetpu",
+                              edgetpu_library=str(edgetpu_double), edgetpu_pairings=double_pairings)  # fmt: skip
+    assert (runner.backend, sel.backend) == ("edgetpu", "edgetpu")
+    runner.close()
+
+
 def test_with_a_device_the_edgetpu_file_runs_through_the_delegate(
     tpu_models: Path, fake_edgetpu: Path, test_data: Path, double_pairings: Path
 ) -> None:

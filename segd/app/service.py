@@ -105,6 +105,7 @@ class ModelService:
             variant, models_dir=s.models_dir, accelerator=accelerator, device=s.device,
             runtime=s.runtime, num_threads=s.threads, mirror=s.mirror, edgetpu_factory=factory,
             edgetpu_pairing=s.edgetpu_pairing, edgetpu_pairings=s.edgetpu_pairings, gdrive_url=s.gdrive_url,
+            edgetpu_library=s.edgetpu_library,
         )  # fmt: skip
         return Segmenter(selection.variant or variant, runner, selection, max_pixels=s.max_pixels, decoder=self.decode_pool)
 
@@ -122,22 +123,18 @@ class ModelService:
 
     def _pool_factory(self, one: Any) -> Any:
         """``devices = [...]``: one worker per listed Edge TPU, behind least-loaded dispatch."""
-        from segd.runtime import edgetpu, tpu_worker
+        from segd.runtime import edgetpu
         from segd.runtime.pool import resolve_devices
 
         s = self.settings
 
         def open_pool(model: bytes, device: str | None) -> DevicePool:
-            paths = resolve_devices(s.devices, edgetpu.list_devices())
+            paths = resolve_devices(s.devices, edgetpu.list_devices(s.edgetpu_library))
             if one is not None:
                 return DevicePool.open(paths, lambda path: one(model, path))
-            decision = edgetpu.check_pairing(  # in process: this Python's runtimes
-                tpu_worker.runtime_versions(), library=s.edgetpu_library, policy=s.edgetpu_pairing,
-                pairings=s.edgetpu_pairings, preferred=s.runtime,
-            )  # fmt: skip
-            return DevicePool.open(paths, lambda path: edgetpu.open_edgetpu(
-                model, device=path, library=s.edgetpu_library, runtime=decision.runtime,
-                num_threads=s.threads))  # fmt: skip
+            return DevicePool.open(paths, lambda path: edgetpu.open_paired(
+                model, device=path, library=s.edgetpu_library, policy=s.edgetpu_pairing,
+                pairings=s.edgetpu_pairings, preferred=s.runtime, num_threads=s.threads))  # fmt: skip
 
         return open_pool
 
@@ -272,7 +269,7 @@ class ModelService:
         from segd.runtime import edgetpu
 
         try:
-            devices = edgetpu.list_devices()
+            devices = edgetpu.list_devices(self.settings.edgetpu_library)
         except Exception as exc:  # the library itself vanished or broke
             log.warning("Edge TPU device check failed: %s", exc)
             devices = []

@@ -159,6 +159,24 @@ def check_pairing(
     return decision
 
 
+def open_paired(
+    model_content: bytes,
+    *,
+    device: str | None = None,
+    library: str | None = None,
+    policy: str = "check",
+    pairings: Path | None = None,
+    preferred: str | None = None,
+    num_threads: int | None = None,
+) -> InterpreterRunner:
+    """The Edge TPU in this process: :func:`check_pairing` picks the runtime this libedgetpu may
+    be loaded into (or refuses), then :func:`open_edgetpu` loads it there."""
+    decision = check_pairing(tpu_worker.runtime_versions(), library=library, policy=policy,
+                             pairings=pairings, preferred=preferred)  # fmt: skip
+    return open_edgetpu(model_content, device=device, library=library, runtime=decision.runtime,
+                        num_threads=num_threads)  # fmt: skip
+
+
 #: What segd's latency-simulating test double (tests/edgetpu_double, FAKE_EDGETPU_MODE=latency)
 #: puts in its edgetpu_version(); no real libedgetpu does.
 SIMULATOR_MARK = "segd-simulated-edgetpu"
