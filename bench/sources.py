@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores shared with other jobs, "
         "so the rounds' spread is the measure of noise.",
         "",
-        "Reproduce: `.venv/bin/python bench/sources.py --write`",
+        "Reproduce: `.venv/bin/python bench/sources.py --seconds 8 --write`",
     ])  # fmt: skip
     publish("Camera sources", text, args.write)
     return 0
