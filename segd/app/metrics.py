@@ -62,7 +62,8 @@ class ServiceCollector(Collector):
             "p50": GaugeMetricFamily("segd_tpu_device_latency_p50_seconds", "Median invoke latency per Edge TPU (last 1024)", labels=["model", "device"]),
         }  # fmt: skip
         for name, slot in self.service.slots.items():
-            for dev in (slot.worker_info() or {}).get("devices", []):
+            worker = slot.worker_info() or {}
+            for dev in worker.get("devices", []):
                 labels = [name, dev["device"]]
                 per_device["requests"].add_metric(labels, float(dev["requests"]))
                 per_device["errors"].add_metric(labels, float(dev["errors"]))
@@ -74,7 +75,6 @@ class ServiceCollector(Collector):
             queue.add_metric([name], slot.queued)
             ready.add_metric([name], 1.0 if slot.ready else 0.0)
             backend.add_metric([name, slot.primary.backend if slot.primary else "none"], 1.0)
-            worker = slot.worker_info() or {}
             restarts.add_metric([name], float(worker.get("restarts", 0)))
             fallbacks.add_metric([name], float(slot.fallbacks))
         yield from (queue, ready, backend, restarts, fallbacks, *per_device.values())

@@ -235,13 +235,14 @@ class DevicePool:
             return [d.describe() for d in self._devices]
 
     def describe(self) -> dict[str, Any]:
+        devices = self.devices()
         return {
             **describe_runner(self),
             "isolation": "process",
             "state": self.state,
-            "devices": self.devices(),
-            "restarts": sum(int(d["restarts"] or 0) for d in self.devices()),
-            "crashes": sum(int(d["crashes"] or 0) for d in self.devices()),
+            "devices": devices,
+            "restarts": sum(int(d["restarts"] or 0) for d in devices),
+            "crashes": sum(int(d["crashes"] or 0) for d in devices),
         }
 
     def close(self) -> None:
