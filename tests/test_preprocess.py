@@ -895,6 +895,16 @@ def test_reduced_jpeg_keeps_original_size_and_is_close_to_full_decode(
     assert other > 3 * diff.mean()  # the comparison can tell a wrong image
 
 
+@pytest.mark.parametrize("reduce", [2, 4, 8])
+def test_reduced_jpeg_is_libjpegs_scaled_decode_in_rgb(test_data: Path, reduce: int) -> None:
+    photo = cv2.imread(str(test_data / "bird.bmp"), cv2.IMREAD_COLOR)
+    data = cv_encode(photo, ".jpg")
+    flag = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    out = decode_image(data, max_pixels=BIG, reduce=reduce).rgb
+    np.testing.assert_array_equal(out, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+
 def test_reduced_jpeg_with_orientation_reports_oriented_full_size() -> None:
     stored = blocks(64, 96)
     data = jpeg_with_exif(cv_encode(stored, ".jpg", (cv2.IMWRITE_JPEG_QUALITY, 95)), 6)

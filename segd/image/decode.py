@@ -50,10 +50,13 @@ ALPHA_BACKGROUND = 128
 """Grey that transparent pixels are composited over (= float 0.0 for mean=std=128 models)."""
 
 _REDUCE_FLAGS = {
-    2: cv2.IMREAD_REDUCED_COLOR_2,
-    4: cv2.IMREAD_REDUCED_COLOR_4,
-    8: cv2.IMREAD_REDUCED_COLOR_8,
+    1: 0,
+    2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
 }
+"""JPEG DCT scaling by 1/N. The REDUCED_GRAYSCALE flags are only the scale bits: with a colour
+flag added they decode colour at 1/N (REDUCED_COLOR_N is the same bits plus IMREAD_COLOR)."""
 
 # OpenCV refuses images over these (imgcodecs/src/loadsave.cpp); overridable by env vars that
 # OpenCV reads once at first use.
@@ -146,14 +149,16 @@ def choose_reduce(header: ImageHeader, model_input_hw: tuple[int, int]) -> int:
     return 1
 
 
-def _imdecode_rgb(buf: np.ndarray) -> np.ndarray | None:
-    """Full-size JPEG decode to RGB; OpenCV < 4.11 has no IMREAD_COLOR_RGB (decode BGR + swap)."""
+def _imdecode_rgb(buf: np.ndarray, reduce: int = 1) -> np.ndarray | None:
+    """JPEG decode to RGB at 1/``reduce`` scale; OpenCV < 4.11 has no IMREAD_COLOR_RGB (decode
+    BGR, then swap in place)."""
+    scale = _REDUCE_FLAGS[reduce] | cv2.IMREAD_IGNORE_ORIENTATION
     flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
     if flag is not None:
-        out: np.ndarray | None = cv2.imdecode(buf, flag | cv2.IMREAD_IGNORE_ORIENTATION)
+        out: np.ndarray | None = cv2.imdecode(buf, scale | flag)
         return out
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    bgr = cv2.imdecode(buf, scale | cv2.IMREAD_COLOR)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)
 
 
 def decoded_hw(header: ImageHeader, reduce: int = 1) -> tuple[int, int]:
@@ -197,12 +202,7 @@ def decode_image(
     r = reduce if header.format == "jpeg" else 1
     try:
         if header.format == "jpeg":
-            if r == 1:
-                img = _imdecode_rgb(buf)
-            else:
-                img = cv2.imdecode(buf, _REDUCE_FLAGS[r] | cv2.IMREAD_IGNORE_ORIENTATION)
-                if img is not None:
-                    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+            img = _imdecode_rgb(buf, r)
         else:
             if header.format == "tiff":
                 buf = _tiff_without_orientation(data, buf, header)
