@@ -31,7 +31,7 @@ them only at the bottom/right, which puts logit ``i`` on pixel ``16 i + 15``. Th
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -270,7 +270,8 @@ def _load(
     if original_h5 is not None:
         from coral_deeplab.original_weights import apply_weights, read_h5_weights
 
-        apply_weights(model, read_h5_weights(original_h5), skip_logits=n_classes != _logits_classes(original_h5))
+        arrays = read_h5_weights(original_h5)
+        apply_weights(model, arrays, skip_logits=n_classes != _logits_classes(arrays))
         return
     if isinstance(weights, str) and weights == "pascal_voc":
         from coral_deeplab.weights import load_pascal_voc
@@ -286,13 +287,10 @@ def _load(
     model.load_weights(path)
 
 
-def _logits_classes(h5: str) -> int:
-    from coral_deeplab.original_weights import read_h5_weights
-
-    for name, arrays in read_h5_weights(h5).items():
-        if name == "logits/semantic" and "bias" in arrays:
-            return int(arrays["bias"].shape[0])
-    return -1
+def _logits_classes(weights: Mapping[str, Mapping[str, Any]]) -> int:
+    """Classes of the original file's logits layer (-1 when it has none)."""
+    bias = weights.get("logits/semantic", {}).get("bias")
+    return -1 if bias is None else int(bias.shape[0])
 
 
 def CoralDeepLabV3(
