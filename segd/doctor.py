@@ -504,11 +504,9 @@ def _systemctl_show() -> dict[str, str]:
 
 
 # --- models ----------------------------------------------------------------------------------
-def check_models(
-    settings: Settings, tpu_usable: bool, env: Mapping[str, str] | None = None, service: bool = False
-) -> list[Finding]:
-    """Model files present and intact, else where they come from. ``env`` is the environment
-    the daemon gets (for the service: with /etc/segd/segd.env applied)."""
+def check_models(settings: Settings, tpu_usable: bool, service: bool = False) -> list[Finding]:
+    """Model files present and intact, else where they come from. ``settings`` are the
+    daemon's (for the service: with /etc/segd/segd.env applied)."""
     from segd.errors import SegdError
     from segd.install import hidden_from_service
     from segd.pins import file_digests, problem
@@ -522,8 +520,7 @@ def check_models(
             Finding("models", "error", f"cannot read the model manifest: {exc}", "reinstall segd")
         ]
     names, _ = settings.served_models(manifest)
-    env = os.environ if env is None else env
-    mirror = settings.mirror or env.get("SEGD_MODEL_MIRROR") or None
+    mirror = settings.mirror
     found: list[Finding] = []
     if service:
         # ProtectHome=yes: /home, /root and /run/user are empty to the service. A mirror or
@@ -663,7 +660,7 @@ def run_checks(machine: MachinePaths) -> list[Finding]:
     findings += check_groups(machine.service)
     if machine.service:
         findings += check_service(machine.unit, machine.env_file)
-    findings += check_models(s, status.available and s.accelerator != "cpu", machine.env, machine.service)
+    findings += check_models(s, status.available and s.accelerator != "cpu", machine.service)
     findings += check_sources(s, shutil.which("ffmpeg"), importlib.util.find_spec("paho") is not None)
     return findings
 
