@@ -173,11 +173,6 @@ def _env_names(name: str) -> tuple[str, str | None]:
     return meta.get("env", "SEGD_" + name.upper()), meta.get("deprecated_env")
 
 
-def env_name(name: str) -> str:
-    """The documented environment variable of setting ``name``."""
-    return _env_names(name)[0]
-
-
 def _to_bool(value: Any) -> bool:
     if isinstance(value, str):
         low = value.strip().lower()

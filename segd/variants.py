@@ -25,37 +25,26 @@ from segd.errors import ChecksumMismatch, ModelError, ModelNotFound
 from segd.fsutil import fsync_dir
 from segd.manifest import (
     BUILTIN_MANIFEST,
-    CHECKOUT_MODELS_DIR,
-    PACKAGE_DIR,
     FileSpec,
-    InputSpec,
     Manifest,
-    OutputSpec,
     Variant,
     builtin_manifest,
     check_tensor,
     default_models_dir,
     load_manifest,
-    merge_manifest,
     sha256_bytes,
 )
 
 __all__ = [
     "BUILTIN_MANIFEST",
-    "CHECKOUT_MODELS_DIR",
-    "PACKAGE_DIR",
     "FileSpec",
-    "InputSpec",
     "Manifest",
-    "OutputSpec",
     "Variant",
     "builtin_manifest",
     "check_tensor",
     "default_models_dir",
     "fetch",
     "load_manifest",
-    "merge_manifest",
-    "model_mirror",
     "read_verified",
     "resolve_file",
     "sha256_bytes",
@@ -101,11 +90,6 @@ def read_verified(path: Path, spec: FileSpec) -> bytes:
     return data
 
 
-def model_mirror() -> str | None:
-    """The mirror when none is passed down: ``SEGD_MODEL_MIRROR``."""
-    return settings.env_mirror()
-
-
 def resolve_file(
     spec: FileSpec,
     models_dir: Path | None = None,
@@ -128,7 +112,7 @@ def resolve_file(
             )
         _verify_file(str(target), target, spec, mdir)
         return target
-    mirror = mirror if mirror is not None else model_mirror()
+    mirror = mirror if mirror is not None else settings.env_mirror()  # none passed down: SEGD_MODEL_MIRROR
     errors: list[str] = []
     sources: list[str] = []
     if mirror:
