@@ -167,9 +167,8 @@ class ModelService:
                 fallback = None
             slot.primary, slot.fallback = primary, fallback
             parallel = int(getattr(primary.runner, "parallelism", 1))
-            if parallel > 1:  # an invoke thread for every request the Edge TPU workers hold
-                slot.executor.shutdown(wait=False)
-                slot.executor = ThreadPoolExecutor(parallel, thread_name_prefix="invoke")
+            if parallel > 1:
+                slot.widen_executor(parallel)
             slot.state = "ready"
             slot.error = None
             log.info("%s: ready on %s (%s)", slot.name, primary.backend, primary.selection.reason if primary.selection else "")
@@ -281,8 +280,7 @@ class ModelService:
                     log.warning("%s: Edge TPU %s %s", slot.name, path, "is back" if there else "disappeared")
                 if self.settings.devices == ["all"] and pool.adopt([d.path for d in devices]):
                     log.warning("%s: now serving on Edge TPUs %s", slot.name, pool.device)
-                    old, slot.executor = slot.executor, ThreadPoolExecutor(pool.parallelism, thread_name_prefix="invoke")
-                    old.shutdown(wait=False)  # what it holds still runs
+                    slot.widen_executor(pool.parallelism)
                 slot.device_present = pool.any_present
                 continue
             present = device_present(slot.primary.runner.device, devices)

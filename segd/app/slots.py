@@ -133,6 +133,12 @@ class ModelSlot:
             return False
         return self.device_present or self.primary.backend != "edgetpu"
 
+    def widen_executor(self, threads: int) -> None:
+        """One invoke thread for every request the Edge TPU workers hold (``threads``); the old
+        executor finishes what it holds."""
+        old, self.executor = self.executor, ThreadPoolExecutor(threads, thread_name_prefix="invoke")
+        old.shutdown(wait=False)
+
     def latency_percentiles(self) -> dict[str, float | None]:
         if not self.latencies_ms:
             return {"p50": None, "p90": None, "p99": None}
