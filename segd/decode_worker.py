@@ -179,7 +179,6 @@ class DecodePool:
         self._failures = 0  # failed starts in a row
         self.decoded = 0
         self.crashes = 0
-        self.restarts = 0
         self.last_crash: str | None = None
         for _ in range(workers):
             self._start_later(0.0)
@@ -235,7 +234,6 @@ class DecodePool:
         with self._lock:
             self._all.discard(child)
             self.crashes += 1
-            self.restarts += 1
             self.last_crash = f"{reason} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}"
         child.stop()
         log.warning("image decoder worker lost: %s; starting a new one", reason)
@@ -322,7 +320,7 @@ class DecodePool:
                 "idle": self._idle.qsize(),
                 "decoded": self.decoded,
                 "crashes": self.crashes,
-                "restarts": self.restarts,
+                "restarts": self.crashes,  # every lost worker is replaced at once
                 "last_crash": self.last_crash,
             }
 

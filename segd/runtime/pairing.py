@@ -174,9 +174,6 @@ class Table:
         )  # fmt: skip
         return cls(builds, families, recommended)
 
-    def build(self, build_id: str) -> Build | None:
-        return next((b for b in self.builds if b.id == build_id), None)
-
 
 def _strings(value: Any) -> tuple[str, ...]:
     if value is None:
