@@ -79,21 +79,23 @@ class Shape:
 def keep_classes(mask: np.ndarray, keep: Iterable[int] | None, min_area: int, fill: int) -> np.ndarray:
     """A copy of ``mask`` where pixels of classes not in ``keep`` (None: all classes) and
     connected regions (8-connected) smaller than ``min_area`` pixels are set to ``fill``."""
-    out = mask.copy()
     if keep is not None:
         lut = np.full(256, fill, dtype=np.uint8)
         ids = np.fromiter(keep, dtype=np.int64)
         lut[ids] = ids.astype(np.uint8)
-        out = lut[out]
+        out = lut[mask]
+    else:
+        out = mask.copy()
     if min_area > 1:
-        for cid in np.unique(out):
+        for cid in np.flatnonzero(np.bincount(out.ravel(), minlength=256)):  # classes present
             if cid == fill:
                 continue
             binary = (out == cid).view(np.uint8)
             _, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
-            small = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] < min_area) + 1
-            if small.size:
-                out[np.isin(labels, small)] = fill
+            small = stats[:, cv2.CC_STAT_AREA] < min_area
+            small[0] = False  # label 0: the pixels of other classes
+            if small.any():
+                out[small[labels]] = fill
     return out
 
 
