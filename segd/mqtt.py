@@ -31,8 +31,9 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "class"
 
 
-def percent_slug(percent: float) -> str:
-    return f"{percent:g}".replace(".", "_")
+def threshold_id(label: str, percent: float) -> str:
+    """The binary sensor of "``label`` covers more than ``percent`` % of the frame"."""
+    return f"{slug(label)}_over_{percent:g}".replace(".", "_")
 
 
 def areas(document: dict[str, Any], labels: tuple[str, ...], precision: int) -> dict[str, float]:
@@ -117,7 +118,7 @@ class MqttPublisher:
                     **common,
                 }))  # fmt: skip
             for label, percent in source.settings.thresholds.items():
-                oid = f"{slug(label)}_over_{percent_slug(percent)}"
+                oid = threshold_id(label, percent)
                 out.append((f"{disc}/binary_sensor/{node}/{oid}/config", {
                     "name": f"{label} over {percent:g} %",
                     "unique_id": f"{node}_{oid}",
@@ -138,7 +139,7 @@ class MqttPublisher:
         now = time.monotonic()
         current = areas(frame.document, self.labels(source), s.precision)
         for label, percent in source.settings.thresholds.items():  # on every frame, on change
-            topic = f"{self.prefix}/{source.name}/{slug(label)}_over_{percent_slug(percent)}"
+            topic = f"{self.prefix}/{source.name}/{threshold_id(label, percent)}"
             value = "ON" if current.get(label, 0.0) > percent else "OFF"
             if self._binary.get(topic) != value:
                 self._binary[topic] = value
