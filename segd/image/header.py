@@ -83,6 +83,11 @@ class ImageHeader:
         return self.height, self.width
 
 
+def _require_size(fmt: str, width: int, height: int) -> None:
+    if width == 0 or height == 0:
+        raise EmptyImage(f"{fmt} declares a zero dimension ({width}x{height})")
+
+
 def probe_image(data: bytes) -> ImageHeader:
     """Identify the format and read size, orientation and completeness without decoding.
 
@@ -206,8 +211,7 @@ def _jpeg_header(
     sof: tuple[int, int, int, int], orientation: int, multiscan: bool, defect: str | None
 ) -> ImageHeader:
     precision, height, width, comps = sof
-    if width == 0 or height == 0:
-        raise EmptyImage(f"JPEG declares a zero dimension ({width}x{height})")
+    _require_size("JPEG", width, height)
     return ImageHeader(
         "jpeg",
         width,
@@ -233,8 +237,7 @@ def _probe_png(data: bytes) -> ImageHeader:
     )
     if length != 13:
         raise BadImage(f"PNG IHDR has length {length}, expected 13")
-    if width == 0 or height == 0:
-        raise EmptyImage(f"PNG declares a zero dimension ({width}x{height})")
+    _require_size("PNG", width, height)
     if width > 0x7FFFFFFF or height > 0x7FFFFFFF:
         raise BadImage(f"PNG dimensions {width}x{height} exceed the PNG maximum")
     if ctype not in _PNG_DEPTHS or depth not in _PNG_DEPTHS[ctype]:
@@ -302,8 +305,7 @@ def _probe_bmp(data: bytes) -> ImageHeader:
         width, height, _planes, bpp, compression = struct.unpack_from("<iiHHI", data, 18)
     else:
         raise BadImage(f"BMP has an unknown info-header size {dib}")
-    if width == 0 or height == 0:
-        raise EmptyImage(f"BMP declares a zero dimension ({width}x{height})")
+    _require_size("BMP", width, height)
     if width < 0:
         raise BadImage(f"BMP declares a negative width {width}")
     height = abs(height)  # negative height = rows stored top-down
@@ -339,8 +341,7 @@ def _probe_gif(data: bytes) -> ImageHeader:
     if n < 13:
         raise BadImage("GIF header is truncated")
     width, height, flags = struct.unpack_from("<HHB", data, 6)
-    if width == 0 or height == 0:
-        raise EmptyImage(f"GIF declares a zero dimension ({width}x{height})")
+    _require_size("GIF", width, height)
     pos = 13
     if flags & 0x80:
         pos += 3 << ((flags & 7) + 1)
@@ -460,8 +461,7 @@ def _probe_webp(data: bytes) -> ImageHeader:
         frames = max(1, anmf)
     else:
         raise BadImage(f"WebP has an unknown first chunk {fourcc!r}")
-    if width == 0 or height == 0:
-        raise EmptyImage(f"WebP declares a zero dimension ({width}x{height})")
+    _require_size("WebP", width, height)
     return ImageHeader(
         "webp",
         width,
@@ -482,7 +482,7 @@ def _probe_tiff(data: bytes) -> ImageHeader:
     height = ifd.first(257)
     if width is None or height is None:
         raise BadImage("TIFF first IFD has no ImageWidth/ImageLength tags")
-    if width <= 0 or height <= 0:
+    if width <= 0 or height <= 0:  # TIFF sizes may come from signed fields
         raise EmptyImage(f"TIFF declares a zero dimension ({width}x{height})")
     spp = ifd.first(277) or 1
     bps = ifd.ints(258)
