@@ -477,7 +477,6 @@ def _probe_webp(data: bytes) -> ImageHeader:
 def _probe_tiff(data: bytes) -> ImageHeader:
     n = len(data)
     ifd = Ifd.parse(data, 0, n, "TIFF")
-    assert ifd is not None
     width = ifd.first(256)
     height = ifd.first(257)
     if width is None or height is None:

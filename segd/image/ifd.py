@@ -22,8 +22,6 @@ def exif_orientation(data: bytes, base: int, end: int) -> int:
         ifd = Ifd.parse(data, base, end, None)
     except (BadImage, struct.error, ValueError):
         return 1
-    if ifd is None:
-        return 1
     value = ifd.first(0x0112)
     return value if value is not None and 1 <= value <= 8 else 1
 
@@ -45,18 +43,20 @@ _TIFF_TYPE_SIZES = {
 }
 
 
+_INT_CODES = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 13: "I"}
+"""Integer TIFF types (BYTE, SHORT, LONG, SBYTE, SSHORT, SLONG, IFD) as struct / numpy codes."""
+
+
 class Ifd:
     """The first IFD of a TIFF structure: tag -> (type, count, absolute value position)."""
 
-    def __init__(self, data: bytes, base: int, end: int, little: bool) -> None:
+    def __init__(self, data: bytes, little: bool) -> None:
         self.data = data
-        self.base = base
-        self.end = end
         self.e = "<" if little else ">"
         self.entries: dict[int, tuple[int, int, int]] = {}
 
     @classmethod
-    def parse(cls, data: bytes, base: int, end: int, fmt: str | None) -> Ifd | None:
+    def parse(cls, data: bytes, base: int, end: int, fmt: str | None) -> Ifd:
         """Parse the TIFF header at ``base`` and its first IFD. ``fmt`` names the file format
         for error messages when this *is* the image (TIFF); None for embedded EXIF."""
         what = fmt or "EXIF"
@@ -69,7 +69,7 @@ class Ifd:
             little = False
         else:
             raise BadImage(f"{what} header has no valid byte-order mark")
-        ifd = cls(data, base, end, little)
+        ifd = cls(data, little)
         (off,) = struct.unpack_from(ifd.e + "I", data, base + 4)
         pos = base + off
         if off < 8 or pos + 2 > end:
@@ -93,33 +93,32 @@ class Ifd:
             ifd.entries.setdefault(tag, (typ, cnt, vpos))
         return ifd
 
-    def ints(self, tag: int) -> np.ndarray | None:
-        """Integer values of a BYTE/SHORT/LONG tag (as int64), or None if absent/not integer."""
+    def _int_entry(self, tag: int) -> tuple[str, int, int] | None:
+        """(struct code with byte order, count, value position) of an integer tag, or None if
+        the tag is absent or not of an integer type."""
         entry = self.entries.get(tag)
-        if entry is None:
+        if entry is None or entry[0] not in _INT_CODES:
             return None
         typ, cnt, vpos = entry
-        dt = {1: "u1", 3: "u2", 4: "u4", 6: "i1", 8: "i2", 9: "i4", 13: "u4"}.get(typ)
-        if dt is None:
+        return self.e + _INT_CODES[typ], cnt, vpos
+
+    def ints(self, tag: int) -> np.ndarray | None:
+        """Integer values of a BYTE/SHORT/LONG tag (as int64), or None if absent/not integer."""
+        found = self._int_entry(tag)
+        if found is None:
             return None
-        arr = np.frombuffer(self.data, dtype=np.dtype(self.e + dt), count=cnt, offset=vpos)
-        return arr.astype(np.int64)
+        code, cnt, vpos = found
+        return np.frombuffer(self.data, dtype=np.dtype(code), count=cnt, offset=vpos).astype(np.int64)
 
     def position(self, tag: int) -> tuple[int, str] | None:
         """(offset, struct format with byte order) of a SHORT/LONG tag's first value."""
-        entry = self.entries.get(tag)
-        if entry is None:
+        found = self._int_entry(tag)
+        if found is None or self.entries[tag][0] not in (3, 4, 8, 9):
             return None
-        typ, _, vpos = entry
-        code = {3: "H", 4: "I", 8: "h", 9: "i"}.get(typ)
-        return None if code is None else (vpos, self.e + code)
+        return found[2], found[0]
 
     def first(self, tag: int) -> int | None:
-        entry = self.entries.get(tag)
-        if entry is None:
+        found = self._int_entry(tag)
+        if found is None:
             return None
-        typ, _, vpos = entry
-        fmt = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 13: "I"}.get(typ)
-        if fmt is None:
-            return None
-        return int(struct.unpack_from(self.e + fmt, self.data, vpos)[0])
+        return int(struct.unpack_from(found[0], self.data, found[2])[0])
