@@ -195,8 +195,10 @@ def decode_image(
     check_limits(header, max_pixels)
     if header.defect is not None:
         raise BadImage(header.defect)
-    if out is not None and (out.dtype != np.uint8 or out.shape != (*decoded_hw(header, reduce), 3)):
-        raise BadParameter(f"out must be a {decoded_hw(header, reduce)} x 3 uint8 array")
+    if out is not None:
+        hw = decoded_hw(header, reduce)
+        if out.dtype != np.uint8 or out.shape != (*hw, 3):
+            raise BadParameter(f"out must be a {hw} x 3 uint8 array")
     buf = np.frombuffer(data, dtype=np.uint8)
     fmt = header.format.upper()
     r = reduce if header.format == "jpeg" else 1
@@ -228,11 +230,8 @@ def decode_image(
     target = out if header.orientation == 1 else None
     rgb = img if header.format == "jpeg" else _to_rgb8(img, header, target)
     del img
-    if header.orientation != 1:
-        rgb = apply_orientation(rgb, header.orientation, out)
-    elif out is not None and rgb is not out:
-        np.copyto(out, rgb)
-        rgb = out
+    if header.orientation != 1 or (out is not None and rgb is not out):
+        rgb = apply_orientation(rgb, header.orientation, out)  # orientation 1: a copy into out
     return DecodedImage(
         rgb=np.ascontiguousarray(rgb), original_hw=header.oriented_hw, reduce=r, header=header
     )
