@@ -146,17 +146,19 @@ class WorkerRunner:
         payload = ForkingPickler.dumps(("start", self._factory))
         child, sender = start_child(self._ctx, _child_main, payload, "segd-edgetpu-worker", _Child)
         with child.starting(sender):
-            kind, message = child.receive(self.start_timeout)
-            if kind == "timeout":
-                raise RuntimeUnavailable(
-                    f"Edge TPU worker did not start within {self.start_timeout:g} s"
-                )
-            if kind == "dead":
-                raise WorkerCrashed(f"Edge TPU worker died during start-up ({message})")
-            if message[0] == "error":
-                raise rebuild_error(*message[1:])
-            self._attach(child, message[1])
+            self._attach(child, self._started(child))
         return child
+
+    def _started(self, child: _Child) -> dict[str, Any]:
+        """The child's start-up report (its interpreter's details); its failure, typed."""
+        kind, message = child.receive(self.start_timeout)
+        if kind == "timeout":
+            raise RuntimeUnavailable(f"Edge TPU worker did not start within {self.start_timeout:g} s")
+        if kind == "dead":
+            raise WorkerCrashed(f"Edge TPU worker died during start-up ({message})")
+        if message[0] == "error":
+            raise rebuild_error(*message[1:])
+        return dict(message[1])
 
     def _attach(self, child: _Child, info: dict[str, Any]) -> None:
         """Create the two segments (``depth`` slots each, sized from the child's report), and
@@ -209,21 +211,12 @@ class WorkerRunner:
             payload = ForkingPickler.dumps(("start", options))
             sender = threading.Thread(target=send_bytes, args=(conn, payload), daemon=True)
             sender.start()
-            kind, message = child.receive(self.start_timeout)
-            if kind == "timeout":
-                raise RuntimeUnavailable(f"Edge TPU worker did not start within {self.start_timeout:g} s")
-            if kind == "dead":
-                raise WorkerCrashed(f"Edge TPU worker died during start-up ({message})")
-            if message[0] == "error":
-                raise rebuild_error(*message[1:])
-            info = dict(message[1])
+            info = self._started(child)
             info["pairing"] = decision.describe()
             info["python"] = {"executable": env["python"], "version": env["python_version"], "numpy": env["numpy"]}
             self._attach(child, info)
         except BaseException:
-            with contextlib.suppress(OSError, ValueError):
-                conn.send(("close",))
-            child.stop(graceful=1.0)
+            child.stop(graceful=1.0)  # says "close" first
             raise
         finally:
             if sender is not None:
