@@ -315,13 +315,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if supervisor_exit is not None:
         return supervisor_exit
     from segd.app.server import serve
-    from segd.settings import config_path, load_settings
+    from segd.settings import config_path
 
     overrides = {
-        "host": args.host, "port": args.port, "models_dir": args.models_dir, "mirror": args.mirror,
-        "models": args.models, "default_model": args.default_model,
-        "accelerator": args.accelerator if args.accelerator != "auto" else None,
-        "device": args.device, "runtime": args.runtime, "threads": args.threads,
+        "host": args.host, "port": args.port, "models": args.models, "default_model": args.default_model,
         "insecure": args.insecure, "log_level": args.log_level,
     }  # fmt: skip
     if args.api_key_file is not None:
@@ -330,8 +327,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"segd: cannot read {args.api_key_file}: {exc.strerror}", file=sys.stderr)
             return 2
-    config = args.config or config_path()
-    serve(load_settings(config, overrides=overrides))  # a SegdError (bad setting, insecure bind) -> main
+    serve(_settings(args, args.config or config_path(), **overrides))  # a SegdError (bad setting, insecure bind) -> main
     return 0
 
 

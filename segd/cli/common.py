@@ -11,9 +11,10 @@ if TYPE_CHECKING:
     from segd.settings import Settings
 
 
-def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
-    """The settings a command runs with: ``SEGD_*`` environment < this command's flags. The CLI
-    passes them down, so library code never looks at the environment for it."""
+def _settings(args: argparse.Namespace, config: Path | None = None, **overrides: Any) -> Settings:
+    """The settings a command runs with: ``config`` (a TOML file) < ``SEGD_*`` environment <
+    this command's model flags < ``overrides``. The CLI passes them down, so library code never
+    looks at the environment for it."""
     from segd.settings import load_settings
 
     flags = {name: getattr(args, flag, None) for name, flag in (
@@ -22,7 +23,7 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
     )}  # fmt: skip
     accelerator = getattr(args, "accelerator", None)
     flags["accelerator"] = accelerator if accelerator != "auto" else None
-    return load_settings(overrides={**flags, **overrides})
+    return load_settings(config, overrides={**flags, **overrides})
 
 
 def _models_dir(settings: Settings) -> Path:
