@@ -204,14 +204,13 @@ def fetch(
     """Path of the verified .h5 for (arch, alpha): from ``directory``, else the mirror (by file
     name), else Google Drive — md5-checked, then sha256-pinned. Raises WeightsUnavailable
     saying why (offline, quota, dead link, wrong file)."""
-    from segd.settings import env_gdrive_url
     from segd.variants import resolve_file
 
     spec = spec if spec is not None else file_spec(arch, alpha)
     target = directory if directory is not None else default_dir()
     try:
         target.mkdir(parents=True, exist_ok=True)
-        return resolve_file(spec, target, mirror=mirror, gdrive_url=env_gdrive_url())
+        return resolve_file(spec, target, mirror=mirror)  # Drive's address: SEGD_GDRIVE_URL, else Google's
     except (SegdError, OSError) as exc:
         raise WeightsUnavailable(getattr(exc, "detail", None) or str(exc)) from exc
 
