@@ -17,14 +17,10 @@ HERE = Path(__file__).resolve().parent
 
 import argparse
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import cv2
-import httpx
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 for extra in (REPO, REPO / "tests"):
@@ -33,6 +29,7 @@ for extra in (REPO, REPO / "tests"):
 
 from daemon import start_daemon  # tests/daemon.py starts the real server
 
+from bench.load import closed_loop
 from bench.report import publish
 from segd.engine import Segmenter
 from segd.variants import default_models_dir, load_manifest, resolve_file
@@ -62,36 +59,7 @@ def engine_rate(seg: Segmenter, image: bytes, seconds: float = 5.0) -> float:
 
 
 def load(url: str, image: bytes, clients: int, total: int, model: str) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors = 0
-    lock = threading.Lock()
-    per_client = max(1, total // clients)
-
-    def client(_: int) -> None:
-        nonlocal errors
-        with httpx.Client(base_url=url, timeout=120) as c:
-            c.get("/healthz")
-            for _ in range(per_client):
-                t = time.perf_counter()
-                r = c.post("/segment", params={"model": model}, content=image, headers={"content-type": "image/jpeg"})
-                dt = (time.perf_counter() - t) * 1000
-                with lock:
-                    latencies.append(dt)
-                    errors += r.status_code != 200
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
-    wall = time.perf_counter() - t0
-    lat = np.array(latencies)
-    return {
-        "clients": clients,
-        "requests": len(latencies),
-        "errors": errors,
-        "throughput": len(latencies) / wall,
-        "p50": float(np.percentile(lat, 50)),
-        "p99": float(np.percentile(lat, 99)),
-    }
+    return closed_loop(url, image, clients, per_client=max(1, total // clients), params={"model": model})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,13 +27,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 import argparse
 import os
 import tempfile
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-import httpx
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 for extra in (REPO, REPO / "tests"):
@@ -43,6 +37,7 @@ for extra in (REPO, REPO / "tests"):
 from daemon import start_daemon  # tests/daemon.py starts the real server
 from edgetpu_double.build import build_double
 
+from bench.load import closed_loop
 from bench.report import publish
 from segd.synthetic import synthetic_jpeg
 from segd.variants import default_models_dir, load_manifest, resolve_file
@@ -68,40 +63,18 @@ def cpu_seconds(root: int) -> float:
 
 
 def load(url: str, image: bytes, clients: int, seconds: float, pid: int) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors = 0
-    lock = threading.Lock()
-    deadline = time.perf_counter() + seconds
-
-    def client(_: int) -> None:
-        nonlocal errors
-        with httpx.Client(base_url=url, timeout=120) as c:
-            while time.perf_counter() < deadline:
-                t = time.perf_counter()
-                r = c.post("/segment", content=image, headers={"content-type": "image/jpeg"})
-                dt = (time.perf_counter() - t) * 1000
-                with lock:
-                    latencies.append(dt)
-                    errors += r.status_code != 200 or r.headers.get("x-segd-backend") != "edgetpu"
-
-    cpu0, t0, load0, own0 = cpu_seconds(pid), time.perf_counter(), os.getloadavg()[0], os.times()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
-    wall = time.perf_counter() - t0
+    """A closed-loop run, plus the CPU the daemon (and its workers) and the clients used."""
+    cpu0, load0, own0 = cpu_seconds(pid), os.getloadavg()[0], os.times()
+    row = closed_loop(url, image, clients, seconds=seconds,
+                      ok=lambda r: r.status_code == 200 and r.headers.get("x-segd-backend") == "edgetpu")  # fmt: skip
     cpu = cpu_seconds(pid) - cpu0
     own = os.times()
-    clients_cpu = (own.user - own0.user) + (own.system - own0.system)
-    lat = np.array(latencies)
+    wall = row["wall"]
     return {
-        "clients": clients,
-        "requests": len(latencies),
-        "errors": errors,
-        "throughput": len(latencies) / wall,
-        "p50": float(np.percentile(lat, 50)),
-        "p99": float(np.percentile(lat, 99)),
+        **row,
         "cores": cpu / wall,
-        "client_cores": clients_cpu / wall,
-        "cpu_ms_per_request": 1000 * cpu / max(1, len(latencies)),
+        "client_cores": ((own.user - own0.user) + (own.system - own0.system)) / wall,
+        "cpu_ms_per_request": 1000 * cpu / max(1, row["requests"]),
         "loadavg": max(load0, os.getloadavg()[0]),
     }
 
