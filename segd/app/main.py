@@ -164,9 +164,13 @@ class RecordRequests:
 def create_app(settings: Settings, manifest: Manifest | None = None) -> FastAPI:
     manifest = manifest or load_manifest(models_dir=settings.models_dir)
     service = ModelService(settings, manifest)
-    sources = SourceManager(settings, service) if settings.sources else None
-    if settings.mqtt is not None and importlib.util.find_spec("paho") is None:
-        raise ConfigError("[mqtt] is configured but paho-mqtt is not installed: pip install 'segd[mqtt]'")
+    try:
+        sources = SourceManager(settings, service) if settings.sources else None
+        if settings.mqtt is not None and importlib.util.find_spec("paho") is None:
+            raise ConfigError("[mqtt] is configured but paho-mqtt is not installed: pip install 'segd[mqtt]'")
+    except BaseException:
+        service.close()  # its decode workers are starting: stopped, not left to die mid-start
+        raise
     metrics = Metrics(service, sources)
 
     @contextlib.asynccontextmanager
